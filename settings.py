@@ -1,0 +1,94 @@
+"""All settings of the assistant, knowledge store and trainer, in one place.
+
+Every field has a documented default and can be overridden by the environment variable named in its
+metadata (``Settings.from_env()``). The README's settings table lists the same variables; a test keeps the
+two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _setting(default, env: str, help: str, **kwargs):
+    return field(default=default, metadata={"env": env, "help": help}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Knowledge store
+    knowledge_dir: Path = _setting(
+        Path("data/knowledge"), "KNOWLEDGE_DIR",
+        "Folder of the embedded Chroma store (used when CHROMA_HOST is unset) and of its write lock.")
+    embedding_model: str = _setting(
+        "intfloat/multilingual-e5-small", "EMBEDDING_MODEL",
+        "sentence-transformers model name on the Hugging Face hub, or a local folder.")
+    embedding_query_prefix: str | None = _setting(
+        None, "EMBEDDING_QUERY_PREFIX",
+        "Text put before each query before embedding. Unset: 'query: ' for E5 models, else nothing.")
+    embedding_passage_prefix: str | None = _setting(
+        None, "EMBEDDING_PASSAGE_PREFIX",
+        "Text put before each passage before embedding. Unset: 'passage: ' for E5 models, else nothing.")
+    embedding_batch_size: int = _setting(64, "EMBEDDING_BATCH_SIZE", "Passages embedded per batch.")
+    chroma_host: str | None = _setting(
+        None, "CHROMA_HOST", "Host of a Chroma server. Unset: an embedded store on disk in KNOWLEDGE_DIR.")
+    chroma_port: int = _setting(8000, "CHROMA_PORT", "Port of the Chroma server named by CHROMA_HOST.")
+    collection: str = _setting(
+        "knowledge", "KNOWLEDGE_COLLECTION", "Chroma collection name (3-512 characters).")
+    chunk_size: int = _setting(
+        600, "CHUNK_SIZE", "Largest chunk, in characters. Chunks end at sentence ends (. ! ? 。 ！ ？) or lines.")
+    chunk_overlap: int = _setting(
+        100, "CHUNK_OVERLAP", "Characters of whole sentences repeated from the end of the previous chunk.")
+    max_file_mb: float = _setting(
+        50.0, "MAX_FILE_MB", "Files larger than this are refused by name, and the rest are still added.")
+
+    # Model
+    chat_model: str = _setting(
+        "unsloth/DeepSeek-R1-Distill-Qwen-14B", "CHAT_MODEL",
+        "Base chat model: a hub name or a local folder (e.g. one built by `python -m finetune tiny-model`).")
+    adapter_dir: Path = _setting(
+        Path("data/adapters"), "ADAPTER_DIR",
+        "Folder of trained LoRA adapters; the newest one is loaded on top of CHAT_MODEL.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
+        """Defaults, then environment variables, then keyword overrides."""
+        environ = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None and raw != "":
+                values[f.name] = _parse(raw, hints[f.name], f.metadata["env"])
+        values.update(overrides)
+        return cls(**values)
+
+
+def _parse(raw: str, hint, env: str):
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    try:
+        if hint is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return hint(raw)
+    except ValueError:
+        raise ValueError(f"{env}={raw!r} is not a valid {hint.__name__}; unset it or give a valid value") from None
+
+
+def settings_table() -> str:
+    """The Markdown table of settings that the README carries."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        default = "unset" if f.default is None else f"`{f.default}`"
+        rows.append(f"| `{f.metadata['env']}` | {default} | {f.metadata['help']} |")
+    return "\n".join(rows)
