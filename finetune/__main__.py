@@ -1,0 +1,91 @@
+"""python -m finetune prepare DATA | train --config FILE [key=value ...] | tiny-model OUT_DIR"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from finetune.config import ConfigError
+from finetune.data import FORMATS, DataError
+
+
+def _default_model() -> str:
+    from settings import Settings
+
+    return Settings.from_env().chat_model
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from finetune.data import parse_columns, prepare_data, write_jsonl
+    from finetune.hf_backend import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model or _default_model())
+    prepared = prepare_data(args.data, tokenizer, args.format, parse_columns(args.columns), args.max_length,
+                            args.max_prompt_length, args.on_overlength, args.split)
+    if args.out:
+        write_jsonl(prepared.pairs, args.out)
+    if args.json:
+        print(json.dumps(prepared.report(), ensure_ascii=False))
+    else:
+        print(prepared.summary())
+        if args.out:
+            print(f"wrote {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from finetune.config import load_config
+    from finetune.train import train
+
+    result = train(load_config(args.config, args.overrides), resume=args.resume)
+    print(f"adapter written to {result.output_dir} after {result.global_step} steps ({result.backend} backend)")
+    return 0
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from finetune.tiny_model import build_tiny_model
+
+    print(f"tiny model written to {build_tiny_model(args.out_dir)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune", description="ORPO fine-tuning of a reasoning model.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("prepare", help="validate preference data and write prompt/chosen/rejected JSONL")
+    p.add_argument("data", help="hub dataset name, JSON/JSONL/CSV/Parquet file, or folder of them")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="input format (default: detect by columns)")
+    p.add_argument("--model", help="model whose tokenizer gives EOS and token counts (default: CHAT_MODEL)")
+    p.add_argument("--out", help="write the prepared pairs to this JSONL file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--columns", help="column renames TARGET=SOURCE,..., e.g. prompt=question,chosen=good")
+    p.add_argument("--max-length", type=int, default=4096, help="context: prompt + completion tokens")
+    p.add_argument("--max-prompt-length", type=int, default=2048, help="prompt tokens kept when too long")
+    p.add_argument("--on-overlength", default="truncate", choices=("truncate", "drop"))
+    p.add_argument("--split", default="train", help="split of a hub dataset")
+    p.set_defaults(run=_prepare)
+
+    t = commands.add_parser("train", help="train a LoRA adapter with ORPO")
+    t.add_argument("--config", help="YAML config, e.g. finetune/configs/recipe-r1-qwen14b.yaml")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    t.set_defaults(run=_train)
+
+    m = commands.add_parser("tiny-model", help="build a tiny random-weight model for tests and smoke runs")
+    m.add_argument("out_dir")
+    m.set_defaults(run=_tiny_model)
+
+    args = parser.parse_args(argv)
+    from finetune.train import TrainingError
+
+    try:
+        return args.run(args)
+    except (DataError, ConfigError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""ORPO training: config in; LoRA adapter, tokenizer, resolved config, training log and plot out.
+
+    from finetune.config import load_config
+    from finetune.train import train
+    result = train(load_config("finetune/configs/tiny-smoke.yaml"))
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from finetune.config import TrainConfig, save_config
+from finetune.data import DataError, PreparedData, prepare_data
+
+INFO_NAME = "training_info.json"
+CONFIG_NAME = "train_config.yaml"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or cannot go on; the message says what to change."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    backend: str
+    global_step: int
+    data_report: dict
+
+
+def resolve_backend(name: str) -> str:
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        return "unsloth" if cuda and importlib.util.find_spec("unsloth") is not None else "hf"
+    if name == "unsloth" and not cuda:
+        raise TrainingError("backend=unsloth needs a CUDA GPU; use backend=hf (or auto) on this machine")
+    if name == "unsloth" and importlib.util.find_spec("unsloth") is None:
+        raise TrainingError("backend=unsloth but unsloth is not installed: pip install 'think-rag[gpu]', or use "
+                            "backend=hf")
+    return name
+
+
+def resolve_precision(precision: str) -> tuple[bool, bool, torch.dtype]:
+    """(bf16, fp16, compute dtype) for the Trainer."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return precision == "bf16", precision == "fp16", dtype
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    checkpoints = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def orpo_arguments(config: TrainConfig, backend: str):
+    from trl.experimental.orpo import ORPOConfig
+
+    bf16, fp16, _ = resolve_precision(config.precision)
+    optim = config.optim
+    if "8bit" in optim and not (torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes")):
+        optim = "adamw_torch"  # 8-bit optimizers need bitsandbytes on CUDA
+    # Unsloth applies its own gradient checkpointing to the model; the Trainer's would be a second layer.
+    checkpointing = backend == "hf" and config.gradient_checkpointing != "false"
+    # Every ORPOConfig default that differs from TrainingArguments is set here on purpose.
+    return ORPOConfig(
+        output_dir=config.output_dir, max_length=config.max_length, beta=config.beta,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+        optim=optim, num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
+        bf16=bf16, fp16=fp16, gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit, seed=config.seed, data_seed=config.seed,
+        remove_unused_columns=False, report_to="none", logging_nan_inf_filter=False,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
+    )
+
+
+def _prepare(config: TrainConfig, tokenizer) -> PreparedData:
+    if not config.data:
+        raise TrainingError("no data: set data=FILE|FOLDER|HUB_NAME in the config or on the command line")
+    prepared = prepare_data(config.data, tokenizer, config.data_format, config.columns or None, config.max_length,
+                            config.max_prompt_length, config.on_overlength, config.data_split)
+    if not prepared.pairs:
+        raise DataError(f"no usable pairs in {config.data}:\n{prepared.summary()}")
+    return prepared
+
+
+def train(config: TrainConfig, resume: bool = False, callbacks: list | None = None) -> TrainResult:
+    """Train a LoRA adapter with ORPO; a run with `resume` continues from the newest checkpoint."""
+    backend = resolve_backend(config.backend)
+    if backend == "unsloth":
+        from finetune import unsloth_backend
+
+        unsloth_backend.import_unsloth()  # before transformers, TRL and PEFT
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+
+    from finetune import hf_backend
+    from finetune.orpo_trainer import LeanORPOTrainer
+    from finetune.training_log import TrainingLogCallback, plot_log
+
+    output_dir = Path(config.output_dir)
+    resume_from = None
+    if resume:
+        resume_from = latest_checkpoint(output_dir)
+        if resume_from is None:
+            raise TrainingError(f"--resume: no checkpoint-* folder in {output_dir}; train without --resume")
+
+    # Data first: a bad file fails here, before any model is loaded.
+    prepared = _prepare(config, hf_backend.load_tokenizer(config.model_name))
+    _, _, dtype = resolve_precision(config.precision)
+    if backend == "unsloth":
+        from finetune import unsloth_backend
+
+        model, tokenizer = unsloth_backend.load_for_training(config)
+    else:
+        model, tokenizer = hf_backend.load_for_training(config, dtype)
+
+    dataset = Dataset.from_list([asdict(p) for p in prepared.pairs])
+    trainer = LeanORPOTrainer(
+        model=model, args=orpo_arguments(config, backend), train_dataset=dataset, processing_class=tokenizer,
+        callbacks=[TrainingLogCallback(output_dir), *(callbacks or [])],
+        logprob_chunk_size=config.logprob_chunk_size)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, output_dir / CONFIG_NAME)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.OutOfMemoryError as e:
+        raise TrainingError(
+            f"out of memory on {config.model_name} at max_length {config.max_length}, batch "
+            f"{config.per_device_train_batch_size}: lower per_device_train_batch_size (and raise "
+            "gradient_accumulation_steps to keep the effective batch), lower max_length, keep "
+            "gradient_checkpointing=unsloth/true, load_in_4bit=true, or lower logprob_chunk_size") from e
+    finally:
+        plot_log(output_dir)
+
+    trainer.save_model(str(output_dir))  # the adapter, and the tokenizer beside it
+    info = {"base_model": config.model_name, "backend": backend, "prompt_format": prepared.prompt_format,
+            "global_step": trainer.state.global_step, "data_report": prepared.report()}
+    (output_dir / INFO_NAME).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+    if config.merge_16bit:
+        merged_dir = output_dir / "merged-16bit"
+        if backend == "unsloth":
+            from finetune import unsloth_backend
+
+            unsloth_backend.save_merged_16bit(model, tokenizer, merged_dir)
+        else:
+            del trainer, model
+            hf_backend.save_merged_16bit(config, output_dir, merged_dir)
+    return TrainResult(output_dir, backend, info["global_step"], info["data_report"])

@@ -1,0 +1,57 @@
+"""Text to vectors with a sentence-transformers model, with the query/passage prefixes it was trained on."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from settings import Settings
+
+
+class EmbeddingModelError(RuntimeError):
+    """The embedding model cannot be loaded; the message says what to set or fetch."""
+
+
+def default_prefixes(model_name: str) -> tuple[str, str]:
+    """(query, passage) prefixes: E5 models were trained with them and rank worse without."""
+    if "e5" in model_name.lower().replace("\\", "/").split("/")[-1]:
+        return "query: ", "passage: "
+    return "", ""
+
+
+class Embedder:
+    def __init__(self, settings: Settings):
+        from sentence_transformers import SentenceTransformer
+
+        self.model_name = settings.embedding_model
+        query_prefix, passage_prefix = default_prefixes(self.model_name)
+        self.query_prefix = query_prefix if settings.embedding_query_prefix is None else settings.embedding_query_prefix
+        self.passage_prefix = (
+            passage_prefix if settings.embedding_passage_prefix is None else settings.embedding_passage_prefix
+        )
+        self.batch_size = settings.embedding_batch_size
+        try:
+            self.model = SentenceTransformer(self.model_name, device="cpu" if not _cuda() else None)
+        except OSError as e:
+            raise EmbeddingModelError(
+                f"cannot load embedding model {self.model_name!r} ({e}). Connect to the internet once so the "
+                "hub can download it, or set EMBEDDING_MODEL to a local sentence-transformers folder."
+            ) from None
+        self.dimension = self.model.get_embedding_dimension()
+
+    def embed_passages(self, texts: list[str]) -> np.ndarray:
+        return self._encode([self.passage_prefix + t for t in texts])
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self._encode([self.query_prefix + text])[0]
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(
+            texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            show_progress_bar=False,
+        ).astype(np.float32)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

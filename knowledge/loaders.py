@@ -1,0 +1,265 @@
+"""Files in, text out: one loader per format, each checking that the file is what its name says.
+
+A loader returns a ``Document`` (text per page, plus warnings about parts it had to leave out) or raises
+``LoadError`` with a reason a person can act on. Nothing here touches the store.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import charset_normalizer
+
+
+class LoadError(Exception):
+    """A file that cannot be turned into text; the message says why and what to do."""
+
+
+@dataclass
+class Section:
+    text: str
+    page: int | None = None  # 1-based page number, for formats that have pages
+
+
+@dataclass
+class Document:
+    path: Path
+    kind: str
+    sections: list[Section]
+    title: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "\n\n".join(s.text for s in self.sections)
+
+
+_MAGIC = [
+    (b"%PDF-", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive (e.g. DOCX, XLSX)"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"\x7fELF", "an executable"),
+    (b"\xd0\xcf\x11\xe0", "an old Microsoft Office file (DOC, XLS)"),
+    (b"SQLite format 3", "an SQLite database"),
+]
+
+
+def sniff(head: bytes) -> str | None:
+    """What the first bytes of a file say it is, or None for no known binary signature."""
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    return None
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """Bytes to text: BOMs first (UTF-8, UTF-16), then strict UTF-8, then detection (e.g. Shift_JIS)."""
+    if data.startswith(codecs.BOM_UTF8):
+        return data[len(codecs.BOM_UTF8):].decode("utf-8", errors="replace")
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as e:
+            raise LoadError(f"starts with a UTF-16 byte-order mark but is not valid UTF-16 ({e.reason})") from None
+    what = sniff(data[:16])
+    if what:
+        raise LoadError(f"the name says text but the content is {what}; rename it or convert it to text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if len(data) - e.start <= 3:  # a multi-byte character cut off at the end: keep the rest
+            text = data[: e.start].decode("utf-8")
+        else:
+            best = charset_normalizer.from_bytes(data).best()
+            if best is None:
+                raise LoadError("cannot tell its text encoding; save it as UTF-8 and add it again") from None
+            text = str(best)
+    if text and _control_ratio(text) > 0.05:
+        raise LoadError("looks like binary data, not text; check the file or its extension")
+    return text
+
+
+def _control_ratio(text: str) -> float:
+    sample = text[:20000]
+    bad = sum(1 for c in sample if ord(c) < 32 and c not in "\n\r\t\f")
+    return bad / len(sample)
+
+
+def _read_text(path: Path) -> str:
+    return decode_text(path.read_bytes(), path.name)
+
+
+def load_text(path: Path) -> Document:
+    return Document(path, "text", [Section(_read_text(path))], title=path.name)
+
+
+def load_html(path: Path) -> Document:
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(_read_text(path), "html.parser")
+    for tag in soup(["script", "style", "noscript", "template"]):
+        tag.decompose()
+    title = soup.title.get_text(strip=True) if soup.title else path.name
+    lines = (line.strip() for line in soup.get_text("\n").splitlines())
+    text = "\n".join(line for line in lines if line)
+    return Document(path, "html", [Section(text)], title=title or path.name)
+
+
+def load_pdf(path: Path) -> Document:
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if b"%PDF-" not in head:
+        raise LoadError(f"the name says PDF but the content is {sniff(head) or 'not a PDF'}")
+    try:
+        reader = PdfReader(path)
+        if reader.is_encrypted:
+            try:
+                opened = reader.decrypt("")
+            except Exception:  # noqa: BLE001 - pypdf raises several kinds here
+                opened = 0
+            if not opened:
+                raise LoadError("the PDF is encrypted with a password; save a decrypted copy (e.g. `qpdf --decrypt`)")
+        sections, warnings = [], []
+        for number, page in enumerate(reader.pages, start=1):
+            try:
+                text = page.extract_text() or ""
+            except Exception as e:  # noqa: BLE001 - one bad page must not cost the others
+                warnings.append(f"page {number}: text could not be extracted ({e})")
+                continue
+            if text.strip():
+                sections.append(Section(text, page=number))
+    except LoadError:
+        raise
+    except (PdfReadError, OSError, ValueError, KeyError, TypeError) as e:
+        raise LoadError(f"the PDF is damaged or truncated ({e}); re-export or repair it") from None
+    if not sections and not warnings:
+        raise LoadError("the PDF has no extractable text (scanned pages need OCR first)")
+    title = (reader.metadata.title if reader.metadata and reader.metadata.title else "") or path.name
+    return Document(path, "pdf", sections, title=str(title), warnings=warnings)
+
+
+def load_docx(path: Path) -> Document:
+    import docx
+    from docx.opc.exceptions import PackageNotFoundError
+
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head.startswith(b"PK\x03\x04"):
+        raise LoadError(f"the name says DOCX but the content is {sniff(head) or 'not a ZIP-based DOCX'}")
+    try:
+        document = docx.Document(str(path))
+    except (zipfile.BadZipFile, PackageNotFoundError, KeyError, ValueError, EOFError) as e:
+        raise LoadError(f"the DOCX is damaged or truncated ({e}); re-save it from a word processor") from None
+    parts = [p.text for p in document.paragraphs if p.text.strip()]
+    for table in document.tables:
+        for row in table.rows:
+            cells = [c.text.strip() for c in row.cells]
+            if any(cells):
+                parts.append(" | ".join(cells))
+    title = document.core_properties.title or path.name
+    return Document(path, "docx", [Section("\n".join(parts))], title=title)
+
+
+def load_csv(path: Path) -> Document:
+    text = _read_text(path)
+    try:
+        dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t|")
+    except csv.Error:
+        dialect = csv.excel
+    rows = list(csv.reader(io.StringIO(text), dialect))
+    if not rows:
+        return Document(path, "csv", [Section("")], title=path.name)
+    header, lines, warnings = rows[0], [], []
+    for number, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            warnings.append(f"row {number}: {len(row)} fields where the header has {len(header)}; kept as is")
+        names = header + [f"column {i + 1}" for i in range(len(header), len(row))]
+        lines.append("; ".join(f"{n}: {v}" for n, v in zip(names, row, strict=False) if v.strip()))
+    return Document(path, "csv", [Section("\n".join(lines))], title=path.name, warnings=warnings)
+
+
+def _flatten(value, prefix: str = "") -> list[str]:
+    if isinstance(value, dict):
+        out = []
+        for key, item in value.items():
+            out += _flatten(item, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if isinstance(value, list):
+        if all(not isinstance(v, dict | list) for v in value):
+            return [f"{prefix}: {', '.join(map(str, value))}"] if value else []
+        out = []
+        for item in value:
+            out += _flatten(item, prefix)
+            out.append("")  # records of a list stay apart
+        return out
+    if value is None or value == "":
+        return []
+    return [f"{prefix}: {value}" if prefix else str(value)]
+
+
+def _record_text(record) -> str:
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(_flatten(record))).strip()
+
+
+def load_json(path: Path) -> Document:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise LoadError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    return Document(path, "json", [Section(_record_text(data))], title=path.name)
+
+
+def load_jsonl(path: Path) -> Document:
+    records, warnings = [], []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(_record_text(json.loads(line)))
+        except json.JSONDecodeError as e:
+            warnings.append(f"line {number}: invalid JSON ({e.msg}); left out")
+    if not records and warnings:
+        raise LoadError(f"no line is valid JSON ({warnings[0]})")
+    return Document(path, "jsonl", [Section("\n\n".join(records))], title=path.name, warnings=warnings)
+
+
+LOADERS = {
+    ".txt": load_text, ".text": load_text, ".md": load_text, ".markdown": load_text,
+    ".html": load_html, ".htm": load_html,
+    ".pdf": load_pdf,
+    ".docx": load_docx,
+    ".csv": load_csv,
+    ".json": load_json,
+    ".jsonl": load_jsonl, ".ndjson": load_jsonl,
+}
+
+
+def load_file(path: Path) -> Document:
+    """Load one file by its extension; raises LoadError for anything a person has to fix."""
+    loader = LOADERS.get(path.suffix.lower())
+    if loader is None:
+        raise LoadError(f"unsupported file type {path.suffix or '(none)'}; supported: {', '.join(sorted(LOADERS))}")
+    try:
+        document = loader(path)
+    except PermissionError:
+        raise LoadError("permission denied; make the file readable") from None
+    except IsADirectoryError:
+        raise LoadError("is a directory") from None
+    if not any(s.text.strip() for s in document.sections):
+        raise LoadError("no text found: the file is empty")
+    return document

@@ -1,0 +1,417 @@
+"""The knowledge store: documents in, cited passages out, on Chroma (embedded on disk, or a server).
+
+We use Chroma's own client rather than LangChain's wrapper because the store needs what the wrapper
+hides: a second collection (the manifest), ids and filters that make a replace atomic, and numpy batches
+straight from the encoder to Chroma.
+
+How a replace stays atomic. Chunks are stored under ids derived from the file's content hash (its
+*version*), and the manifest records which version of each source is current. Adding a changed file
+writes the new version's chunks (invisible: not current yet), then flips the manifest record in one
+write, then deletes the old version's chunks. A search keeps only chunks of current versions and reads
+a store-wide *revision* before and after; if a write happened in between, it searches again, so it never
+sees both versions, or neither.
+
+Several processes. Writes take a file lock in the store folder. An embedded Chroma client keeps its
+vector index in memory and does not see what another process wrote, so when the revision moves under us
+we reopen the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock
+
+from knowledge.chunking import Chunk, chunk_document
+from knowledge.embeddings import Embedder
+from knowledge.files import discover
+from knowledge.lexical import LexicalIndex
+from knowledge.loaders import LoadError, load_file
+from settings import Settings
+
+_REVISION_ID = "__revision__"
+VECTOR_WEIGHT = 0.5  # share of the vector leg in the fused score; the lexical leg has the rest
+
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked; the message says why and what to do."""
+
+
+@dataclass
+class Hit:
+    source: str
+    page: int | None
+    chunk_id: str
+    score: float
+    text: str
+    position: int = 0
+    title: str = ""
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "page": self.page, "chunk_id": self.chunk_id, "score": self.score,
+                "text": self.text}
+
+
+@dataclass
+class DocumentInfo:
+    source: str
+    chunks: int
+    version: str
+    title: str
+    added_at: float
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "chunks": self.chunks, "title": self.title,
+                "added_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.added_at))}
+
+
+@dataclass
+class IngestReport:
+    added: list[dict] = field(default_factory=list)  # {"source", "chunks"} (+ "warnings")
+    skipped: list[dict] = field(default_factory=list)  # {"source", "reason"}
+    failed: list[dict] = field(default_factory=list)  # {"source", "error"}
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def to_dict(self) -> dict:
+        return {"added": self.added, "skipped": self.skipped, "failed": self.failed}
+
+
+def _source_key(source: str) -> str:
+    return hashlib.sha1(source.encode("utf-8")).hexdigest()[:12]
+
+
+def _chroma_where(where: dict | None) -> dict | None:
+    if not where:
+        return None
+    clauses = [{k: {"$in": list(v)} if isinstance(v, list | tuple | set) else v} for k, v in where.items()]
+    return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+
+def _matches(metadata: dict, where: dict | None) -> bool:
+    for key, value in (where or {}).items():
+        if isinstance(value, list | tuple | set):
+            if metadata.get(key) not in value:
+                return False
+        elif metadata.get(key) != value:
+            return False
+    return True
+
+
+class KnowledgeStore:
+    """A Chroma collection of chunks, a manifest of documents, and a lexical index beside them."""
+
+    def __init__(self, settings: Settings | None = None, embedder: Embedder | None = None):
+        self.settings = settings or Settings.from_env()
+        self._embedder = embedder
+        self._lock = None
+        if self.settings.chroma_host is None:
+            self.settings.knowledge_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = FileLock(str(self.settings.knowledge_dir / ".write.lock"))
+        self._open()
+        self._lexical = LexicalIndex()
+        self._lexical_meta: dict[str, dict] = {}
+        self._lexical_revision: str | None = None
+
+    # -- connection ---------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        import chromadb
+
+        s = self.settings
+        if s.chroma_host:
+            try:
+                self.client = chromadb.HttpClient(host=s.chroma_host, port=s.chroma_port)
+                self.client.heartbeat()
+            except Exception as e:  # noqa: BLE001 - connection errors come in many types
+                raise StoreError(
+                    f"cannot reach the Chroma server at {s.chroma_host}:{s.chroma_port} ({e}); start it "
+                    "(`chroma run --path DIR --port PORT`) or unset CHROMA_HOST to use the store on disk"
+                ) from None
+        else:
+            self.client = _persistent_client(s.knowledge_dir)
+        if not 3 <= len(s.collection) <= 500:
+            raise StoreError(f"KNOWLEDGE_COLLECTION={s.collection!r} must have 3 to 500 characters")
+        self.chunks = self.client.get_or_create_collection(
+            s.collection, configuration={"hnsw": {"space": "cosine"}},
+            metadata={"embedding_model": s.embedding_model}, embedding_function=None)
+        built_with = (self.chunks.metadata or {}).get("embedding_model")
+        if built_with and built_with != s.embedding_model:
+            raise StoreError(
+                f"the store {s.collection!r} was built with embedding model {built_with!r}, not "
+                f"{s.embedding_model!r}; set EMBEDDING_MODEL={built_with} or choose another "
+                "KNOWLEDGE_COLLECTION (or KNOWLEDGE_DIR) to build a new store")
+        self.manifest = self.client.get_or_create_collection(
+            s.collection + "-manifest", embedding_function=None)
+        self._seen_revision = self._revision()
+
+    def _reopen_if_changed_elsewhere(self) -> str:
+        revision = self._revision()
+        if revision != self._seen_revision and self.settings.chroma_host is None:
+            self.client = _persistent_client(self.settings.knowledge_dir, fresh=True)
+            self.chunks = self.client.get_collection(self.settings.collection)
+            self.manifest = self.client.get_collection(self.settings.collection + "-manifest")
+        self._seen_revision = revision
+        return revision
+
+    def _revision(self) -> str:
+        got = self.manifest.get(ids=[_REVISION_ID], include=["metadatas"])
+        return got["metadatas"][0]["revision"] if got["ids"] else ""
+
+    def _bump_revision(self, records: list[tuple[str, dict]] = ()) -> None:
+        revision = uuid.uuid4().hex
+        ids = [_REVISION_ID] + [r[0] for r in records]
+        metadatas = [{"revision": revision, "kind": "revision"}] + [r[1] for r in records]
+        self.manifest.upsert(ids=ids, embeddings=np.ones((len(ids), 1), dtype=np.float32), metadatas=metadatas)
+        self._seen_revision = revision
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = Embedder(self.settings)
+        return self._embedder
+
+    def _write_lock(self):
+        from contextlib import nullcontext
+
+        return self._lock if self._lock is not None else nullcontext()
+
+    # -- documents ----------------------------------------------------------------------------------
+
+    def documents(self) -> list[DocumentInfo]:
+        got = self.manifest.get(where={"kind": "document"}, include=["metadatas"])
+        docs = [DocumentInfo(m["source"], m["chunks"], m["version"], m.get("title", ""), m["added_at"])
+                for m in got["metadatas"]]
+        return sorted(docs, key=lambda d: d.source)
+
+    def _current(self, sources: Iterable[str]) -> dict[str, str]:
+        sources = list(set(sources))
+        if not sources:
+            return {}
+        got = self.manifest.get(ids=["doc:" + s for s in sources], include=["metadatas"])
+        return {m["source"]: m["version"] for m in got["metadatas"]}
+
+    def add(self, paths: list[str | Path], progress: Callable[[str], None] | None = None) -> IngestReport:
+        """Add files and folders. Unchanged files are skipped; changed ones replace their old chunks."""
+        found = discover(paths)
+        report = IngestReport(
+            skipped=[{"source": p, "reason": r} for p, r in found.skipped],
+            failed=[{"source": p, "error": e} for p, e in found.failed],
+        )
+        for path in found.files:
+            source = str(path)
+            try:
+                outcome = self._add_file(path)
+            except LoadError as e:
+                report.failed.append({"source": source, "error": str(e)})
+            else:
+                if "reason" in outcome:
+                    report.skipped.append({"source": source, **outcome})
+                else:
+                    report.added.append({"source": source, **outcome})
+            if progress:
+                progress(source)
+        return report
+
+    def _add_file(self, path: Path) -> dict:
+        source = str(path)
+        limit = self.settings.max_file_mb * 1024 * 1024
+        try:
+            size = path.stat().st_size
+            if size > limit:
+                raise LoadError(
+                    f"the file is {size / 1048576:.1f} MB, over the {self.settings.max_file_mb:g} MB limit "
+                    "(raise MAX_FILE_MB to add it)")
+            data = path.read_bytes()
+        except PermissionError:
+            raise LoadError("permission denied; make the file readable") from None
+        except OSError as e:
+            raise LoadError(f"cannot be read ({e.strerror or e})") from None
+        version = hashlib.sha256(data).hexdigest()[:16]
+        if self._current([source]).get(source) == version:
+            return {"reason": "unchanged since it was added"}
+        document = load_file(path)
+        chunks = chunk_document(document, self.settings.chunk_size, self.settings.chunk_overlap)
+        if not chunks:
+            raise LoadError("no text found: the file is empty")
+        embeddings = self.embedder.embed_passages([c.text for c in chunks])
+        with self._write_lock():
+            self._reopen_if_changed_elsewhere()
+            self._replace(source, version, document.title, chunks, embeddings)
+        outcome = {"chunks": len(chunks)}
+        if document.warnings:
+            outcome["warnings"] = document.warnings
+        return outcome
+
+    def _replace(self, source: str, version: str, title: str, chunks: list[Chunk], embeddings: np.ndarray) -> None:
+        key = _source_key(source)
+        ids = [f"{key}:{version}:{c.position}" for c in chunks]
+        metadatas = []
+        for c in chunks:
+            meta = {"source": source, "version": version, "position": c.position, "start": c.start,
+                    "content_hash": c.content_hash, "title": title}
+            if c.page is not None:
+                meta["page"] = c.page
+            metadatas.append(meta)
+        batch = self.client.get_max_batch_size()
+        try:
+            for i in range(0, len(ids), batch):
+                self.chunks.upsert(ids=ids[i:i + batch], embeddings=embeddings[i:i + batch],
+                                   documents=[c.text for c in chunks[i:i + batch]], metadatas=metadatas[i:i + batch])
+        except BaseException:
+            # Not yet current, so never seen by a search; leave nothing behind either.
+            self.chunks.delete(where={"$and": [{"source": source}, {"version": version}]})
+            raise
+        record = {"kind": "document", "source": source, "version": version, "chunks": len(chunks),
+                  "title": title, "added_at": time.time()}
+        self._bump_revision([("doc:" + source, record)])
+        self.chunks.delete(where={"$and": [{"source": source}, {"version": {"$ne": version}}]})
+        self._bump_revision()
+
+    def remove(self, source: str | Path) -> int:
+        """Delete a document's chunks; returns how many. ``source`` is as listed, or a path to it."""
+        source = self._resolve_source(source)
+        with self._write_lock():
+            self._reopen_if_changed_elsewhere()
+            current = self.manifest.get(ids=["doc:" + source], include=["metadatas"])
+            if not current["ids"]:
+                raise StoreError(f"no document {source!r} in the store; `python -m knowledge list` shows them")
+            self.manifest.delete(ids=["doc:" + source])
+            self._bump_revision()
+            self.chunks.delete(where={"source": source})
+            self._bump_revision()
+        return current["metadatas"][0]["chunks"]
+
+    def _resolve_source(self, source: str | Path) -> str:
+        text = str(source)
+        if self._current([text]):
+            return text
+        resolved = str(Path(text).expanduser().resolve())
+        return resolved if self._current([resolved]) else text
+
+    # -- search -------------------------------------------------------------------------------------
+
+    def search(self, query: str, k: int = 5, where: dict | None = None, mode: str = "hybrid") -> list[Hit]:
+        """The ``k`` best chunks for ``query``, best first.
+
+        ``mode``: "hybrid" fuses vector and BM25 scores (``fuse``); "vector" and "lexical" use
+        one leg. ``where`` filters on chunk metadata by equality (a list value means any of), e.g.
+        ``{"source": "/docs/a.pdf"}``. The score is the fused score (0..1) in hybrid mode, the
+        cosine similarity in vector mode and the BM25 score in lexical mode.
+        """
+        if mode not in ("hybrid", "vector", "lexical"):
+            raise ValueError(f"search mode {mode!r}: use 'hybrid', 'vector' or 'lexical'")
+        if not query.strip() or k <= 0:
+            return []
+        query_vector = self.embedder.embed_query(query) if mode != "lexical" else None
+        hits: list[Hit] = []
+        for _ in range(5):  # a write between the two revision reads means: look again
+            revision = self._reopen_if_changed_elsewhere()
+            hits = self._search_once(query, query_vector, k, where, mode, revision)
+            if self._revision() == revision:
+                break
+        return hits
+
+    def _search_once(self, query, query_vector, k, where, mode, revision) -> list[Hit]:
+        n = max(4 * k, 40)
+        candidates: dict[str, dict] = {}  # chunk id -> {"text", "meta", "vector", "lexical"}
+        vector_rank: list[str] = []
+        if mode != "lexical":
+            got = self.chunks.query(query_embeddings=[query_vector], n_results=n, where=_chroma_where(where),
+                                    include=["documents", "metadatas", "distances"])
+            for cid, text, meta, dist in zip(got["ids"][0], got["documents"][0], got["metadatas"][0],
+                                             got["distances"][0], strict=True):
+                candidates[cid] = {"text": text, "meta": meta, "vector": 1.0 - dist}
+                vector_rank.append(cid)
+        lexical_rank: list[str] = []
+        if mode != "vector":
+            self._sync_lexical(revision)
+            allowed = None
+            if where:
+                allowed = np.fromiter((_matches(self._lexical_meta[i], where) for i in self._lexical.ids),
+                                      dtype=bool, count=len(self._lexical.ids))
+            lexical = self._lexical.search(query, n, allowed)
+            lexical_rank = [cid for cid, _ in lexical]
+            missing = [cid for cid in lexical_rank if cid not in candidates]
+            if missing:
+                got = self.chunks.get(ids=missing, include=["documents", "metadatas"])
+                for cid, text, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True):
+                    candidates[cid] = {"text": text, "meta": meta}
+            for cid, score in lexical:
+                if cid in candidates:
+                    candidates[cid]["lexical"] = score
+
+        current = self._current(c["meta"]["source"] for c in candidates.values())
+        live = {cid for cid, c in candidates.items() if current.get(c["meta"]["source"]) == c["meta"]["version"]}
+        if mode == "vector":
+            ranked = [(cid, candidates[cid]["vector"]) for cid in vector_rank if cid in live]
+        elif mode == "lexical":
+            ranked = [(cid, candidates[cid]["lexical"]) for cid in lexical_rank if cid in live]
+        else:
+            ranked = fuse({cid: candidates[cid]["vector"] for cid in vector_rank if cid in live},
+                          {cid: candidates[cid]["lexical"] for cid in lexical_rank if cid in live})
+        hits = []
+        for cid, score in ranked[:k]:
+            meta = candidates[cid]["meta"]
+            hits.append(Hit(meta["source"], meta.get("page"), cid, float(score), candidates[cid]["text"],
+                            meta.get("position", 0), meta.get("title", "")))
+        return hits
+
+    def _sync_lexical(self, revision: str) -> None:
+        """Bring the BM25 index up to the store's revision, tokenizing only chunks it has not seen."""
+        if revision == self._lexical_revision:
+            return
+        stored = self.chunks.get(include=["metadatas"])
+        stored_ids = set(stored["ids"])
+        removed = [cid for cid in self._lexical_meta if cid not in stored_ids]
+        new = [cid for cid in stored["ids"] if cid not in self._lexical]
+        added = {}
+        batch = self.client.get_max_batch_size()
+        for i in range(0, len(new), batch):
+            got = self.chunks.get(ids=new[i:i + batch], include=["documents"])
+            added.update(zip(got["ids"], got["documents"], strict=True))
+        self._lexical.update(added, removed)
+        self._lexical_meta = dict(zip(stored["ids"], stored["metadatas"], strict=True))
+        self._lexical_revision = revision
+
+
+def fuse(vector: dict[str, float], lexical: dict[str, float]) -> list[tuple[str, float]]:
+    """Relative score fusion: each leg's scores scaled to 0..1 over its candidates, then weighted.
+
+    Unlike reciprocal-rank fusion, this keeps how far ahead a result is: a chunk that alone holds an
+    exact code from the query leads BM25 by a wide margin, and that margin survives the fusion.
+    """
+    fused: dict[str, float] = {}
+    for scores, weight in ((vector, VECTOR_WEIGHT), (lexical, 1.0 - VECTOR_WEIGHT)):
+        if not scores:
+            continue
+        low, high = min(scores.values()), max(scores.values())
+        for cid, score in scores.items():
+            scaled = (score - low) / (high - low) if high > low else 1.0
+            fused[cid] = fused.get(cid, 0.0) + weight * scaled
+    return sorted(fused.items(), key=lambda item: -item[1])
+
+
+def _persistent_client(path: Path, fresh: bool = False):
+    """An embedded Chroma client on ``path``; ``fresh`` forgets the one this process already had.
+
+    Chroma shares one client system per path in a process and keeps its vector index in memory, so a
+    client never sees vectors another process added. Dropping the shared system (a private registry
+    of chromadb 1.x) makes the next client load the index from disk.
+    """
+    import chromadb
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    path = Path(path).resolve()
+    if fresh:
+        SharedSystemClient._identifier_to_system.pop(str(path), None)
+        SharedSystemClient._identifier_to_refcount.pop(str(path), None)
+    return chromadb.PersistentClient(path=str(path))
