@@ -36,11 +36,15 @@ class Settings:
         None, "EMBEDDING_PASSAGE_PREFIX",
         "Text put before each passage before embedding. Unset: 'passage: ' for E5 models, else nothing.")
     embedding_batch_size: int = _setting(64, "EMBEDDING_BATCH_SIZE", "Passages embedded per batch.")
+    embedding_dtype: str = _setting(
+        "auto", "EMBEDDING_DTYPE",
+        "float32, bfloat16 or float16. auto: float16 on CUDA, bfloat16 on CPUs with native bf16 "
+        "(AMX/AVX512-BF16; about 2x faster, cosine to float32 above 0.99), else float32.")
     chroma_host: str | None = _setting(
         None, "CHROMA_HOST", "Host of a Chroma server. Unset: an embedded store on disk in KNOWLEDGE_DIR.")
     chroma_port: int = _setting(8000, "CHROMA_PORT", "Port of the Chroma server named by CHROMA_HOST.")
     collection: str = _setting(
-        "knowledge", "KNOWLEDGE_COLLECTION", "Chroma collection name (3-512 characters).")
+        "knowledge", "KNOWLEDGE_COLLECTION", "Chroma collection name (3-500 characters).")
     chunk_size: int = _setting(
         600, "CHUNK_SIZE", "Largest chunk, in characters. Chunks end at sentence ends (. ! ? 。 ！ ？) or lines.")
     chunk_overlap: int = _setting(

@@ -29,8 +29,10 @@ class Embedder:
             passage_prefix if settings.embedding_passage_prefix is None else settings.embedding_passage_prefix
         )
         self.batch_size = settings.embedding_batch_size
+        self.dtype = resolve_dtype(settings.embedding_dtype)
         try:
-            self.model = SentenceTransformer(self.model_name, device="cpu" if not _cuda() else None)
+            self.model = SentenceTransformer(self.model_name, device="cuda" if _cuda() else "cpu",
+                                             model_kwargs={"dtype": self.dtype})
         except OSError as e:
             raise EmbeddingModelError(
                 f"cannot load embedding model {self.model_name!r} ({e}). Connect to the internet once so the "
@@ -49,6 +51,28 @@ class Embedder:
             texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
             show_progress_bar=False,
         ).astype(np.float32)
+
+
+def resolve_dtype(name: str):
+    """The torch dtype for EMBEDDING_DTYPE; "auto" picks the fastest one that keeps rankings."""
+    import torch
+
+    if name == "auto":
+        if _cuda():
+            return torch.float16
+        return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"EMBEDDING_DTYPE={name!r}: use auto, float32, bfloat16 or float16")
+    return dtypes[name]
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def _cuda() -> bool:

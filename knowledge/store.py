@@ -140,25 +140,25 @@ class KnowledgeStore:
             self.client = _persistent_client(s.knowledge_dir)
         if not 3 <= len(s.collection) <= 500:
             raise StoreError(f"KNOWLEDGE_COLLECTION={s.collection!r} must have 3 to 500 characters")
-        self.chunks = self.client.get_or_create_collection(
+        self.chunks = _Retrying(self.client.get_or_create_collection(
             s.collection, configuration={"hnsw": {"space": "cosine"}},
-            metadata={"embedding_model": s.embedding_model}, embedding_function=None)
+            metadata={"embedding_model": s.embedding_model}, embedding_function=None))
         built_with = (self.chunks.metadata or {}).get("embedding_model")
         if built_with and built_with != s.embedding_model:
             raise StoreError(
                 f"the store {s.collection!r} was built with embedding model {built_with!r}, not "
                 f"{s.embedding_model!r}; set EMBEDDING_MODEL={built_with} or choose another "
                 "KNOWLEDGE_COLLECTION (or KNOWLEDGE_DIR) to build a new store")
-        self.manifest = self.client.get_or_create_collection(
-            s.collection + "-manifest", embedding_function=None)
+        self.manifest = _Retrying(self.client.get_or_create_collection(
+            s.collection + "-manifest", embedding_function=None))
         self._seen_revision = self._revision()
 
     def _reopen_if_changed_elsewhere(self) -> str:
         revision = self._revision()
         if revision != self._seen_revision and self.settings.chroma_host is None:
             self.client = _persistent_client(self.settings.knowledge_dir, fresh=True)
-            self.chunks = self.client.get_collection(self.settings.collection)
-            self.manifest = self.client.get_collection(self.settings.collection + "-manifest")
+            self.chunks = _Retrying(self.client.get_collection(self.settings.collection))
+            self.manifest = _Retrying(self.client.get_collection(self.settings.collection + "-manifest"))
         self._seen_revision = revision
         return revision
 
@@ -398,6 +398,33 @@ def fuse(vector: dict[str, float], lexical: dict[str, float]) -> list[tuple[str,
             scaled = (score - low) / (high - low) if high > low else 1.0
             fused[cid] = fused.get(cid, 0.0) + weight * scaled
     return sorted(fused.items(), key=lambda item: -item[1])
+
+
+class _Retrying:
+    """A Chroma collection whose calls wait out another process's write instead of failing.
+
+    Embedded Chroma answers "database is locked" when SQLite is busy with another process's write, even
+    for reads; the write finishes in milliseconds, so a short wait is the right answer.
+    """
+
+    def __init__(self, collection, attempts: int = 60):
+        self._collection, self._attempts = collection, attempts
+
+    def __getattr__(self, name):
+        attribute = getattr(self._collection, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            for attempt in range(self._attempts):
+                try:
+                    return attribute(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - chromadb raises InternalError for this
+                    if "database is locked" not in str(e) or attempt == self._attempts - 1:
+                        raise
+                    time.sleep(min(0.05 * (attempt + 1), 0.5))
+
+        return call
 
 
 def _persistent_client(path: Path, fresh: bool = False):

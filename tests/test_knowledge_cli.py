@@ -1,0 +1,156 @@
+"""`python -m knowledge` as people and scripts use it: JSON shapes, exit codes, and several processes at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(env, *args, check=True):
+    result = subprocess.run([sys.executable, "-m", "knowledge", *args], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    if check and result.returncode not in (0, 1):
+        raise AssertionError(result.stderr)
+    return result
+
+
+@pytest.fixture
+def env(tmp_path, minilm_path):
+    return {**os.environ, "KNOWLEDGE_DIR": str(tmp_path / "store"), "EMBEDDING_MODEL": minilm_path,
+            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "ferry.txt").write_text("The ferry to Varna leaves at noon from pier 7.")
+    (folder / "tea.md").write_text("緑茶は静岡県で多く生産されている。", encoding="utf-8")
+    return folder
+
+
+def test_add_json_reports_added_skipped_failed_and_exit_status(env, folder):
+    (folder / "empty.txt").write_text("")
+    (folder / "photo.jpg").write_bytes(b"\xff\xd8\xff")
+    result = run(env, "add", str(folder), "--json")
+    report = json.loads(result.stdout)
+    assert result.returncode == 1  # something failed
+    assert report == {
+        "added": [{"source": str(folder / "ferry.txt"), "chunks": 1}, {"source": str(folder / "tea.md"), "chunks": 1}],
+        "skipped": [{"source": str(folder / "photo.jpg"), "reason": "unsupported file type .jpg"}],
+        "failed": [{"source": str(folder / "empty.txt"), "error": "no text found: the file is empty"}],
+    }
+    (folder / "empty.txt").unlink()
+    again = run(env, "add", str(folder), "--json")
+    assert again.returncode == 0
+    assert [s["reason"] for s in json.loads(again.stdout)["skipped"]] == ["unsupported file type .jpg"] + [
+        "unchanged since it was added"] * 2
+
+
+def test_add_without_json_shows_progress_and_a_summary(env, folder):
+    result = run(env, "add", str(folder))
+    assert result.returncode == 0
+    assert "2 added, 0 skipped, 0 failed" in result.stdout
+    assert "file/s" in result.stderr or "2/2" in result.stderr  # the progress bar
+
+
+def test_search_list_remove(env, folder):
+    run(env, "add", str(folder), "--json")
+    hits = json.loads(run(env, "search", "when does the ferry leave", "-k", "2", "--json").stdout)
+    assert [set(h) for h in hits] == [{"source", "page", "chunk_id", "score", "text"}] * 2
+    assert hits[0]["source"] == str(folder / "ferry.txt") and hits[0]["score"] >= hits[1]["score"]
+    listing = json.loads(run(env, "list", "--json").stdout)
+    assert [(d["source"], d["chunks"]) for d in listing] == [(str(folder / "ferry.txt"), 1), (str(folder / "tea.md"), 1)]
+    assert run(env, "remove", str(folder / "ferry.txt")).returncode == 0
+    assert [d["source"] for d in json.loads(run(env, "list", "--json").stdout)] == [str(folder / "tea.md")]
+    missing = run(env, "remove", str(folder / "ferry.txt"), check=False)
+    assert missing.returncode == 2 and "no document" in missing.stderr
+
+
+def test_two_processes_adding_at_once_keep_everything(env, tmp_path):
+    batches = []
+    for b in range(2):
+        batch = tmp_path / f"batch{b}"
+        batch.mkdir()
+        for n in range(12):
+            (batch / f"doc{n}.txt").write_text(f"Batch {b} document {n} records that crate {b}-{n} holds {n} lamps.")
+        batches.append(batch)
+    procs = [subprocess.Popen([sys.executable, "-m", "knowledge", "add", str(b), "--json"], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for b in batches]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
+    listing = json.loads(run(env, "list", "--json").stdout)
+    assert len(listing) == 24 and all(d["chunks"] == 1 for d in listing)
+    for b in range(2):
+        for n in (0, 11):
+            hits = json.loads(run(env, "search", f"crate {b}-{n}", "-k", "1", "--mode", "lexical", "--json").stdout)
+            assert hits[0]["source"] == str(batches[b] / f"doc{n}.txt")
+
+
+def test_a_long_running_store_sees_what_another_process_added(env, folder, minilm_path, embedder):
+    from knowledge import KnowledgeStore
+    from settings import Settings
+
+    store = KnowledgeStore(Settings.from_env(env), embedder=embedder)
+    assert store.search("ferry", k=1) == []
+    run(env, "add", str(folder), "--json")
+    for mode in ("vector", "lexical", "hybrid"):
+        assert store.search("ferry to Varna", k=1, mode=mode)[0].source == str(folder / "ferry.txt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def chroma_server(tmp_path):
+    port = _free_port()
+    chroma = Path(sys.executable).parent / "chroma"
+    server = subprocess.Popen([str(chroma), "run", "--path", str(tmp_path / "server"), "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("chroma run did not start")
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_store_on_a_chroma_server(env, folder, chroma_server):
+    env = {**env, "CHROMA_HOST": "127.0.0.1", "CHROMA_PORT": str(chroma_server)}
+    assert run(env, "add", str(folder), "--json").returncode == 0
+    hits = json.loads(run(env, "search", "静岡県のお茶", "-k", "1", "--json").stdout)
+    assert hits[0]["source"] == str(folder / "tea.md")
+    (folder / "ferry.txt").write_text("The ferry to Varna now leaves at dawn.")
+    report = json.loads(run(env, "add", str(folder), "--json").stdout)
+    assert report["added"] == [{"source": str(folder / "ferry.txt"), "chunks": 1}]
+    hits = json.loads(run(env, "search", "ferry Varna", "-k", "5", "--json").stdout)
+    assert [h["text"] for h in hits if "ferry" in h["text"]] == ["The ferry to Varna now leaves at dawn."]
+    assert run(env, "remove", str(folder / "tea.md")).returncode == 0
+    assert [d["source"] for d in json.loads(run(env, "list", "--json").stdout)] == [str(folder / "ferry.txt")]
+    assert not (Path(env["KNOWLEDGE_DIR"])).exists()  # nothing was written to the embedded store
+
+
+def test_unreachable_server_says_what_to_do(env):
+    env = {**env, "CHROMA_HOST": "127.0.0.1", "CHROMA_PORT": str(_free_port())}
+    result = run(env, "list", check=False)
+    assert result.returncode == 2 and "cannot reach the Chroma server" in result.stderr and "unset CHROMA_HOST" in result.stderr
