@@ -58,7 +58,34 @@ class Settings:
         "Base chat model: a hub name or a local folder (e.g. one built by `python -m finetune tiny-model`).")
     adapter_dir: Path = _setting(
         Path("data/adapters"), "ADAPTER_DIR",
-        "Folder of trained LoRA adapters; the newest one is loaded on top of CHAT_MODEL.")
+        "Folder of trained LoRA adapters (or one adapter); the newest one trained on CHAT_MODEL is loaded.")
+    model_backend: str = _setting(
+        "local", "MODEL_BACKEND",
+        "local: generate in this process (transformers + PEFT; Unsloth's fast path on CUDA when installed). "
+        "openai: an OpenAI-compatible server (vLLM, ...) at OPENAI_BASE_URL.")
+    openai_base_url: str = _setting("http://127.0.0.1:8000/v1", "OPENAI_BASE_URL",
+                                    "Base URL of the OpenAI-compatible server (MODEL_BACKEND=openai).")
+    openai_model: str | None = _setting(None, "OPENAI_MODEL",
+                                        "Model name to ask that server for. Unset: CHAT_MODEL.")
+    openai_api_key: str | None = _setting(None, "OPENAI_API_KEY", "Bearer token for that server, if it wants one.")
+    load_in_4bit: bool = _setting(True, "LOAD_IN_4BIT", "Load CHAT_MODEL in 4 bits on CUDA (bitsandbytes).")
+    prompt_format: str = _setting(
+        "auto", "PROMPT_FORMAT",
+        "alpaca (the recipe's template) or chat (the model's chat template). auto: what the adapter was "
+        "trained with, else alpaca. Prompting with the other format loses what training taught.")
+
+    # Answers
+    retrieval_k: int = _setting(5, "RETRIEVAL_K", "Passages retrieved for each turn and each claim.")
+    max_new_tokens: int = _setting(1024, "MAX_NEW_TOKENS", "Default most tokens generated per answer.")
+    temperature: float = _setting(0.6, "TEMPERATURE", "Default sampling temperature (0: greedy).")
+
+    # Serving
+    app_auth: str | None = _setting(
+        None, "APP_AUTH", "Logins for the app, as user:password pairs separated by commas. Required to serve "
+        "on an address other than loopback.")
+    max_upload_mb: float = _setting(50.0, "MAX_UPLOAD_MB", "Largest file the app accepts as an upload.")
+    gpu_concurrency: int = _setting(1, "GPU_CONCURRENCY", "Generations that run at once; the rest wait in line.")
+    queue_size: int = _setting(64, "QUEUE_SIZE", "Requests that may wait in line; more are turned away.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:

@@ -1,0 +1,78 @@
+"""python -m assistant serve|ask|verify: the app, and answers without a browser."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from assistant.chat import Assistant
+from assistant.runtime import ModelUnavailable
+from knowledge import StoreError
+from settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m assistant", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="start the web app")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="serve on a non-loopback address without APP_AUTH logins (anyone who reaches it may use it)")
+    ask = commands.add_parser("ask", help="answer one question")
+    ask.add_argument("question")
+    ask.add_argument("--no-retrieval", action="store_true", help="answer without searching the knowledge store")
+    ask.add_argument("--json", action="store_true")
+    verify = commands.add_parser("verify", help="debate whether a claim or attributed quote is valid")
+    verify.add_argument("claim")
+    verify.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    settings = Settings.from_env()
+    try:
+        if args.command == "serve":
+            from assistant.app import serve as serve_app
+
+            return serve_app(settings, args.host, args.port, args.insecure_no_auth)
+        assistant = Assistant(settings)
+        if args.command == "ask":
+            return run_ask(assistant, args)
+        return run_verify(assistant, args)
+    except (ModelUnavailable, StoreError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_ask(assistant: Assistant, args) -> int:
+    answer = assistant.ask(args.question, use_retrieval=not args.no_retrieval)
+    if args.json:
+        print(json.dumps(answer.to_dict(), ensure_ascii=False, indent=2))
+        return 0
+    if answer.reasoning:
+        print("Thinking:\n  " + answer.reasoning.replace("\n", "\n  ") + "\n")
+    print(answer.answer or "(no answer after the reasoning)")
+    for citation in answer.citations:
+        print(f"\n{citation.label}\n  " + citation.text[:300].replace("\n", "\n  "))
+    print(f"\n(model {answer.model}, adapter {answer.adapter or 'none'})")
+    return 0
+
+
+def run_verify(assistant: Assistant, args) -> int:
+    from assistant.verify import verify
+
+    result = verify(assistant, args.claim)
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+        return 0
+    print(f"Claim: {result.claim}\nVerdict: {result.verdict} (confidence {result.confidence:.2f})")
+    if result.reason:
+        print(f"Why: {result.reason}")
+    print(f"\nCase for:\n{result.case_for}\n\nCase against:\n{result.case_against}")
+    for citation in result.citations:
+        print(f"\n{citation.label}\n  " + citation.text[:300].replace("\n", "\n  "))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""One answer: retrieve passages for the conversation, prompt the model, stream reasoning and answer apart."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from assistant.prompting import answer_prompt, retrieval_query
+from assistant.runtime import GenerationParams, ModelRuntime, load_runtime
+from finetune.prompts import split_reasoning
+from knowledge import Hit, KnowledgeStore
+from settings import Settings
+
+
+@dataclass
+class Citation:
+    number: int
+    source: str
+    page: int | None
+    text: str
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "page": self.page, "text": self.text}
+
+    @property
+    def label(self) -> str:
+        name = self.source.rsplit("/", 1)[-1]
+        return f"[{self.number}] {name}" + (f", page {self.page}" if self.page is not None else "")
+
+
+@dataclass
+class Answer:
+    """An answer as it streams: reasoning and answer so far, and what it stands on."""
+
+    reasoning: str = ""
+    answer: str = ""
+    thinking_done: bool = False
+    done: bool = False
+    passages: list[Citation] = field(default_factory=list)  # every passage the model was shown
+    adapter: str | None = None
+    model: str = ""
+
+    @property
+    def citations(self) -> list[Citation]:
+        """The passages the answer cites by number; all shown passages when it cites none."""
+        cited = {int(n) for n in re.findall(r"\[(\d+)\]", self.answer)}
+        chosen = [p for p in self.passages if p.number in cited]
+        return chosen or self.passages
+
+    def to_dict(self) -> dict:
+        return {"answer": self.answer, "reasoning": self.reasoning,
+                "citations": [c.to_dict() for c in self.citations], "adapter": self.adapter}
+
+
+def as_citations(hits: list[Hit]) -> list[Citation]:
+    return [Citation(n, h.source, h.page, h.text) for n, h in enumerate(hits, start=1)]
+
+
+class Assistant:
+    """The chat model over the knowledge store. The store and model load on first use."""
+
+    def __init__(self, settings: Settings | None = None, runtime: ModelRuntime | None = None,
+                 store: KnowledgeStore | None = None):
+        self.settings = settings or Settings.from_env()
+        self._runtime, self._store = runtime, store
+        self._load_lock = threading.Lock()
+
+    @property
+    def runtime(self) -> ModelRuntime:
+        with self._load_lock:
+            if self._runtime is None:
+                self._runtime = load_runtime(self.settings)
+        return self._runtime
+
+    @property
+    def store(self) -> KnowledgeStore:
+        with self._load_lock:
+            if self._store is None:
+                self._store = KnowledgeStore(self.settings)
+        return self._store
+
+    def default_params(self) -> GenerationParams:
+        return GenerationParams(max_new_tokens=self.settings.max_new_tokens, temperature=self.settings.temperature)
+
+    def retrieve(self, query: str) -> list[Hit]:
+        return self.store.search(query, k=self.settings.retrieval_k)
+
+    def generate(self, prompt: str, params: GenerationParams | None = None,
+                 stop: threading.Event | None = None) -> Iterator[tuple[str, str, bool]]:
+        """Stream (reasoning, answer, thinking_done) for a prompt that ends inside a think block."""
+        text = ""
+        for piece in self.runtime.stream(prompt, params or self.default_params(), stop):
+            text += piece
+            yield split_reasoning(text, started_in_think=True)
+
+    def stream_answer(self, messages: list[dict], params: GenerationParams | None = None,
+                      use_retrieval: bool = True, stop: threading.Event | None = None) -> Iterator[Answer]:
+        """Answer the last user message of ``messages`` ({"role", "content"} dicts), streaming."""
+        hits = self.retrieve(retrieval_query(messages)) if use_retrieval else None
+        runtime = self.runtime
+        answer = Answer(passages=as_citations(hits or []), adapter=runtime.adapter, model=runtime.model_name)
+        prompt = answer_prompt(messages, hits, runtime.prompt_format, runtime.render_chat)
+        yield answer
+        for answer.reasoning, answer.answer, answer.thinking_done in self.generate(prompt, params, stop):
+            yield answer
+        answer.done = True
+        yield answer
+
+    def ask(self, question: str, params: GenerationParams | None = None, use_retrieval: bool = True) -> Answer:
+        *_, answer = self.stream_answer([{"role": "user", "content": question}], params, use_retrieval)
+        return answer

@@ -1,0 +1,241 @@
+"""Where the tokens come from: the model in this process, or an OpenAI-compatible server.
+
+Both runtimes take a finished prompt string and stream text pieces back, so the chat, the verifier and the
+CLI never care which one runs. Each knows which adapter (if any) is answering, so every answer can say so.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from settings import Settings
+
+TINY_MODEL_HINT = (
+    "For an offline try-out, build the tiny test model and point CHAT_MODEL at it:\n"
+    "    python -m finetune tiny-model data/tiny-model && CHAT_MODEL=data/tiny-model make run"
+)
+
+
+class ModelUnavailable(RuntimeError):
+    """The chat model cannot be loaded or reached; the message says why and what to do."""
+
+
+@dataclass
+class GenerationParams:
+    max_new_tokens: int = 1024
+    temperature: float = 0.6  # DeepSeek-R1's recommended 0.5-0.7
+    top_p: float = 0.95
+
+
+class ModelRuntime(Protocol):
+    model_name: str
+    adapter: str | None  # the adapter answering (its folder name), None for the base model
+    prompt_format: str  # "alpaca" or "chat": the format the adapter was trained with
+
+    def render_chat(self, messages: list[dict]) -> str: ...
+
+    def stream(self, prompt: str, params: GenerationParams, stop: threading.Event | None = None) -> Iterator[str]: ...
+
+
+@dataclass
+class AdapterInfo:
+    path: Path
+    base_model: str | None
+    prompt_format: str | None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def find_adapter(adapter_dir: Path, base_model: str) -> AdapterInfo | None:
+    """The newest adapter in ``adapter_dir`` (or ``adapter_dir`` itself) trained on ``base_model``."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        return None
+    folders = [adapter_dir] if (adapter_dir / "adapter_config.json").exists() else [
+        p for p in adapter_dir.iterdir() if (p / "adapter_config.json").exists()]
+    for folder in sorted(folders, key=lambda p: (p / "adapter_config.json").stat().st_mtime, reverse=True):
+        info = _read_json(folder / "training_info.json")
+        config = _read_json(folder / "adapter_config.json")
+        base = info.get("base_model") or config.get("base_model_name_or_path")
+        if base is None or _same_model(base, base_model):
+            return AdapterInfo(folder, base, info.get("prompt_format"))
+        print(f"note: adapter {folder} was trained on {base}, not CHAT_MODEL={base_model}; not loaded")
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _same_model(a: str, b: str) -> bool:
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a.rstrip("/").split("/")[-1].lower() == b.rstrip("/").split("/")[-1].lower()
+
+
+def _prompt_format(settings: Settings, adapter: AdapterInfo | None) -> str:
+    if settings.prompt_format != "auto":
+        if settings.prompt_format not in ("alpaca", "chat"):
+            raise ValueError(f"PROMPT_FORMAT={settings.prompt_format!r}: use auto, alpaca or chat")
+        return settings.prompt_format
+    return (adapter.prompt_format if adapter and adapter.prompt_format else None) or "alpaca"
+
+
+class LocalRuntime:
+    """transformers + PEFT in this process; 4-bit on CUDA; Unsloth's inference path when installed."""
+
+    def __init__(self, settings: Settings):
+        import torch
+
+        self.model_name = settings.chat_model
+        adapter = find_adapter(settings.adapter_dir, settings.chat_model)
+        self.adapter = adapter.name if adapter else None
+        self.prompt_format = _prompt_format(settings, adapter)
+        self._lock = threading.Lock()  # one generation at a time on one model
+        cuda = torch.cuda.is_available()
+        try:
+            self.model, self.tokenizer = _load_model(settings, cuda)
+        except OSError as e:
+            raise ModelUnavailable(
+                f"cannot load CHAT_MODEL={self.model_name!r}: it is not in the local cache and the Hugging Face "
+                f"hub cannot be reached ({str(e).splitlines()[0]}).\n{TINY_MODEL_HINT}") from None
+        if adapter:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, str(adapter.path))
+        self.model.eval()
+        self.device = next(self.model.parameters()).device
+
+    def render_chat(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def stream(self, prompt: str, params: GenerationParams, stop: threading.Event | None = None) -> Iterator[str]:
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        class Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return stop is not None and stop.is_set()
+
+        inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False, timeout=600)
+        sampling = params.temperature > 0
+        kwargs = dict(**inputs, streamer=streamer, max_new_tokens=params.max_new_tokens, do_sample=sampling,
+                      stopping_criteria=StoppingCriteriaList([Stop()]),
+                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        if sampling:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p)
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                with self._lock:
+                    self.model.generate(**kwargs)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        eos = self.tokenizer.eos_token or ""
+        for piece in streamer:
+            if eos and eos in piece:
+                piece = piece.split(eos)[0]
+                if piece:
+                    yield piece
+                break
+            yield piece
+        thread.join()
+        if errors:
+            raise errors[0]
+
+
+def _load_model(settings: Settings, cuda: bool):
+    import importlib.util
+
+    name = settings.chat_model
+    if cuda and importlib.util.find_spec("unsloth") is not None:
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(name, load_in_4bit=settings.load_in_4bit)
+        FastLanguageModel.for_inference(model)
+        return model, tokenizer
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    kwargs = {"dtype": torch.float32}
+    if cuda:
+        kwargs = {"dtype": torch.bfloat16, "device_map": "cuda"}
+        if settings.load_in_4bit and importlib.util.find_spec("bitsandbytes") is not None:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(name, **kwargs), tokenizer
+
+
+class OpenAIRuntime:
+    """An OpenAI-compatible server's /v1/completions endpoint, streamed (server-sent events)."""
+
+    def __init__(self, settings: Settings):
+        import httpx
+
+        self.model_name = settings.openai_model or settings.chat_model
+        self.adapter = settings.openai_model if settings.openai_model != settings.chat_model else None
+        self.prompt_format = _prompt_format(settings, None)
+        self.base_url = settings.openai_base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {settings.openai_api_key}"} if settings.openai_api_key else {}
+        self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=httpx.Timeout(600, connect=10))
+        self._chat_model = settings.chat_model
+        self._tokenizer = None
+
+    def render_chat(self, messages: list[dict]) -> str:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self._chat_model)
+        return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def stream(self, prompt: str, params: GenerationParams, stop: threading.Event | None = None) -> Iterator[str]:
+        import httpx
+
+        body = {"model": self.model_name, "prompt": prompt, "max_tokens": params.max_new_tokens,
+                "temperature": params.temperature, "top_p": params.top_p, "stream": True}
+        try:
+            with self._client.stream("POST", "/completions", json=body) as response:
+                if response.status_code != 200:
+                    raise ModelUnavailable(f"{self.base_url}/completions answered {response.status_code}: "
+                                           f"{response.read().decode(errors='replace')[:300]}")
+                for line in response.iter_lines():
+                    if stop is not None and stop.is_set():
+                        return
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    choices = json.loads(data).get("choices") or [{}]
+                    text = choices[0].get("text") or ""
+                    if text:
+                        yield text
+        except httpx.TransportError as e:
+            raise ModelUnavailable(f"cannot reach the model server at {self.base_url} ({e}); start it or set "
+                                   "MODEL_BACKEND=local") from None
+
+
+def load_runtime(settings: Settings) -> ModelRuntime:
+    if settings.model_backend == "openai":
+        return OpenAIRuntime(settings)
+    if settings.model_backend != "local":
+        raise ValueError(f"MODEL_BACKEND={settings.model_backend!r}: use local or openai")
+    return LocalRuntime(settings)
