@@ -3,7 +3,8 @@
 Japanese has no spaces between words, so a splitter that breaks on whitespace cuts it mid-word or not at
 all. Sentences here end at 。！？ (no space needed), at . ! ? followed by whitespace, and at line breaks.
 Chunks are packed from whole sentences up to ``size`` characters; the next chunk repeats whole sentences
-from the end of the previous one, up to ``overlap`` characters. A sentence longer than ``size`` is cut into
+from the end of the previous one, up to ``overlap`` characters, and a short last chunk is filled backwards
+to full size. A sentence longer than ``size`` is cut into
 pieces of ``size`` characters (at a space when there is one near the end).
 """
 
@@ -83,6 +84,15 @@ def chunk_text(text: str, size: int, overlap: int) -> list[tuple[int, int]]:
         while k - 1 > i and spans[j - 1][1] - spans[k - 1][0] <= overlap and spans[j][1] - spans[k - 1][0] <= size:
             k -= 1
         i = k
+    if len(chunks) > 1 and chunks[-1][1] - chunks[-1][0] < size // 2:
+        # A short tail chunk embeds as a near-empty vector that sits close to every query; fill it
+        # backwards with whole sentences to full size instead.
+        end, first = spans[-1][1], len(spans) - 1
+        while first > 0 and end - spans[first - 1][0] <= size:
+            first -= 1
+        chunks[-1] = (spans[first][0], end)
+        if chunks[-1][0] <= chunks[-2][0]:  # the filled tail now holds the chunk before it
+            chunks.pop(-2)
     return chunks
 
 

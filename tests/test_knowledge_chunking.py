@@ -72,3 +72,10 @@ def test_document_chunks_keep_page_position_and_hash():
     assert [(c.page, c.position, c.start, c.text) for c in chunks] == [
         (1, 0, 0, "Page one text."), (2, 1, 0, "Page two text.")]
     assert chunks[0].content_hash != chunks[1].content_hash and len(chunks[0].content_hash) == 16
+
+
+def test_a_short_last_chunk_is_filled_backwards_to_full_size():
+    text = "".join(EN_SENTENCES[:9])  # 8 sentences fill one 400-character chunk; the 9th would stand alone
+    chunks = texts(text, size=400, overlap=0)
+    assert len(chunks) == 2
+    assert chunks[-1].endswith(EN_SENTENCES[8].strip()) and len(chunks[-1]) > 300
