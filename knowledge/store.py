@@ -36,6 +36,7 @@ from knowledge.loaders import LoadError, load_file
 from settings import Settings
 
 _REVISION_ID = "__revision__"
+EMBED_GROUP = 1024  # chunks embedded in one call when adding many files
 VECTOR_WEIGHT = 0.5  # share of the vector leg in the fused score; the lexical leg has the rest
 
 
@@ -83,6 +84,15 @@ class IngestReport:
 
     def to_dict(self) -> dict:
         return {"added": self.added, "skipped": self.skipped, "failed": self.failed}
+
+
+@dataclass
+class _LoadedFile:
+    source: str
+    version: str  # content hash of the file
+    title: str
+    chunks: list[Chunk]
+    warnings: list[str]
 
 
 def _source_key(source: str) -> str:
@@ -200,28 +210,53 @@ class KnowledgeStore:
         return {m["source"]: m["version"] for m in got["metadatas"]}
 
     def add(self, paths: list[str | Path], progress: Callable[[str], None] | None = None) -> IngestReport:
-        """Add files and folders. Unchanged files are skipped; changed ones replace their old chunks."""
+        """Add files and folders. Unchanged files are skipped; changed ones replace their old chunks.
+
+        Chunks of several files are embedded together (``EMBED_GROUP`` at a time): the encoder sorts a
+        call's texts by length, so large mixed calls waste less on padding than one call per file.
+        """
         found = discover(paths)
         report = IngestReport(
             skipped=[{"source": p, "reason": r} for p, r in found.skipped],
             failed=[{"source": p, "error": e} for p, e in found.failed],
         )
+        pending: list[_LoadedFile] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            vectors = self.embedder.embed_passages([c.text for item in pending for c in item.chunks])
+            offset = 0
+            for item in pending:
+                with self._write_lock():
+                    self._reopen_if_changed_elsewhere()
+                    self._replace(item, vectors[offset:offset + len(item.chunks)])
+                offset += len(item.chunks)
+                added = {"source": item.source, "chunks": len(item.chunks)}
+                report.added.append(added | ({"warnings": item.warnings} if item.warnings else {}))
+                if progress:
+                    progress(item.source)
+            pending.clear()
+
         for path in found.files:
-            source = str(path)
             try:
-                outcome = self._add_file(path)
+                loaded = self._load(path)
             except LoadError as e:
-                report.failed.append({"source": source, "error": str(e)})
+                report.failed.append({"source": str(path), "error": str(e)})
             else:
-                if "reason" in outcome:
-                    report.skipped.append({"source": source, **outcome})
-                else:
-                    report.added.append({"source": source, **outcome})
+                if loaded is not None:
+                    pending.append(loaded)
+                    if sum(len(item.chunks) for item in pending) >= EMBED_GROUP:
+                        flush()
+                    continue
+                report.skipped.append({"source": str(path), "reason": "unchanged since it was added"})
             if progress:
-                progress(source)
+                progress(str(path))
+        flush()
         return report
 
-    def _add_file(self, path: Path) -> dict:
+    def _load(self, path: Path) -> _LoadedFile | None:
+        """The file's chunks, or None when the store already holds this very version of it."""
         source = str(path)
         limit = self.settings.max_file_mb * 1024 * 1024
         try:
@@ -237,21 +272,15 @@ class KnowledgeStore:
             raise LoadError(f"cannot be read ({e.strerror or e})") from None
         version = hashlib.sha256(data).hexdigest()[:16]
         if self._current([source]).get(source) == version:
-            return {"reason": "unchanged since it was added"}
+            return None
         document = load_file(path)
         chunks = chunk_document(document, self.settings.chunk_size, self.settings.chunk_overlap)
         if not chunks:
             raise LoadError("no text found: the file is empty")
-        embeddings = self.embedder.embed_passages([c.text for c in chunks])
-        with self._write_lock():
-            self._reopen_if_changed_elsewhere()
-            self._replace(source, version, document.title, chunks, embeddings)
-        outcome = {"chunks": len(chunks)}
-        if document.warnings:
-            outcome["warnings"] = document.warnings
-        return outcome
+        return _LoadedFile(source, version, document.title, chunks, document.warnings)
 
-    def _replace(self, source: str, version: str, title: str, chunks: list[Chunk], embeddings: np.ndarray) -> None:
+    def _replace(self, item: _LoadedFile, embeddings: np.ndarray) -> None:
+        source, version, title, chunks = item.source, item.version, item.title, item.chunks
         key = _source_key(source)
         ids = [f"{key}:{version}:{c.position}" for c in chunks]
         metadatas = []
