@@ -68,6 +68,9 @@ class Settings:
     openai_model: str | None = _setting(None, "OPENAI_MODEL",
                                         "Model name to ask that server for. Unset: CHAT_MODEL.")
     openai_api_key: str | None = _setting(None, "OPENAI_API_KEY", "Bearer token for that server, if it wants one.")
+    local_engine: str = _setting(
+        "auto", "LOCAL_ENGINE",
+        "MODEL_BACKEND=local only: unsloth, transformers, or auto (unsloth on CUDA when it is installed).")
     load_in_4bit: bool = _setting(True, "LOAD_IN_4BIT", "Load CHAT_MODEL in 4 bits on CUDA (bitsandbytes).")
     prompt_format: str = _setting(
         "auto", "PROMPT_FORMAT",

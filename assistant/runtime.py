@@ -102,6 +102,7 @@ class LocalRuntime:
         self.adapter = adapter.name if adapter else None
         self.prompt_format = _prompt_format(settings, adapter)
         self._lock = threading.Lock()  # one generation at a time on one model
+        self.last_usage: dict[str, int] = {}  # token counts of the last finished generation
         cuda = torch.cuda.is_available()
         try:
             self.model, self.tokenizer = _load_model(settings, cuda)
@@ -115,6 +116,7 @@ class LocalRuntime:
             self.model = PeftModel.from_pretrained(self.model, str(adapter.path))
         self.model.eval()
         self.device = next(self.model.parameters()).device
+        self.engine = "unsloth" if type(self.model).__module__.startswith("unsloth") else "transformers"
 
     def render_chat(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -135,11 +137,14 @@ class LocalRuntime:
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p)
         errors: list[BaseException] = []
+        prompt_tokens = inputs["input_ids"].shape[1]
 
         def run():
             try:
                 with self._lock:
-                    self.model.generate(**kwargs)
+                    output = self.model.generate(**kwargs)
+                    self.last_usage = {"prompt_tokens": prompt_tokens,
+                                       "completion_tokens": output.shape[1] - prompt_tokens}
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(e)
                 streamer.end()
@@ -163,7 +168,14 @@ def _load_model(settings: Settings, cuda: bool):
     import importlib.util
 
     name = settings.chat_model
-    if cuda and importlib.util.find_spec("unsloth") is not None:
+    engine = settings.local_engine
+    if engine not in ("auto", "unsloth", "transformers"):
+        raise ValueError(f"LOCAL_ENGINE={engine!r}: use auto, unsloth or transformers")
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if engine == "unsloth" and not (cuda and has_unsloth):
+        raise ModelUnavailable("LOCAL_ENGINE=unsloth needs a CUDA GPU and `pip install '.[gpu]'`; "
+                               "use LOCAL_ENGINE=auto or transformers")
+    if cuda and has_unsloth and engine != "transformers":
         from unsloth import FastLanguageModel
 
         model, tokenizer = FastLanguageModel.from_pretrained(name, load_in_4bit=settings.load_in_4bit)

@@ -1,0 +1,124 @@
+"""The app's generation path on a GPU: time to first token on a retrieval-sized prompt, and decode speed.
+
+Random weights of the real shapes serve (speed does not depend on the values). On the GPU machine:
+
+    python scripts/gpu_generation_bench.py build --shape 1.5b --out /tmp/r1-1.5b
+    python scripts/gpu_generation_bench.py measure --model /tmp/r1-1.5b --engine transformers --bf16
+
+`measure` goes through `assistant.runtime.LocalRuntime.stream` and `assistant.prompting.answer_prompt`,
+exactly what a chat turn runs, and prints one JSON line. Run each engine in its own process: Unsloth
+patches transformers when it is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# DeepSeek-R1-Distill-Qwen configurations (config.json of the released models).
+SHAPES = {
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, rope_theta=10000.0, max_position_embeddings=131072,
+                 tie_word_embeddings=False, rms_norm_eps=1e-6),
+    "14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                num_key_value_heads=8, vocab_size=152064, rope_theta=1000000.0, max_position_embeddings=131072,
+                tie_word_embeddings=False, rms_norm_eps=1e-5),
+}
+
+
+def build(shape: str, out: Path) -> None:
+    """Random bf16 weights of the shape, built on the GPU, with the project's tiny tokenizer beside them."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from finetune.tiny_model import build_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(out.parent / (out.name + "-tokenizer")))
+    config = Qwen2Config(**SHAPES[shape], dtype="bfloat16", bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def retrieval_prompt(runtime, target_tokens: int) -> str:
+    from assistant.prompting import answer_prompt
+    from knowledge import Hit
+
+    sentence = "The maintenance log of pump station {n} records a pressure of {n} kPa at the inlet. "
+    hits, n = [], 0
+    while True:
+        text = "".join(sentence.format(n=n + i) for i in range(8))
+        hits.append(Hit(f"/docs/log-{n}.txt", None, f"c{n}", 1.0, text))
+        n += 8
+        prompt = answer_prompt([{"role": "user", "content": "What pressure did station 12 record?"}], hits,
+                               runtime.prompt_format, runtime.render_chat)
+        if len(runtime.tokenizer(prompt, add_special_tokens=False).input_ids) >= target_tokens:
+            return prompt
+
+
+def measure(model: str, engine: str, four_bit: bool, prompt_tokens: int, new_tokens: int, runs: int) -> dict:
+    import torch
+
+    from assistant.runtime import GenerationParams, LocalRuntime
+    from settings import Settings
+
+    settings = Settings.from_env(chat_model=model, local_engine=engine, load_in_4bit=four_bit,
+                                 adapter_dir=Path("/nonexistent"))
+    start = time.perf_counter()
+    runtime = LocalRuntime(settings)
+    load_s = time.perf_counter() - start
+    prompt = retrieval_prompt(runtime, prompt_tokens)
+    greedy = GenerationParams(max_new_tokens=new_tokens, temperature=0.0)
+    list(runtime.stream(prompt, GenerationParams(max_new_tokens=4, temperature=0.0)))  # warm-up
+    ttft, decode = [], []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        first = None
+        for _piece in runtime.stream(prompt, greedy):
+            if first is None:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        generated = runtime.last_usage["completion_tokens"]
+        ttft.append(first - start)
+        decode.append((generated - 1) / (end - first))
+    return {"model": Path(model).name, "engine": runtime.engine, "weights": "4-bit" if four_bit else "bf16",
+            "prompt_tokens": runtime.last_usage["prompt_tokens"], "new_tokens": generated, "load_s": load_s,
+            "ttft_s": sorted(ttft)[len(ttft) // 2], "decode_tok_s": sorted(decode)[len(decode) // 2],
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "gpu": torch.cuda.get_device_name()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    b = commands.add_parser("build")
+    b.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    b.add_argument("--out", type=Path, required=True)
+    m = commands.add_parser("measure")
+    m.add_argument("--model", required=True)
+    m.add_argument("--engine", choices=["transformers", "unsloth"], required=True)
+    m.add_argument("--4bit", dest="four_bit", action="store_true")
+    m.add_argument("--bf16", dest="four_bit", action="store_false")
+    m.add_argument("--prompt-tokens", type=int, default=3000)
+    m.add_argument("--new-tokens", type=int, default=256)
+    m.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    if args.command == "build":
+        build(args.shape, args.out)
+    else:
+        if args.engine == "unsloth":
+            import unsloth  # noqa: F401 - before transformers, as Unsloth requires
+        print(json.dumps(measure(args.model, args.engine, args.four_bit, args.prompt_tokens, args.new_tokens,
+                                 args.runs)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
