@@ -60,15 +60,17 @@ class Verification:
 
 def parse_judgement(text: str, evidence_count: int) -> tuple[str, float, list[int], str]:
     """(verdict, confidence, cited passage numbers, reason) from the judge's answer; raises ValueError."""
-    candidates = re.findall(r"\{.*\}", text, flags=re.S)
-    if not candidates:
+    decoder, objects = json.JSONDecoder(), []
+    for start in (m.start() for m in re.finditer(r"\{", text)):
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            objects.append(value)
+    if not objects:
         raise ValueError("the judge gave no JSON object")
-    try:
-        data = json.loads(candidates[-1])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"the judge's JSON does not parse ({e.msg})") from None
-    if not isinstance(data, dict):
-        raise ValueError("the judge's JSON is not an object")
+    data = next((o for o in reversed(objects) if "verdict" in o), objects[-1])
     verdict = str(data.get("verdict", "")).strip().lower()
     if verdict not in VERDICTS:
         raise ValueError(f"the judge's verdict {data.get('verdict')!r} is not one of {', '.join(VERDICTS)}")
