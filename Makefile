@@ -27,7 +27,8 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
 
 test: lint chromium
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m "not gpu" -q
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False \
+	  $(BIN)/python -m pytest -m "not gpu" -q
 
 bench-knowledge: $(BIN)/.installed
 	@test -d /usr/share/debian-reference || ($(SUDO) apt-get update -qq && \

@@ -72,6 +72,9 @@ class Settings:
         "auto", "LOCAL_ENGINE",
         "MODEL_BACKEND=local only: unsloth, transformers, or auto (unsloth on CUDA when it is installed).")
     load_in_4bit: bool = _setting(True, "LOAD_IN_4BIT", "Load CHAT_MODEL in 4 bits on CUDA (bitsandbytes).")
+    context_length: int = _setting(
+        8192, "CONTEXT_LENGTH", "Most tokens of prompt + answer the model is set up for (Unsloth sizes its "
+        "buffers by it); a retrieval prompt is about 3,000 tokens.")
     prompt_format: str = _setting(
         "auto", "PROMPT_FORMAT",
         "alpaca (the recipe's template) or chat (the model's chat template). auto: what the adapter was "

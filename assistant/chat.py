@@ -65,18 +65,18 @@ class Assistant:
                  store: KnowledgeStore | None = None):
         self.settings = settings or Settings.from_env()
         self._runtime, self._store = runtime, store
-        self._load_lock = threading.Lock()
+        self._runtime_lock, self._store_lock = threading.Lock(), threading.Lock()
 
     @property
     def runtime(self) -> ModelRuntime:
-        with self._load_lock:
+        with self._runtime_lock:
             if self._runtime is None:
                 self._runtime = load_runtime(self.settings)
         return self._runtime
 
     @property
     def store(self) -> KnowledgeStore:
-        with self._load_lock:
+        with self._store_lock:
             if self._store is None:
                 self._store = KnowledgeStore(self.settings)
         return self._store

@@ -105,7 +105,7 @@ class LocalRuntime:
         self.last_usage: dict[str, int] = {}  # token counts of the last finished generation
         cuda = torch.cuda.is_available()
         try:
-            self.model, self.tokenizer = _load_model(settings, cuda)
+            self.model, self.tokenizer, self.engine = _load_model(settings, cuda)
         except OSError as e:
             raise ModelUnavailable(
                 f"cannot load CHAT_MODEL={self.model_name!r}: it is not in the local cache and the Hugging Face "
@@ -116,7 +116,6 @@ class LocalRuntime:
             self.model = PeftModel.from_pretrained(self.model, str(adapter.path))
         self.model.eval()
         self.device = next(self.model.parameters()).device
-        self.engine = "unsloth" if type(self.model).__module__.startswith("unsloth") else "transformers"
 
     def render_chat(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -178,9 +177,10 @@ def _load_model(settings: Settings, cuda: bool):
     if cuda and has_unsloth and engine != "transformers":
         from unsloth import FastLanguageModel
 
-        model, tokenizer = FastLanguageModel.from_pretrained(name, load_in_4bit=settings.load_in_4bit)
+        model, tokenizer = FastLanguageModel.from_pretrained(name, load_in_4bit=settings.load_in_4bit,
+                                                             max_seq_length=settings.context_length)
         FastLanguageModel.for_inference(model)
-        return model, tokenizer
+        return model, tokenizer, "unsloth"
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -193,7 +193,7 @@ def _load_model(settings: Settings, cuda: bool):
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    return AutoModelForCausalLM.from_pretrained(name, **kwargs), tokenizer
+    return AutoModelForCausalLM.from_pretrained(name, **kwargs), tokenizer, "transformers"
 
 
 class OpenAIRuntime:

@@ -102,6 +102,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, bool | int | float):
         return str(value).lower() if isinstance(value, bool) else str(value)
     expected = origin or hint

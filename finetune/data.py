@@ -241,9 +241,10 @@ def _token_spans(tokenizer, text: str) -> list[tuple[int, int]]:
     return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
 
 
-def _prompt_tokens(tokenizer, spans: list) -> int:
-    # TRL puts a BOS token before the prompt when the tokenizer has one.
-    return len(spans) + (1 if tokenizer.bos_token_id is not None else 0)
+def _prompt_tokens(tokenizer, prompt: str, spans: list) -> int:
+    # TRL puts a BOS token before the prompt when the tokenizer has one and the prompt lacks it.
+    bos = tokenizer.bos_token
+    return len(spans) + (1 if bos is not None and not prompt.startswith(bos) else 0)
 
 
 def _fit(pair: PreferencePair, tokenizer, max_length: int, max_prompt_length: int,
@@ -253,7 +254,7 @@ def _fit(pair: PreferencePair, tokenizer, max_length: int, max_prompt_length: in
     p_spans = _token_spans(tokenizer, pair.prompt)
     c_spans = _token_spans(tokenizer, pair.chosen)
     r_spans = _token_spans(tokenizer, pair.rejected)
-    n_prompt = _prompt_tokens(tokenizer, p_spans)
+    n_prompt = _prompt_tokens(tokenizer, pair.prompt, p_spans)
     longest = max(len(c_spans), len(r_spans))
     if n_prompt + longest <= max_length:
         return pair, None, False
@@ -294,7 +295,8 @@ def prepare_pairs(
     if columns:
         # target <- source: rename source columns to the names the formats expect
         inverse = {src: dst for dst, src in columns.items()}
-        rows = [(f, {inverse.get(k, k): v for k, v in row.items()}) for f, row in rows]
+        rows = [(f, {inverse.get(k, k): v for k, v in row.items()} if isinstance(row, dict) else row)
+                for f, row in rows]
     if fmt == "auto":
         seen: set[str] = set()
         for _, row in rows:

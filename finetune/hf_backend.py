@@ -35,7 +35,8 @@ def load_for_training(config: TrainConfig, dtype: torch.dtype):
     if quantize and not _bitsandbytes_available():
         raise RuntimeError("load_in_4bit needs bitsandbytes on CUDA: pip install 'think-rag[gpu]', or set "
                            "load_in_4bit=false")
-    kwargs: dict = {"dtype": dtype if on_cuda else torch.float32}
+    # sdpa: fused attention kernels, no [heads, length, length] score tensor
+    kwargs: dict = {"dtype": dtype if on_cuda else torch.float32, "attn_implementation": "sdpa"}
     if quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -17,11 +17,12 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int):
         n = hidden.shape[0]
-        logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        logps = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            logits = (hidden[start:end] @ weight.T).float()
+            logits = (hidden[start:end] @ weight.T).to(acc)
             lse[start:end] = torch.logsumexp(logits, dim=-1)
             logps[start:end] = logits.gather(1, labels[start:end, None]).squeeze(1) - lse[start:end]
         ctx.save_for_backward(hidden, weight, labels, lse)
@@ -33,18 +34,19 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
         hidden, weight, labels, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        acc = lse.dtype
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, hidden.shape[0])
-            g = grad_logps[start:end].float()[:, None]
+            g = grad_logps[start:end].to(acc)[:, None]
             # d log p(label) / d logits = onehot(label) - softmax(logits)
-            grad_logits = (hidden[start:end] @ weight.T).float()
+            grad_logits = (hidden[start:end] @ weight.T).to(acc)
             grad_logits.sub_(lse[start:end, None]).exp_().mul_(-g)
             grad_logits.scatter_add_(1, labels[start:end, None], g)
             if need_hidden:
                 grad_hidden[start:end] = grad_logits.to(hidden.dtype) @ weight
             if need_weight:
-                grad_weight += grad_logits.T @ hidden[start:end].float()
+                grad_weight += grad_logits.T @ hidden[start:end].to(acc)
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
@@ -52,14 +54,14 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
 
 def chunked_label_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                            chunk_size: int = 1024) -> torch.Tensor:
-    """log softmax(hidden @ weight.T)[label] per row, as float32, never holding more than chunk_size rows of
+    """log softmax(hidden @ weight.T)[label] per row, in float32 (at least), never holding more than chunk_size rows of
     logits. hidden: [N, H], weight: [V, H] (the lm_head), labels: [N] token ids."""
     return _ChunkedLabelLogProbs.apply(hidden.to(weight.dtype), weight, labels, chunk_size)
 
 
 def full_label_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The same through full logits: the reference the chunked version is tested against."""
-    logits = (hidden.to(weight.dtype) @ weight.T).float()
+    logits = (hidden.to(weight.dtype) @ weight.T).to(torch.promote_types(weight.dtype, torch.float32))
     return logits.log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
 
 
@@ -77,7 +79,7 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, input_ids: tor
     nll_rows[:n_chosen] = real[:n_chosen]
     needed = nll_rows | completion
     flat = chunked_label_logprobs(hidden[:, :-1][needed], weight, targets[needed], chunk_size)
-    per_token = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    per_token = torch.zeros(targets.shape, dtype=flat.dtype, device=hidden.device)
     per_token = per_token.masked_scatter(needed, flat)
     mean_logps = (per_token * completion).sum(-1) / completion.sum(-1)
     chosen_nll = -(per_token * nll_rows).sum() / nll_rows.sum()

@@ -44,6 +44,7 @@ class LeanORPOTrainer(ORPOTrainer):
     def __init__(self, *args, logprob_chunk_size: int = 1024, **kwargs):
         self.logprob_chunk_size = logprob_chunk_size
         self._tokens_since_log = 0
+        self.tokens_seen = 0  # real (attention-mask) tokens of chosen and rejected sequences, all steps
         self._time_of_last_log: float | None = None  # set when the first batch starts
         super().__init__(*args, **kwargs)
 
@@ -60,15 +61,18 @@ class LeanORPOTrainer(ORPOTrainer):
                                                 device=self.accelerator.device)
         n_chosen = batch["chosen_labels"].shape[0]
         decoder, lm_head = self._decoder_and_head(model)
-        hidden = decoder(input_ids=concatenated["concatenated_input_ids"],
-                         attention_mask=concatenated["concatenated_attention_mask"],
-                         use_cache=False).last_hidden_state
         if lm_head.bias is not None:
             raise NotImplementedError("chunked log-probs assume an lm_head without bias; set logprob_chunk_size=0")
-        mean_logps, chosen_nll = sequence_logprobs(
-            hidden, lm_head.weight, concatenated["concatenated_input_ids"],
-            concatenated["concatenated_attention_mask"], concatenated["concatenated_labels"] != -100,
-            n_chosen, self.logprob_chunk_size)
+        # Mixed precision is applied by accelerate around the wrapped model's forward; calling the decoder
+        # directly needs the same autocast, or every layer runs in float32 (3x slower, +18 GiB at 14B/4096).
+        with self.accelerator.autocast():
+            hidden = decoder(input_ids=concatenated["concatenated_input_ids"],
+                             attention_mask=concatenated["concatenated_attention_mask"],
+                             use_cache=False).last_hidden_state
+            mean_logps, chosen_nll = sequence_logprobs(
+                hidden, lm_head.weight, concatenated["concatenated_input_ids"],
+                concatenated["concatenated_attention_mask"], concatenated["concatenated_labels"] != -100,
+                n_chosen, self.logprob_chunk_size)
         return mean_logps[:n_chosen], mean_logps[n_chosen:], None, None, chosen_nll
 
     def get_batch_loss_metrics(self, model, batch, train_eval="train"):
@@ -109,7 +113,9 @@ class LeanORPOTrainer(ORPOTrainer):
                 f"logps/chosen {metrics['logps/chosen']}, logps/rejected {metrics['logps/rejected']}); training "
                 f"stopped before applying it and {saved}. Lower learning_rate, check the data for empty "
                 "completions, or use precision=bf16/fp32 instead of fp16; then train again with --resume.")
-        self._tokens_since_log += int(inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum())
+        tokens = int(inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum())
+        self._tokens_since_log += tokens
+        self.tokens_seen += tokens
         self.store_metrics(metrics, train_eval="train")
         loss = loss.to(self.args.device)
         return (loss, metrics) if return_outputs else loss

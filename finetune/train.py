@@ -120,6 +120,9 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list | None = No
     # Data first: a bad file fails here, before any model is loaded.
     prepared = _prepare(config, hf_backend.load_tokenizer(config.model_name))
     _, _, dtype = resolve_precision(config.precision)
+    from transformers import set_seed
+
+    set_seed(config.seed)  # the LoRA weights are drawn when the adapters are added, before the Trainer seeds
     if backend == "unsloth":
         from finetune import unsloth_backend
 

@@ -1,0 +1,205 @@
+"""The chat tab: streamed answers with a thinking block, numbered citations, settings, stop and export.
+
+The conversation lives in a per-session list of turns (plain dicts, in a gr.State); the chatbot's messages
+are drawn from it on every update. The turns, not the chatbot, feed the model's history and the export, so
+the thinking blocks and citation blocks the page shows never leak into the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from assistant.chat import Assistant, Citation
+from assistant.runtime import GenerationParams, ModelUnavailable
+from assistant.ui_model import ModelLoader, short_model_name, with_hint
+from knowledge import StoreError
+
+THINKING = "Thinking"
+THINKING_OPEN_ENDED = "Thinking (never closed: the model stopped before it finished reasoning)"
+NO_ANSWER = ("*No answer after the reasoning: the model stopped while still thinking. Open the thinking "
+             "block above to read it, or raise “Max new tokens”.*")
+
+
+class StopSwitches:
+    """One stop switch per browser session, so that Stop ends that session's generation only."""
+
+    def __init__(self):
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def new(self, session: str) -> threading.Event:
+        with self._lock:
+            self._events[session] = event = threading.Event()
+        return event
+
+    def stop(self, session: str) -> None:
+        with self._lock:
+            event = self._events.get(session)
+        if event is not None:
+            event.set()
+
+
+def new_turn(question: str, params: GenerationParams, use_retrieval: bool) -> dict:
+    return {"question": question, "reasoning": "", "answer": "", "thinking_done": False, "done": False,
+            "stopped": False, "error": None, "citations": [], "model": "", "adapter": None,
+            "retrieval": use_retrieval,
+            "params": {"temperature": params.temperature, "max_new_tokens": params.max_new_tokens},
+            "started_at": time.time(), "seconds": None}
+
+
+def citation_dict(citation: Citation) -> dict:
+    return {"number": citation.number, "source": citation.source, "page": citation.page, "text": citation.text,
+            "label": citation.label}
+
+
+def model_history(turns: list[dict]) -> list[dict]:
+    """The finished turns as {"role", "content"} messages: what the model is shown of the past."""
+    messages = []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn["question"]})
+        if turn["answer"]:
+            messages.append({"role": "assistant", "content": turn["answer"]})
+    return messages
+
+
+def turn_messages(turn: dict, index: int) -> list[gr.ChatMessage]:
+    """A turn as chatbot messages: question, thinking block, answer with its model line, citations."""
+    messages = [gr.ChatMessage(role="user", content=turn["question"])]
+    if turn["error"]:
+        messages.append(gr.ChatMessage(content=f"**Cannot answer:**\n\n```\n{turn['error']}\n```"))
+        return messages
+    finished_thinking = turn["thinking_done"] or turn["done"]
+    if turn["reasoning"] or not finished_thinking:
+        title = THINKING if turn["thinking_done"] or not turn["done"] else THINKING_OPEN_ENDED
+        metadata = {"title": title, "id": f"think-{index}", "status": "done" if finished_thinking else "pending"}
+        if turn["seconds"] is not None:
+            metadata["duration"] = round(turn["seconds"], 1)
+        messages.append(gr.ChatMessage(content=turn["reasoning"] or "…", metadata=metadata))
+    if turn["answer"] or turn["done"]:
+        body = turn["answer"] or NO_ANSWER
+        if turn["stopped"]:
+            body += "\n\n*(stopped)*"
+        if turn["model"]:
+            body += (f"\n\n<small>answered by {short_model_name(turn['model'])} + adapter "
+                     f"{turn['adapter'] or 'none'}{'' if turn['retrieval'] else ', without retrieval'}</small>")
+        messages.append(gr.ChatMessage(content=body))
+    if turn["done"] and turn["citations"]:
+        parent = f"sources-{index}"
+        count = len(turn["citations"])
+        messages.append(gr.ChatMessage(content="Open a source to read the passage.", metadata={
+            "title": f"Sources ({count} passage{'s' if count != 1 else ''})", "id": parent, "status": "done"}))
+        for citation in turn["citations"]:
+            messages.append(gr.ChatMessage(content=citation["text"], metadata={
+                "title": citation["label"], "parent_id": parent, "status": "done"}))
+    return messages
+
+
+def chat_messages(turns: list[dict]) -> list[gr.ChatMessage]:
+    return [m for index, turn in enumerate(turns) for m in turn_messages(turn, index)]
+
+
+def conversation_export(turns: list[dict]) -> dict:
+    """The conversation as JSON: every turn with its reasoning, citations, model and adapter."""
+    messages = []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn["question"]})
+        if turn["done"] and not turn["error"]:
+            messages.append({"role": "assistant", "content": turn["answer"], "reasoning": turn["reasoning"],
+                             "citations": [{k: c[k] for k in ("number", "source", "page", "text")}
+                                           for c in turn["citations"]],
+                             "model": turn["model"], "adapter": turn["adapter"], "retrieval": turn["retrieval"],
+                             "params": turn["params"], "stopped": turn["stopped"],
+                             "thinking_closed": turn["thinking_done"]})
+    return {"format": "think-rag conversation", "version": 1,
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "messages": messages}
+
+
+def write_export(turns: list[dict]) -> str | None:
+    if not turns:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="conversation-"))
+    path = folder / f"conversation-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(conversation_export(turns), ensure_ascii=False, indent=2), encoding="utf-8")
+    return str(path)
+
+
+class ChatTab:
+    def __init__(self, assistant: Assistant, loader: ModelLoader):
+        self.assistant, self.loader = assistant, loader
+        self.switches = StopSwitches()
+
+    def respond(self, message: str, turns: list[dict], temperature: float, max_new_tokens: float,
+                use_retrieval: bool, request: gr.Request):
+        """Stream the answer to `message`, given the session's earlier turns."""
+        question = (message or "").strip()
+        if not question:
+            yield chat_messages(turns), turns, message
+            return
+        params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature))
+        history = model_history(turns)
+        turn = new_turn(question, params, bool(use_retrieval))
+        turns = [*turns, turn]
+        stop = self.switches.new(getattr(request, "session_hash", None) or "")
+        yield chat_messages(turns), turns, ""
+        if self.loader.wait() is None:
+            turn["error"] = self.loader.error
+            yield chat_messages(turns), turns, ""
+            return
+        try:
+            for answer in self.assistant.stream_answer([*history, {"role": "user", "content": question}], params,
+                                                       use_retrieval=bool(use_retrieval), stop=stop):
+                turn.update(reasoning=answer.reasoning, answer=answer.answer, thinking_done=answer.thinking_done,
+                            model=answer.model, adapter=answer.adapter)
+                if answer.done:
+                    turn.update(done=True, stopped=stop.is_set(),
+                                citations=[citation_dict(c) for c in answer.citations])
+                turn["seconds"] = time.time() - turn["started_at"] if answer.done else None
+                yield chat_messages(turns), turns, ""
+        except ModelUnavailable as e:
+            turn["error"] = with_hint(str(e))
+        except StoreError as e:
+            turn["error"] = f"{e}\nTurn off “Search my documents” to answer without the knowledge store."
+        turn["done"] = True
+        yield chat_messages(turns), turns, ""
+
+    def stop(self, request: gr.Request) -> None:
+        self.switches.stop(getattr(request, "session_hash", None) or "")
+
+    def build(self, settings) -> None:
+        turns = gr.State([])
+        with gr.Row():
+            with gr.Column(scale=4):
+                chatbot = gr.Chatbot(label="Conversation", height=560, elem_id="chatbot", buttons=["copy"],
+                                     placeholder="Ask about your documents. Answers cite passages by number.")
+                with gr.Row():
+                    question = gr.Textbox(placeholder="Ask a question and press Enter", show_label=False,
+                                          scale=6, elem_id="question", autofocus=True)
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                    stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+            with gr.Column(scale=1, min_width=240):
+                use_retrieval = gr.Checkbox(True, label="Search my documents (retrieval)", elem_id="retrieval",
+                                            info="Off: the model answers from what it knows, without citations.")
+                temperature = gr.Slider(0.0, 1.5, value=settings.temperature, step=0.05, label="Temperature",
+                                        info="0 always picks the likeliest token.")
+                max_new_tokens = gr.Slider(8, 8192, value=settings.max_new_tokens, step=8, label="Max new tokens",
+                                           info="Reasoning and answer together.")
+                new_chat = gr.Button("New chat", elem_id="new-chat")
+                export = gr.DownloadButton("Export conversation (JSON)", value=None, interactive=False,
+                                           elem_id="export")
+
+        inputs = [question, turns, temperature, max_new_tokens, use_retrieval]
+        outputs = [chatbot, turns, question]
+        model_events = dict(concurrency_limit=settings.gpu_concurrency, concurrency_id="model")
+        gr.on([question.submit, send.click], self.respond, inputs, outputs, api_name="chat", **model_events).then(
+            lambda t: gr.DownloadButton(value=write_export(t), interactive=bool(t)), turns, export,
+            api_visibility="private", queue=False)
+        stop.click(self.stop, None, None, queue=False, api_visibility="private")
+        for trigger in (new_chat.click, chatbot.clear):
+            trigger(lambda: ([], [], gr.DownloadButton(value=None, interactive=False)), None,
+                    [chatbot, turns, export], queue=False, api_visibility="private")

@@ -1,0 +1,194 @@
+"""The knowledge tab: upload documents, list them, remove one, search the store directly.
+
+Uploads are copied into KNOWLEDGE_DIR/uploads/ under a cleaned base name (never a path the browser sent)
+and added from there, so the store's source names stay stable and inside one folder. That folder is not
+one of Gradio's allowed paths: documents are read by the store, never served back as files.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import unicodedata
+from pathlib import Path
+
+import gradio as gr
+
+from knowledge import KnowledgeStore, StoreError
+from knowledge.embeddings import EmbeddingModelError
+
+UPLOADS = "uploads"
+MAX_NAME_CHARS = 120
+STORE_ERRORS = (StoreError, EmbeddingModelError, ValueError)
+
+
+def safe_upload_name(name: str) -> str:
+    """A base name that cannot leave the uploads folder: no folders, no '..', no leading dot, no odd bytes."""
+    name = unicodedata.normalize("NFC", str(name)).replace("\\", "/").split("/")[-1]
+    name = re.sub(r"[^\w.\- ]", "_", name).strip(" .")
+    stem, dot, suffix = name.rpartition(".")
+    if not dot:
+        stem, suffix = name, ""
+    stem = stem[:MAX_NAME_CHARS] or "upload"
+    return f"{stem}.{suffix[:16]}" if suffix else stem
+
+
+def save_uploads(files: list[tuple[str | Path, str]], uploads_dir: Path, max_mb: float
+                 ) -> tuple[list[Path], list[dict]]:
+    """Copy (temporary path, name the browser gave) pairs into uploads_dir; refuse files over max_mb by name.
+
+    Returns the saved paths and {"source", "reason"} for each refused file.
+    """
+    uploads_dir = Path(uploads_dir)
+    uploads_dir.mkdir(parents=True, exist_ok=True)
+    root = uploads_dir.resolve()
+    saved, refused = [], []
+    for temp_path, client_name in files:
+        name = safe_upload_name(client_name)
+        size = Path(temp_path).stat().st_size
+        if size > max_mb * 1024 * 1024:
+            refused.append({"source": name, "reason": f"the file is {size / 1048576:.1f} MB, over the "
+                            f"{max_mb:g} MB upload limit (raise MAX_UPLOAD_MB, or add it with "
+                            "`python -m knowledge add`)"})
+            continue
+        target = (uploads_dir / name).resolve()
+        if target.parent != root:  # cannot happen after safe_upload_name; a bug if it does
+            raise AssertionError(f"upload name {client_name!r} escaped the uploads folder")
+        shutil.copyfile(temp_path, target)
+        saved.append(target)
+    return saved, refused
+
+
+def report_markdown(added: list[dict], skipped: list[dict], failed: list[dict]) -> str:
+    """Per-file results, as `python -m knowledge add` prints them."""
+    lines = []
+    for item in added:
+        lines.append(f"- **added** {_name(item['source'])} ({item['chunks']} chunks)")
+        lines += [f"    - warning: {html.escape(w)}" for w in item.get("warnings", [])]
+    lines += [f"- **skipped** {_name(i['source'])}: {html.escape(i['reason'])}" for i in skipped]
+    lines += [f"- **failed** {_name(i['source'])}: {html.escape(i['error'])}" for i in failed]
+    lines.append(f"\n{len(added)} added, {len(skipped)} skipped, {len(failed)} failed")
+    return "\n".join(lines)
+
+
+def _shown_source(source: str, root: Path) -> str:
+    path = Path(source)
+    return str(path.relative_to(root)) if path.is_relative_to(root) else source
+
+
+def _name(source: str) -> str:
+    return f"`{Path(source).name}`"
+
+
+class KnowledgeTab:
+    """`store` is None when the store could not be opened; `store_error` then says why."""
+
+    def __init__(self, store: KnowledgeStore | None, settings, store_error: str | None = None):
+        self.store, self.settings, self.store_error = store, settings, store_error
+        self.uploads_dir = Path(settings.knowledge_dir) / UPLOADS
+
+    def _need_store(self) -> KnowledgeStore:
+        if self.store is None:
+            raise gr.Error(f"The knowledge store is unavailable: {self.store_error}")
+        return self.store
+
+    def add_files(self, paths: list[str] | None):
+        """Add uploaded files; returns (report, documents table, remove choices, cleared upload box)."""
+        if not paths:
+            return "*Choose files to add first.*", *self._listing(), None
+        store = self._need_store()
+        saved, refused = save_uploads([(p, Path(p).name) for p in paths], self.uploads_dir,
+                                      self.settings.max_upload_mb)
+        try:
+            report = store.add(saved) if saved else None
+        except STORE_ERRORS as e:
+            return f"**Cannot add:** {html.escape(str(e))}", *self._listing(), None
+        added, skipped, failed = (report.added, report.skipped, report.failed) if report else ([], [], [])
+        failed = [*failed, *({"source": r["source"], "error": r["reason"]} for r in refused)]
+        return report_markdown(added, skipped, failed), *self._listing(), None
+
+    def documents(self) -> list[list]:
+        """[[source, chunks], ...] for every document in the store."""
+        try:
+            return [[d.source, d.chunks] for d in self._need_store().documents()]
+        except STORE_ERRORS as e:
+            raise gr.Error(f"Cannot list the documents: {e}") from None
+
+    def _listing(self):
+        """(table rows, remove choices): uploads by their name inside KNOWLEDGE_DIR, other files by path."""
+        rows = self.documents() if self.store is not None else []
+        root = Path(self.settings.knowledge_dir).resolve()
+        shown = [[_shown_source(source, root), chunks] for source, chunks in rows]
+        choices = [(f"{Path(source).name}  ({chunks} chunks)", source) for source, chunks in rows]
+        return shown, gr.Dropdown(choices=choices, value=None)
+
+    def refresh(self):
+        return self._listing()
+
+    def remove(self, source: str | None):
+        if not source:
+            return "*Pick a document to remove.*", *self._listing()
+        try:
+            count = self._need_store().remove(source)
+        except STORE_ERRORS as e:
+            return f"**Cannot remove** {_name(source)}: {html.escape(str(e))}", *self._listing()
+        return f"**removed** {_name(source)} ({count} chunks)", *self._listing()
+
+    def search(self, query: str, k: float, mode: str) -> str:
+        if not (query or "").strip():
+            return "*Type something to search for.*"
+        try:
+            hits = self._need_store().search(query.strip(), k=int(k), mode=mode)
+        except STORE_ERRORS as e:
+            return f"**Cannot search:** {html.escape(str(e))}"
+        if not hits:
+            return "*No passages found.*"
+        blocks = []
+        for number, hit in enumerate(hits, start=1):
+            page = f", page {hit.page}" if hit.page is not None else ""
+            blocks.append(f"<details><summary>[{number}] {html.escape(Path(hit.source).name)}{page} "
+                          f"(score {hit.score:.3f})</summary>\n\n{html.escape(hit.text)}\n\n</details>")
+        return "\n\n".join(blocks)
+
+    def build(self, settings, demo: gr.Blocks) -> None:
+        if self.store is None:
+            gr.Markdown(f"**The knowledge store is unavailable:** {html.escape(str(self.store_error))}")
+        with gr.Row():
+            with gr.Column():
+                gr.Markdown(f"### Add documents\nPDF, Word, HTML, Markdown, text, JSON… up to "
+                            f"{settings.max_upload_mb:g} MB each. A file added again replaces its old version.")
+                upload = gr.File(label="Files", file_count="multiple", type="filepath", elem_id="upload")
+                add = gr.Button("Add to knowledge", variant="primary", elem_id="add-documents")
+                add_report = gr.Markdown(elem_id="add-report")
+            with gr.Column():
+                gr.Markdown("### Documents")
+                table = gr.Dataframe(headers=["document", "chunks"], datatype=["str", "number"],
+                                     interactive=False, elem_id="documents", value=[], wrap=True,
+                                     column_widths=["85%", "15%"])
+                with gr.Row():
+                    remove_choice = gr.Dropdown(label="Document", choices=[], scale=3, elem_id="remove-choice")
+                    remove = gr.Button("Remove", variant="stop", scale=1, elem_id="remove")
+                    refresh = gr.Button("Refresh", scale=1, elem_id="refresh")
+                remove_report = gr.Markdown(elem_id="remove-report")
+        gr.Markdown("### Search the store")
+        with gr.Row():
+            query = gr.Textbox(label="Query", scale=4, elem_id="search-query")
+            k = gr.Slider(1, 20, value=settings.retrieval_k, step=1, label="Passages", scale=1)
+            mode = gr.Radio(["hybrid", "vector", "lexical"], value="hybrid", label="Mode", scale=2)
+            search = gr.Button("Search", scale=1, elem_id="search")
+        results = gr.Markdown(elem_id="search-results")
+
+        store_events = dict(concurrency_limit=1, concurrency_id="store")
+        add.click(self.add_files, upload, [add_report, table, remove_choice, upload], api_name="add_documents",
+                  **store_events)
+        remove.click(self.remove, remove_choice, [remove_report, table, remove_choice], api_name="remove_document",
+                     **store_events)
+        refresh.click(self.refresh, None, [table, remove_choice], api_visibility="private")
+        gr.on([query.submit, search.click], self.search, [query, k, mode], results, api_name="search")
+        demo.load(self.refresh, None, [table, remove_choice], api_visibility="private")
+        gr.api(self.documents_api, api_name="list_documents")
+
+    def documents_api(self) -> list[dict]:
+        """Every document in the store: {"source", "chunks"}."""
+        return [{"source": source, "chunks": chunks} for source, chunks in self.documents()]

@@ -1,0 +1,77 @@
+"""The chat model, loaded in a background thread so that the page comes up at once.
+
+A model that cannot be loaded (ModelUnavailable) never stops the app: the loader keeps the message, prints
+it once to the console, and the page shows it, while the knowledge tab keeps working.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+from assistant.chat import Assistant
+from assistant.runtime import TINY_MODEL_HINT, ModelRuntime, ModelUnavailable
+
+LOADING, READY, UNAVAILABLE = "loading", "ready", "unavailable"
+
+
+def with_hint(message: str) -> str:
+    """The message, with the tiny-model hint unless it already carries it."""
+    return message if TINY_MODEL_HINT in message else f"{message}\n{TINY_MODEL_HINT}"
+
+
+def short_model_name(name: str) -> str:
+    """The last part of a hub name or folder: 'DeepSeek-R1-Distill-Qwen-14B', 'tiny-model'."""
+    return Path(name.rstrip("/")).name or name
+
+
+class ModelLoader:
+    def __init__(self, assistant: Assistant):
+        self.assistant = assistant
+        self.state = LOADING
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
+
+    def start(self) -> ModelLoader:
+        if not self._thread.is_alive() and self.state == LOADING:
+            self._thread.start()
+        return self
+
+    def _load(self) -> None:
+        try:
+            self.assistant.runtime  # noqa: B018 - the property loads the model
+        except (ModelUnavailable, ValueError, OSError) as e:
+            self.error = with_hint(str(e))
+            self.state = UNAVAILABLE
+            print(f"error: the chat model is unavailable; the app runs without it.\n{self.error}",
+                  file=sys.stderr, flush=True)
+        else:
+            self.state = READY
+
+    def wait(self) -> ModelRuntime | None:
+        """The runtime once loading has ended; None when the model is unavailable."""
+        self.start()
+        self._thread.join()
+        return self.assistant.runtime if self.state == READY else None
+
+    @property
+    def runtime(self) -> ModelRuntime | None:
+        return self.assistant.runtime if self.state == READY else None
+
+    def describe(self) -> dict:
+        """What /health reports about the model."""
+        runtime = self.runtime
+        return {"model": runtime.model_name if runtime else self.assistant.settings.chat_model,
+                "adapter": runtime.adapter if runtime else None, "model_status": self.state}
+
+    def status_markdown(self) -> str:
+        if self.state == READY:
+            runtime = self.runtime
+            return (f"**Model:** {short_model_name(runtime.model_name)} + adapter "
+                    f"{runtime.adapter or 'none'} — ready")
+        if self.state == LOADING:
+            return f"**Model:** loading {short_model_name(self.assistant.settings.chat_model)}… (the knowledge tab " \
+                   "works meanwhile; questions wait until it is loaded)"
+        return ("**The chat model is unavailable**, so chat and verification cannot answer; the knowledge tab "
+                f"still works.\n\n```\n{self.error}\n```")

@@ -1,0 +1,64 @@
+"""Shared fixtures of the finetune tests: the tiny model (built once per session) and toy preference data."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from finetune.config import TrainConfig
+
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from finetune.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def seed_row(i: int, **changes) -> dict:
+    row = {"instruction": f"What is {i} plus one?", "input": f"Count up from {i}.",
+           "output(CHOSEN)": f"{i + 1}", "reasoning(CHOSEN)": f"{i} and one make {i + 1}",
+           "output(REJECTED)": f"{i + 2}", "reasoning(REJECTED)": f"{i} and one make {i + 2}",
+           "question": "unused", "syslang": "en", "__index_level_0__": i}
+    row.update(changes)
+    return row
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def repeat_task_rows(n: int, seed: int) -> list[dict]:
+    """The toy preference task: chosen answers state the result; rejected ones repeat the reasoning first."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        reasoning = f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} makes {a + b}"
+        rows.append({"instruction": f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?", "input": "",
+                     "chosen": f"<think>{reasoning}</think>{a + b}",
+                     "rejected": f"<think>{reasoning}</think>{reasoning}, so {a + b}"})
+    return rows
+
+
+def tiny_config(model_dir: Path, data: Path, output_dir: Path, **changes) -> TrainConfig:
+    values = dict(model_name=str(model_dir), data=str(data), output_dir=str(output_dir), backend="hf",
+                  load_in_4bit=False, max_length=256, max_prompt_length=128, gradient_checkpointing="false",
+                  lora_r=8, lora_alpha=16, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                  learning_rate=2e-3, optim="adamw_torch", precision="fp32", max_steps=4, save_steps=2,
+                  logging_steps=1)
+    values.update(changes)
+    return TrainConfig(**values)

@@ -1,0 +1,304 @@
+"""The app: serving rules, uploads, rendering, and its API through gradio_client against the running app."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+from gradio_client import Client, handle_file
+
+from assistant import app as app_module
+from assistant.app import bind_refusal, parse_auth, serve
+from assistant.chat import Assistant
+from assistant.runtime import TINY_MODEL_HINT, GenerationParams
+from assistant.ui_chat import (
+    NO_ANSWER,
+    THINKING,
+    THINKING_OPEN_ENDED,
+    ChatTab,
+    conversation_export,
+    new_turn,
+    turn_messages,
+)
+from assistant.ui_knowledge import safe_upload_name, save_uploads
+from assistant.ui_model import ModelLoader
+from assistant.verify import VERDICTS
+from settings import Settings
+from tests.assistant_fixtures import (  # noqa: F401
+    ADAPTER_NAME,
+    NOTES,
+    app_adapter_dir,
+    app_model_dir,
+    app_settings,
+    get_json,
+    running_app,
+    tiny_app,
+    wait_for_model,
+    write_notes,
+)
+
+# -- serving rules --------------------------------------------------------------------------------------
+
+
+def test_serve_refuses_a_public_address_without_logins(capsys):
+    code = serve(Settings.from_env(environ={}), host="0.0.0.0", port=1)
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "refusing to serve on 0.0.0.0" in err and "APP_AUTH" in err
+
+
+def test_serve_starts_on_a_public_address_with_app_auth_logins(monkeypatch):
+    started = {}
+    monkeypatch.setattr(app_module, "create_server", lambda assistant, auth=None: ("app", auth))
+    monkeypatch.setattr("uvicorn.run", lambda app, host, port, **kw: started.update(app=app, host=host, port=port))
+    settings = Settings.from_env(environ={}, app_auth="alice:s3cret,bob:hunter2")
+    assert serve(settings, host="0.0.0.0", port=8123) == 0
+    assert started == {"app": ("app", [("alice", "s3cret"), ("bob", "hunter2")]), "host": "0.0.0.0", "port": 8123}
+
+
+def test_loopback_needs_no_logins_and_insecure_flag_overrides():
+    assert bind_refusal("127.0.0.1", [], False) is None
+    assert bind_refusal("localhost", [], False) is None
+    assert bind_refusal("::1", [], False) is None
+    assert bind_refusal("0.0.0.0", [], True) is None
+    assert bind_refusal("192.168.1.5", [], False) is not None
+
+
+def test_malformed_app_auth_is_refused_with_a_message_that_says_the_format(capsys):
+    with pytest.raises(ValueError, match="user:password"):
+        parse_auth("alice")
+    assert serve(Settings.from_env(environ={}, app_auth="alice:"), host="127.0.0.1", port=1) != 0
+    assert "APP_AUTH" in capsys.readouterr().err
+
+
+# -- uploads --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("../../etc/passwd", "passwd"), ("/etc/shadow", "shadow"), ("..\\..\\boot.ini", "boot.ini"),
+    ("..", "upload"), (".bashrc", "bashrc"), ("report 2024 (final).pdf", "report 2024 _final_.pdf"),
+    ("議事録.txt", "議事録.txt")])
+def test_upload_names_are_reduced_to_a_safe_base_name(name, expected):
+    assert safe_upload_name(name) == expected
+
+
+def test_an_upload_named_with_a_path_lands_inside_the_uploads_folder(tmp_path):
+    temp = tmp_path / "gradio-temp-file"
+    temp.write_text("secret", encoding="utf-8")
+    uploads = tmp_path / "knowledge" / "uploads"
+    saved, refused = save_uploads([(temp, "../../etc/passwd"), (temp, "/abs/notes.txt")], uploads, max_mb=1)
+    assert refused == []
+    assert [p.parent for p in saved] == [uploads.resolve()] * 2
+    assert sorted(p.name for p in uploads.iterdir()) == ["notes.txt", "passwd"]
+    assert not (tmp_path / "etc").exists()
+
+
+# -- rendering ------------------------------------------------------------------------------------------
+
+
+def finished_turn(**changes) -> dict:
+    turn = new_turn("Who keeps the lighthouse?", GenerationParams(64, 0.0), use_retrieval=True)
+    turn.update(done=True, model="/models/tiny-model", adapter="chat-smoke", seconds=1.0, citations=[
+        {"number": 1, "source": "/k/uploads/notes.txt", "page": 3, "text": "Ada keeps it.",
+         "label": "[1] notes.txt, page 3"}])
+    turn.update(changes)
+    return turn
+
+
+def test_closed_thinking_is_a_collapsed_block_apart_from_the_answer():
+    messages = turn_messages(finished_turn(reasoning="I read [1].", answer="Ada Lovelock [1].",
+                                           thinking_done=True), 0)
+    thinking = messages[1]
+    assert thinking.metadata["title"] == THINKING and thinking.metadata["status"] == "done"
+    assert thinking.content == "I read [1]."
+    assert messages[2].content.startswith("Ada Lovelock [1].")
+    assert "answered by tiny-model + adapter chat-smoke" in messages[2].content
+
+
+def test_thinking_never_closed_is_shown_as_such_with_no_answer():
+    messages = turn_messages(finished_turn(reasoning="hmm hmm", answer="", thinking_done=False), 0)
+    assert messages[1].metadata["title"] == THINKING_OPEN_ENDED and messages[1].metadata["status"] == "done"
+    assert messages[2].content.startswith(NO_ANSWER)
+
+
+def test_thinking_is_pending_while_the_model_still_thinks():
+    turn = new_turn("q", GenerationParams(64, 0.0), use_retrieval=True)
+    turn.update(reasoning="so far")
+    messages = turn_messages(turn, 0)
+    assert messages[1].metadata["status"] == "pending" and len(messages) == 2
+
+
+def test_citations_name_source_and_page_and_hold_the_passage():
+    messages = turn_messages(finished_turn(answer="Ada [1].", thinking_done=True), 0)
+    sources, citation = messages[-2], messages[-1]
+    assert sources.metadata["title"] == "Sources (1 passage)"
+    assert citation.metadata == {"title": "[1] notes.txt, page 3", "parent_id": sources.metadata["id"],
+                                 "status": "done"}
+    assert citation.content == "Ada keeps it."
+
+
+def test_export_keeps_reasoning_citations_model_and_adapter_of_each_answer():
+    exported = conversation_export([finished_turn(reasoning="r", answer="Ada [1].", thinking_done=True)])
+    user, answer = exported["messages"]
+    assert user == {"role": "user", "content": "Who keeps the lighthouse?"}
+    assert answer["adapter"] == "chat-smoke" and answer["model"] == "/models/tiny-model"
+    assert answer["reasoning"] == "r" and answer["citations"][0]["page"] == 3
+    json.dumps(exported)
+
+
+# -- the running app, through its API -------------------------------------------------------------------
+
+
+def contents(message: dict) -> str:
+    return "".join(part.get("text", "") for part in message["content"])
+
+
+def test_health_answers_json_with_model_adapter_and_document_count(tiny_app):  # noqa: F811
+    health = get_json(f"{tiny_app}/health")
+    documents = Client(tiny_app, verbose=False).predict(api_name="/list_documents")
+    assert health["status"] == "ok" and health["model_status"] == "ready"
+    assert health["model"].endswith("app-model0") or "app-model" in health["model"]
+    assert health["adapter"] == ADAPTER_NAME
+    assert health["documents"] == len(documents) >= 1
+
+
+def test_chat_endpoint_streams_then_returns_an_answer_with_thinking_and_citations(tiny_app):  # noqa: F811
+    client = Client(tiny_app, verbose=False)
+    job = client.submit("Who keeps the lighthouse?", 0.0, 16, True, api_name="/chat")
+    updates = list(job)
+    chat, cleared_box = job.result()
+    assert len(updates) >= 2  # the question at once, then the answer as it grows
+    assert contents(updates[0][0][0]) == "Who keeps the lighthouse?"
+    assert cleared_box == ""
+    titles = [m["metadata"].get("title", "") for m in chat]
+    assert titles[1].startswith("Thinking")
+    assert "[1] lighthouse-notes.txt" in titles
+    passage = next(m for m in chat if m["metadata"].get("title") == "[1] lighthouse-notes.txt")
+    assert contents(passage) == NOTES
+    assert f"adapter {ADAPTER_NAME}" in contents(next(m for m in chat if not m["metadata"] and m["role"] ==
+                                                      "assistant"))
+
+
+def test_chat_keeps_the_history_of_a_session(tiny_app):  # noqa: F811
+    client = Client(tiny_app, verbose=False)
+    client.predict("First question?", 0.0, 8, True, api_name="/chat")
+    chat, _ = client.predict("And a second one?", 0.0, 8, False, api_name="/chat")
+    asked = [contents(m) for m in chat if m["role"] == "user"]
+    assert asked == ["First question?", "And a second one?"]
+    last_answer = [m for m in chat if m["role"] == "assistant" and not m["metadata"]][-1]
+    assert "without retrieval" in contents(last_answer)
+    assert not any(m["metadata"].get("title", "").startswith("Sources") for m in chat[-3:])
+
+
+def test_verify_endpoint_returns_a_verdict_with_both_cases(tiny_app):  # noqa: F811
+    stage, evidence, case_for, case_against, verdict, result = Client(tiny_app, verbose=False).predict(
+        "The lighthouse is red and white.", api_name="/verify")
+    assert result["verdict"] in VERDICTS and 0.0 <= result["confidence"] <= 1.0
+    assert result["adapter"] == ADAPTER_NAME
+    assert "lighthouse-notes.txt" in evidence
+    assert case_for and case_against
+    assert verdict.startswith(f"## Verdict: {result['verdict']}")
+
+
+def test_oversized_upload_is_refused_by_name_while_the_others_are_added(tiny_app, tmp_path):  # noqa: F811
+    small = tmp_path / "harbour.md"
+    small.write_text("# Harbour\nThe harbour master is Tom Quay.\n", encoding="utf-8")
+    big = tmp_path / "huge-log.txt"
+    big.write_text("x" * int(1.5 * 1024 * 1024), encoding="utf-8")  # the app's limit is 1 MB
+    client = Client(tiny_app, verbose=False)
+    report, table, _, _ = client.predict([handle_file(str(small)), handle_file(str(big))], api_name="/add_documents")
+    assert "**added** `harbour.md`" in report
+    assert "**failed** `huge-log.txt`" in report and "over the 1 MB upload limit" in report
+    sources = [d["source"] for d in client.predict(api_name="/list_documents")]
+    assert any(s.endswith("/uploads/harbour.md") for s in sources)
+    assert not any("huge-log" in s for s in sources)
+
+
+def test_unsupported_upload_is_reported_like_the_cli(tiny_app, tmp_path):  # noqa: F811
+    odd = tmp_path / "archive.xyz"
+    odd.write_bytes(b"\x00\x01")
+    report, *_ = Client(tiny_app, verbose=False).predict([handle_file(str(odd))], api_name="/add_documents")
+    assert "**failed** `archive.xyz`: unsupported file type .xyz; supported: " in report
+
+
+def test_stop_ends_the_generation_early(app_model_dir, app_adapter_dir, minilm_path, embedder, tmp_path):  # noqa: F811
+    from knowledge import KnowledgeStore
+
+    settings = app_settings(tmp_path, minilm_path, app_model_dir, app_adapter_dir)
+    assistant = Assistant(settings, store=KnowledgeStore(settings, embedder=embedder))
+    loader = ModelLoader(assistant).start()
+    tab, request = ChatTab(assistant, loader), SimpleNamespace(session_hash="s1")
+    question, limit = "Go on for a long time", 400
+
+    def tokens(reasoning: str, answer: str) -> int:
+        return len(assistant.runtime.tokenizer(reasoning + answer)["input_ids"])
+
+    full = assistant.ask(question, GenerationParams(limit, 0.0), use_retrieval=False)
+    assert tokens(full.reasoning, full.answer) > limit / 2  # greedy: this prompt runs on without an end token
+    turns = None
+    for _, turns, _ in tab.respond(question, [], 0.0, limit, False, request):
+        if turns[-1]["reasoning"]:
+            tab.stop(request)
+    assert turns[-1]["done"] and turns[-1]["stopped"] and "*(stopped)*" in turn_messages(turns[-1], 0)[-1].content
+    assert tokens(turns[-1]["reasoning"], turns[-1]["answer"]) < limit / 4
+
+
+# -- an app whose model cannot load; an app with logins ---------------------------------------------------
+
+
+def test_app_without_a_model_starts_says_why_and_keeps_the_knowledge_tab(tmp_path, minilm_path, embedder, capfd):
+    settings = app_settings(tmp_path, minilm_path, "no-such-org/no-such-model", tmp_path / "adapters")
+    with running_app(settings, embedder, documents=[write_notes(tmp_path / "docs")]) as url:
+        health = wait_for_model(url)
+        client = Client(url, verbose=False)
+        chat, _ = client.predict("Hello?", 0.0, 8, True, api_name="/chat")
+        documents = client.predict(api_name="/list_documents")
+        hits = client.predict("lighthouse keeper", 2, "hybrid", api_name="/search")
+        page = urllib.request.urlopen(url, timeout=30).read().decode()
+    assert health["status"] == "ok" and health["model_status"] == "unavailable" and health["adapter"] is None
+    assert "Cannot answer" in contents(chat[-1]) and TINY_MODEL_HINT.splitlines()[1].strip() in contents(chat[-1])
+    assert "Traceback" not in contents(chat[-1])
+    assert len(documents) == 1 and "lighthouse-notes.txt" in hits
+    assert "The chat model is unavailable" in page
+    assert "no-such-org/no-such-model" in capfd.readouterr().err
+
+
+def test_app_with_logins_turns_away_clients_without_them(tmp_path, minilm_path, embedder, app_model_dir,  # noqa: F811
+                                                         app_adapter_dir):  # noqa: F811
+    settings = app_settings(tmp_path, minilm_path, app_model_dir, app_adapter_dir)
+    with running_app(settings, embedder, auth=[("alice", "s3cret")]) as url:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/gradio_api/queue/status", timeout=30)
+        documents = Client(url, auth=("alice", "s3cret"), verbose=False).predict(api_name="/list_documents")
+        with pytest.raises(Exception):  # noqa: B017 - the client's own error type for a failed login varies
+            Client(url, auth=("alice", "wrong"), verbose=False)
+    assert refused.value.code == 401
+    assert documents == []
+
+
+def test_page_comes_up_while_the_model_is_still_loading(tmp_path, minilm_path, embedder):
+    """The model loads in a background thread: /health answers before the (slow) model is ready."""
+    gate = threading.Event()
+
+    class SlowAssistant(Assistant):
+        @property
+        def runtime(self):
+            gate.wait(30)
+            return super().runtime
+
+    from assistant.app import create_server
+    from knowledge import KnowledgeStore
+    from tests.assistant_fixtures import serving
+
+    settings = app_settings(tmp_path, minilm_path, "no-such-org/no-such-model", tmp_path / "adapters")
+    assistant = SlowAssistant(settings, store=KnowledgeStore(settings, embedder=embedder))
+    with serving(create_server(assistant)) as url:
+        loading = get_json(f"{url}/health")
+        gate.set()
+        loaded = wait_for_model(url)
+    assert loading["model_status"] == "loading" and loading["documents"] == 0
+    assert loaded["model_status"] == "unavailable"

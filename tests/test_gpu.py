@@ -1,0 +1,44 @@
+"""The CUDA paths, on the tiny model: run with `pytest -m gpu tests/test_gpu.py` on a GPU machine.
+
+Unsloth must be imported before transformers, so this module imports it first when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+if torch.cuda.is_available():
+    import unsloth  # noqa: F401 - before transformers, as Unsloth requires
+
+from assistant.runtime import GenerationParams, LocalRuntime  # noqa: E402
+from finetune.train import train  # noqa: E402
+from settings import Settings  # noqa: E402
+from tests.finetune_fixtures import repeat_task_rows, tiny_config, tiny_model_dir, write_jsonl  # noqa: E402,F401
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("backend", ["unsloth", "hf"])
+def test_backend_trains_the_tiny_model_in_4_bits_with_the_recipes_optimizer(backend, tiny_model_dir, tmp_path):  # noqa: F811
+    data = write_jsonl(tmp_path / "pairs.jsonl", repeat_task_rows(16, seed=0))
+    config = tiny_config(tiny_model_dir, data, tmp_path / backend, backend=backend, load_in_4bit=True,
+                         optim="adamw_8bit", precision="auto", gradient_checkpointing="unsloth", max_steps=3)
+    result = train(config)
+    info = json.loads((result.output_dir / "training_info.json").read_text())
+    assert (result.backend, info["backend"], result.global_step) == (backend, backend, 3)
+    assert (result.output_dir / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("engine", ["unsloth", "transformers"])
+def test_runtime_streams_on_cuda_with_a_trained_adapter(engine, tiny_model_dir, tmp_path):  # noqa: F811
+    data = write_jsonl(tmp_path / "pairs.jsonl", repeat_task_rows(8, seed=1))
+    train(tiny_config(tiny_model_dir, data, tmp_path / "adapters" / "orpo-gpu", max_steps=2))
+    settings = Settings.from_env(chat_model=str(tiny_model_dir), adapter_dir=tmp_path / "adapters",
+                                 local_engine=engine, load_in_4bit=False)
+    runtime = LocalRuntime(settings)
+    text = "".join(runtime.stream("### Response:\n<think>", GenerationParams(max_new_tokens=16, temperature=0.0)))
+    assert (runtime.engine, runtime.adapter, runtime.device.type) == (engine, "orpo-gpu", "cuda")
+    assert runtime.last_usage["completion_tokens"] > 0 and isinstance(text, str)
