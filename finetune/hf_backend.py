@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -24,6 +25,11 @@ def _bitsandbytes_available() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
+def using_fsdp() -> bool:
+    """True under `accelerate launch` with an FSDP config (finetune/configs/accelerate-fsdp-qlora.yaml)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
 def load_for_training(config: TrainConfig, dtype: torch.dtype):
     """The base model with LoRA adapters ready to train, and its tokenizer."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -37,12 +43,15 @@ def load_for_training(config: TrainConfig, dtype: torch.dtype):
                            "load_in_4bit=false")
     # sdpa: fused attention kernels, no [heads, length, length] score tensor
     kwargs: dict = {"dtype": dtype if on_cuda else torch.float32, "attn_implementation": "sdpa"}
+    fsdp = using_fsdp()
     if quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
-    if on_cuda:
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+            bnb_4bit_compute_dtype=dtype,
+            # FSDP flattens parameters of one dtype: store the 4-bit words as the compute dtype.
+            bnb_4bit_quant_storage=dtype if fsdp else torch.uint8)
+    if on_cuda and not fsdp:  # each process of a multi-GPU DDP run holds its own copy on its own GPU
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     model = AutoModelForCausalLM.from_pretrained(config.model_name, **kwargs)
     checkpointing = config.gradient_checkpointing != "false"
     if quantize:

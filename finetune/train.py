@@ -34,10 +34,22 @@ class TrainResult:
     data_report: dict
 
 
+def world_size() -> int:
+    """Processes training together (set by torchrun or `accelerate launch`); 1 for a plain run."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Only the first process of a multi-process run writes the adapter, the config and the log."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def resolve_backend(name: str) -> str:
     cuda = torch.cuda.is_available()
     if name == "auto":
-        return "unsloth" if cuda and importlib.util.find_spec("unsloth") is not None else "hf"
+        # Several processes train through accelerate's DDP/FSDP, which the hf backend is built on.
+        unsloth = cuda and world_size() == 1 and importlib.util.find_spec("unsloth") is not None
+        return "unsloth" if unsloth else "hf"
     if name == "unsloth" and not cuda:
         raise TrainingError("backend=unsloth needs a CUDA GPU; use backend=hf (or auto) on this machine")
     if name == "unsloth" and importlib.util.find_spec("unsloth") is None:
@@ -131,12 +143,17 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list | None = No
         model, tokenizer = hf_backend.load_for_training(config, dtype)
 
     dataset = Dataset.from_list([asdict(p) for p in prepared.pairs])
+    # Under FSDP the output head is sharded: the lean log-probs, which read its weight outside the
+    # forward, give way to the stock full-logits path.
+    chunk_size = 0 if hf_backend.using_fsdp() else config.logprob_chunk_size
     trainer = LeanORPOTrainer(
         model=model, args=orpo_arguments(config, backend), train_dataset=dataset, processing_class=tokenizer,
         callbacks=[TrainingLogCallback(output_dir), *(callbacks or [])],
-        logprob_chunk_size=config.logprob_chunk_size)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, output_dir / CONFIG_NAME)
+        logprob_chunk_size=chunk_size)
+    main = is_main_process()
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / CONFIG_NAME)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except torch.OutOfMemoryError as e:
@@ -146,13 +163,15 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list | None = No
             "gradient_accumulation_steps to keep the effective batch), lower max_length, keep "
             "gradient_checkpointing=unsloth/true, load_in_4bit=true, or lower logprob_chunk_size") from e
     finally:
-        plot_log(output_dir)
+        if main:
+            plot_log(output_dir)
 
-    trainer.save_model(str(output_dir))  # the adapter, and the tokenizer beside it
+    trainer.save_model(str(output_dir))  # the adapter and the tokenizer; in several processes, rank 0 only
     info = {"base_model": config.model_name, "backend": backend, "prompt_format": prepared.prompt_format,
-            "global_step": trainer.state.global_step, "data_report": prepared.report()}
-    (output_dir / INFO_NAME).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
-    if config.merge_16bit:
+            "global_step": trainer.state.global_step, "processes": world_size(), "data_report": prepared.report()}
+    if main:
+        (output_dir / INFO_NAME).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+    if config.merge_16bit and main:
         merged_dir = output_dir / "merged-16bit"
         if backend == "unsloth":
             from finetune import unsloth_backend

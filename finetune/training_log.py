@@ -22,19 +22,22 @@ def read_log(output_dir: str | Path) -> list[dict]:
 
 
 class TrainingLogCallback(TrainerCallback):
-    """Appends each training log to output_dir/training_log.jsonl. A resumed run first drops the lines of
-    steps after its checkpoint, so the file reads like one uninterrupted run."""
+    """Appends each training log to output_dir/training_log.jsonl (the first process only, when several
+    train together). A resumed run first drops the lines of steps after its checkpoint, so the file reads
+    like one uninterrupted run."""
 
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / LOG_NAME
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_log(self.path.parent) if r["step"] <= state.global_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
         record = {"step": state.global_step, "epoch": state.epoch}
         record.update({k: logs[k] for k in LOGGED_KEYS if k in logs})
@@ -42,7 +45,8 @@ class TrainingLogCallback(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
     def on_train_end(self, args, state, control, **kwargs):
-        plot_log(self.path.parent)
+        if state.is_world_process_zero:
+            plot_log(self.path.parent)
 
 
 def plot_log(output_dir: str | Path) -> Path | None:
