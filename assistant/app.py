@@ -40,7 +40,7 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab]:
     settings = assistant.settings
     store, store_error = None, None
     try:
-        store = assistant.store  # before the model: opening the store must not wait for the model to load
+        store = assistant.store  # opened once here, so a broken store is reported at start, not per request
     except STORE_ERRORS as e:
         store_error = str(e)
         print(f"error: the knowledge store is unavailable: {e}", file=sys.stderr, flush=True)
@@ -74,7 +74,7 @@ def create_server(assistant: Assistant, auth: list[tuple[str, str]] | None = Non
 
     @app.get("/health")
     def health():
-        # The store captured at build time: Assistant.store would wait for a model that is still loading.
+        # The store opened at build time (None, with its error, when it could not be opened).
         try:
             if knowledge.store is None:
                 raise StoreError(knowledge.store_error)
