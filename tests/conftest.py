@@ -40,3 +40,6 @@ def store(settings, embedder):
     from knowledge import KnowledgeStore
 
     return KnowledgeStore(settings, embedder=embedder)
+
+
+pytest_plugins = ["tests.finetune_fixtures", "tests.assistant_fixtures"]

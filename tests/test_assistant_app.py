@@ -28,15 +28,12 @@ from assistant.ui_knowledge import safe_upload_name, save_uploads
 from assistant.ui_model import ModelLoader
 from assistant.verify import VERDICTS
 from settings import Settings
-from tests.assistant_fixtures import (  # noqa: F401
+from tests.assistant_fixtures import (
     ADAPTER_NAME,
     NOTES,
-    app_adapter_dir,
-    app_model_dir,
     app_settings,
     get_json,
     running_app,
-    tiny_app,
     wait_for_model,
     write_notes,
 )
@@ -157,7 +154,7 @@ def contents(message: dict) -> str:
     return "".join(part.get("text", "") for part in message["content"])
 
 
-def test_health_answers_json_with_model_adapter_and_document_count(tiny_app):  # noqa: F811
+def test_health_answers_json_with_model_adapter_and_document_count(tiny_app):
     health = get_json(f"{tiny_app}/health")
     documents = Client(tiny_app, verbose=False).predict(api_name="/list_documents")
     assert health["status"] == "ok" and health["model_status"] == "ready"
@@ -166,7 +163,7 @@ def test_health_answers_json_with_model_adapter_and_document_count(tiny_app):  #
     assert health["documents"] == len(documents) >= 1
 
 
-def test_chat_endpoint_streams_then_returns_an_answer_with_thinking_and_citations(tiny_app):  # noqa: F811
+def test_chat_endpoint_streams_then_returns_an_answer_with_thinking_and_citations(tiny_app):
     client = Client(tiny_app, verbose=False)
     job = client.submit("Who keeps the lighthouse?", 0.0, 16, True, api_name="/chat")
     updates = list(job)
@@ -183,7 +180,7 @@ def test_chat_endpoint_streams_then_returns_an_answer_with_thinking_and_citation
                                                       "assistant"))
 
 
-def test_chat_keeps_the_history_of_a_session(tiny_app):  # noqa: F811
+def test_chat_keeps_the_history_of_a_session(tiny_app):
     client = Client(tiny_app, verbose=False)
     client.predict("First question?", 0.0, 8, True, api_name="/chat")
     chat, _ = client.predict("And a second one?", 0.0, 8, False, api_name="/chat")
@@ -194,7 +191,7 @@ def test_chat_keeps_the_history_of_a_session(tiny_app):  # noqa: F811
     assert not any(m["metadata"].get("title", "").startswith("Sources") for m in chat[-3:])
 
 
-def test_verify_endpoint_returns_a_verdict_with_both_cases(tiny_app):  # noqa: F811
+def test_verify_endpoint_returns_a_verdict_with_both_cases(tiny_app):
     stage, evidence, case_for, case_against, verdict, result = Client(tiny_app, verbose=False).predict(
         "The lighthouse is red and white.", api_name="/verify")
     assert result["verdict"] in VERDICTS and 0.0 <= result["confidence"] <= 1.0
@@ -204,7 +201,7 @@ def test_verify_endpoint_returns_a_verdict_with_both_cases(tiny_app):  # noqa: F
     assert verdict.startswith(f"## Verdict: {result['verdict']}")
 
 
-def test_oversized_upload_is_refused_by_name_while_the_others_are_added(tiny_app, tmp_path):  # noqa: F811
+def test_oversized_upload_is_refused_by_name_while_the_others_are_added(tiny_app, tmp_path):
     small = tmp_path / "harbour.md"
     small.write_text("# Harbour\nThe harbour master is Tom Quay.\n", encoding="utf-8")
     big = tmp_path / "huge-log.txt"
@@ -218,14 +215,14 @@ def test_oversized_upload_is_refused_by_name_while_the_others_are_added(tiny_app
     assert not any("huge-log" in s for s in sources)
 
 
-def test_unsupported_upload_is_reported_like_the_cli(tiny_app, tmp_path):  # noqa: F811
+def test_unsupported_upload_is_reported_like_the_cli(tiny_app, tmp_path):
     odd = tmp_path / "archive.xyz"
     odd.write_bytes(b"\x00\x01")
     report, *_ = Client(tiny_app, verbose=False).predict([handle_file(str(odd))], api_name="/add_documents")
     assert "**failed** `archive.xyz`: unsupported file type .xyz; supported: " in report
 
 
-def test_stop_ends_the_generation_early(app_model_dir, app_adapter_dir, minilm_path, embedder, tmp_path):  # noqa: F811
+def test_stop_ends_the_generation_early(app_model_dir, app_adapter_dir, minilm_path, embedder, tmp_path):
     from knowledge import KnowledgeStore
 
     settings = app_settings(tmp_path, minilm_path, app_model_dir, app_adapter_dir)
@@ -267,8 +264,8 @@ def test_app_without_a_model_starts_says_why_and_keeps_the_knowledge_tab(tmp_pat
     assert "no-such-org/no-such-model" in capfd.readouterr().err
 
 
-def test_app_with_logins_turns_away_clients_without_them(tmp_path, minilm_path, embedder, app_model_dir,  # noqa: F811
-                                                         app_adapter_dir):  # noqa: F811
+def test_app_with_logins_turns_away_clients_without_them(tmp_path, minilm_path, embedder, app_model_dir,
+                                                         app_adapter_dir):
     settings = app_settings(tmp_path, minilm_path, app_model_dir, app_adapter_dir)
     with running_app(settings, embedder, auth=[("alice", "s3cret")]) as url:
         with pytest.raises(urllib.error.HTTPError) as refused:

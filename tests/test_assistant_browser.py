@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.assistant_fixtures import ADAPTER_NAME, NOTES, app_adapter_dir, app_model_dir, tiny_app  # noqa: F401
+from tests.assistant_fixtures import ADAPTER_NAME, NOTES
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -33,7 +33,7 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, tiny_app):  # noqa: F811
+def page(browser, tiny_app):
     from playwright.sync_api import expect
 
     expect.set_options(timeout=TIMEOUT_MS)

@@ -23,26 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SHORT = GenerationParams(max_new_tokens=12, temperature=0.0)
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    from finetune.tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
 @pytest.fixture
-def chat_settings(settings, tiny_model, tmp_path) -> Settings:
+def chat_settings(settings, tiny_model_dir, tmp_path) -> Settings:
     return Settings.from_env(knowledge_dir=settings.knowledge_dir, embedding_model=settings.embedding_model,
-                             chat_model=str(tiny_model), adapter_dir=tmp_path / "adapters", max_new_tokens=12)
+                             chat_model=str(tiny_model_dir), adapter_dir=tmp_path / "adapters", max_new_tokens=12)
 
 
-def save_adapter(tiny_model: Path, folder: Path, base_model: str, prompt_format: str = "alpaca") -> Path:
+def save_adapter(tiny_model_dir: Path, folder: Path, base_model: str, prompt_format: str = "alpaca") -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     model.save_pretrained(folder)
     (folder / "training_info.json").write_text(json.dumps({"base_model": base_model, "prompt_format": prompt_format}))
@@ -100,10 +93,10 @@ def test_follow_up_question_retrieves_what_the_conversation_is_about(store, tmp_
     assert store.search(retrieval_query(messages), k=1)[0].source.endswith("pump.txt")
 
 
-def test_chat_format_uses_the_models_template(tiny_model):
+def test_chat_format_uses_the_models_template(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompt = answer_prompt([{"role": "user", "content": "hi"}], [hit("text")], "chat",
                            lambda m: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
     assert "<｜User｜>" in prompt and prompt.endswith("<｜Assistant｜><think>\n")
@@ -132,9 +125,9 @@ def test_stop_ends_generation_early(chat_settings, store):
     assert assistant.runtime.last_usage["completion_tokens"] <= 2 and final.done
 
 
-def test_answer_records_the_adapter_that_produced_it(chat_settings, store, tiny_model):
-    save_adapter(tiny_model, chat_settings.adapter_dir / "orpo-2026-11-25", str(tiny_model))
-    base = LocalRuntime(Settings.from_env(chat_model=str(tiny_model), adapter_dir=Path("/nonexistent")))
+def test_answer_records_the_adapter_that_produced_it(chat_settings, store, tiny_model_dir):
+    save_adapter(tiny_model_dir, chat_settings.adapter_dir / "orpo-2026-11-25", str(tiny_model_dir))
+    base = LocalRuntime(Settings.from_env(chat_model=str(tiny_model_dir), adapter_dir=Path("/nonexistent")))
     assistant = Assistant(chat_settings, store=store)
     answer = assistant.ask("hi", SHORT, use_retrieval=False)
     assert answer.adapter == "orpo-2026-11-25" and answer.to_dict()["adapter"] == "orpo-2026-11-25"
@@ -143,13 +136,13 @@ def test_answer_records_the_adapter_that_produced_it(chat_settings, store, tiny_
     assert with_adapter != "".join(base.stream(prompt, SHORT))  # the adapter changes what the model says
 
 
-def test_adapter_for_another_base_model_is_not_loaded(chat_settings, tiny_model):
-    save_adapter(tiny_model, chat_settings.adapter_dir / "other", "someone/other-model")
-    assert find_adapter(chat_settings.adapter_dir, str(tiny_model)) is None
+def test_adapter_for_another_base_model_is_not_loaded(chat_settings, tiny_model_dir):
+    save_adapter(tiny_model_dir, chat_settings.adapter_dir / "other", "someone/other-model")
+    assert find_adapter(chat_settings.adapter_dir, str(tiny_model_dir)) is None
 
 
-def test_prompt_format_follows_the_adapter(chat_settings, tiny_model):
-    save_adapter(tiny_model, chat_settings.adapter_dir / "chat-trained", str(tiny_model), prompt_format="chat")
+def test_prompt_format_follows_the_adapter(chat_settings, tiny_model_dir):
+    save_adapter(tiny_model_dir, chat_settings.adapter_dir / "chat-trained", str(tiny_model_dir), prompt_format="chat")
     assert LocalRuntime(chat_settings).prompt_format == "chat"
 
 

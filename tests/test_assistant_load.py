@@ -10,15 +10,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.utils import QueueError
 
-from tests.assistant_fixtures import (  # noqa: F401
-    app_adapter_dir,
-    app_model_dir,
-    app_settings,
-    get_json,
-    running_app,
-    wait_for_model,
-    write_notes,
-)
+from tests.assistant_fixtures import app_settings, get_json, running_app, wait_for_model, write_notes
 
 CHATS = 20
 QUEUE_SIZE = 32
@@ -53,7 +45,7 @@ def ask(url: str, n: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_twenty_concurrent_chats_are_all_answered_and_the_queue_stays_bounded(
-        tmp_path, minilm_path, embedder, app_model_dir, app_adapter_dir):  # noqa: F811
+        tmp_path, minilm_path, embedder, app_model_dir, app_adapter_dir):
     settings = app_settings(tmp_path, minilm_path, app_model_dir, app_adapter_dir, max_new_tokens=8,
                             queue_size=QUEUE_SIZE, gpu_concurrency=2)
     with running_app(settings, embedder, documents=[write_notes(tmp_path / "docs")]) as url:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from finetune.config import save_config
 from finetune.train import train
 from finetune.training_log import read_log
-from tests.finetune_fixtures import tiny_config, tiny_model_dir, write_jsonl  # noqa: F401
+from tests.finetune_fixtures import tiny_config, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_match_one_process(tiny_model_dir, tmp_path):  # noqa: F811
+def test_two_gloo_processes_match_one_process(tiny_model_dir, tmp_path):
     # Two pairs of equal token lengths: ORPO's NLL is a mean over the batch's tokens, so only then do one
     # batch of two and two processes with one pair each weigh every token alike.
     data = write_jsonl(tmp_path / "pairs.jsonl", [pair(2, 3), pair(4, 1)])

@@ -5,11 +5,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from finetune.data import prepare_pairs
 from finetune.evaluate import preference_accuracy
 from finetune.train import train
-from tests.finetune_fixtures import repeat_task_rows, tiny_config, tiny_model_dir, write_jsonl  # noqa: F401
+from tests.finetune_fixtures import repeat_task_rows, tiny_config, write_jsonl
 
 
 @pytest.mark.slow
-def test_orpo_teaches_the_tiny_model_to_prefer_answers_that_do_not_repeat_the_reasoning(tiny_model_dir, tmp_path):  # noqa: F811
+def test_orpo_teaches_the_tiny_model_to_prefer_answers_that_do_not_repeat_the_reasoning(tiny_model_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     held_out = prepare_pairs([(None, r) for r in repeat_task_rows(40, seed=2)], tokenizer).pairs
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

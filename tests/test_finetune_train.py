@@ -10,18 +10,18 @@ from finetune.__main__ import main
 from finetune.evaluate import completion_logprob
 from finetune.train import TrainingError, latest_checkpoint, train
 from finetune.training_log import LOGGED_KEYS, read_log
-from tests.finetune_fixtures import repeat_task_rows, seed_row, tiny_config, tiny_model_dir, write_jsonl  # noqa: F401
+from tests.finetune_fixtures import repeat_task_rows, seed_row, tiny_config, write_jsonl
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_model_dir, tmp_path_factory):  # noqa: F811
+def trained_run(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     data = write_jsonl(tmp / "seed.jsonl", [seed_row(i) for i in range(8)])
     config = tiny_config(tiny_model_dir, data, tmp / "out", max_steps=4, learning_rate=1e-2)
     return train(config), config
 
 
-def test_trained_adapter_loads_back_with_peft_and_changes_the_output(trained_run, tiny_model_dir):  # noqa: F811
+def test_trained_adapter_loads_back_with_peft_and_changes_the_output(trained_run, tiny_model_dir):
     result, _ = trained_run
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -49,7 +49,7 @@ def test_training_log_has_one_line_per_step_with_every_metric_and_a_plot(trained
     assert (result.output_dir / "training_log.png").stat().st_size > 1000
 
 
-def test_logged_loss_is_chosen_nll_plus_beta_times_odds_ratio_loss(tiny_model_dir, tmp_path):  # noqa: F811
+def test_logged_loss_is_chosen_nll_plus_beta_times_odds_ratio_loss(tiny_model_dir, tmp_path):
     rows = [seed_row(0), seed_row(1)]
     config = tiny_config(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "out", max_steps=1,
                          beta=0.5)
@@ -93,7 +93,7 @@ class _PoisonAfterSave(TrainerCallback):
                         p.fill_(float("nan"))
 
 
-def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):  # noqa: F811
+def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [seed_row(i) for i in range(8)])
     config = tiny_config(tiny_model_dir, data, tmp_path / "out", max_steps=6, save_steps=2)
     with pytest.raises(TrainingError, match="loss became nan at optimizer step 3"):
@@ -118,7 +118,7 @@ class _KillAtLog(TrainerCallback):
             raise _Killed
 
 
-def test_killed_run_resumes_to_the_same_step_count_and_loss_curve(tiny_model_dir, tmp_path):  # noqa: F811
+def test_killed_run_resumes_to_the_same_step_count_and_loss_curve(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [seed_row(i) for i in range(8)])
     whole = train(tiny_config(tiny_model_dir, data, tmp_path / "whole", max_steps=6, save_steps=2))
     config = tiny_config(tiny_model_dir, data, tmp_path / "killed", max_steps=6, save_steps=2)
@@ -132,7 +132,7 @@ def test_killed_run_resumes_to_the_same_step_count_and_loss_curve(tiny_model_dir
     assert got == pytest.approx(expected, rel=1e-5)
 
 
-def test_resume_without_a_checkpoint_says_so(tiny_model_dir, tmp_path):  # noqa: F811
+def test_resume_without_a_checkpoint_says_so(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [seed_row(0)])
     with pytest.raises(TrainingError, match="no checkpoint"):
         train(tiny_config(tiny_model_dir, data, tmp_path / "out"), resume=True)
@@ -143,13 +143,13 @@ class _OutOfMemory(TrainerCallback):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.28 GiB")
 
 
-def test_out_of_memory_names_the_knobs_to_turn(tiny_model_dir, tmp_path):  # noqa: F811
+def test_out_of_memory_names_the_knobs_to_turn(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [seed_row(0), seed_row(1)])
     with pytest.raises(TrainingError, match="per_device_train_batch_size.*max_length.*gradient_checkpointing"):
         train(tiny_config(tiny_model_dir, data, tmp_path / "out"), callbacks=[_OutOfMemory()])
 
 
-def test_train_cli_runs_the_smoke_config_with_overrides(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+def test_train_cli_runs_the_smoke_config_with_overrides(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", repeat_task_rows(6, seed=1))
     code = main(["train", "--config", "finetune/configs/tiny-smoke.yaml", f"model_name={tiny_model_dir}",
                  f"data={data}", f"output_dir={tmp_path / 'out'}", "max_steps=2"])
@@ -158,7 +158,7 @@ def test_train_cli_runs_the_smoke_config_with_overrides(tiny_model_dir, tmp_path
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
-def test_train_cli_reports_data_without_usable_pairs_plainly(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+def test_train_cli_reports_data_without_usable_pairs_plainly(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", [seed_row(0, **{"output(CHOSEN)": None})])
     code = main(["train", "--config", "finetune/configs/tiny-smoke.yaml", f"model_name={tiny_model_dir}",
                  f"data={data}", f"output_dir={tmp_path / 'out'}"])
@@ -166,7 +166,7 @@ def test_train_cli_reports_data_without_usable_pairs_plainly(tiny_model_dir, tmp
     assert "no usable pairs" in capsys.readouterr().err
 
 
-def test_stock_trl_trainer_logs_a_nan_loss_as_exactly_zero(tiny_model_dir, tmp_path):  # noqa: F811
+def test_stock_trl_trainer_logs_a_nan_loss_as_exactly_zero(tiny_model_dir, tmp_path):
     """The finding behind the 0.0 loss seen on the H100 (docs/finetune.md): a NaN loss, here from completions
     truncated to nothing, is replaced in the log by the running mean of earlier losses, which starts at 0."""
     from datasets import Dataset
@@ -194,7 +194,7 @@ class _RecordLayerDtype(TrainerCallback):
         layer.register_forward_hook(lambda module, inputs, output: self.dtypes.append(output.dtype))
 
 
-def test_lean_logprob_path_runs_the_decoder_under_the_trainers_mixed_precision(tiny_model_dir, tmp_path):  # noqa: F811
+def test_lean_logprob_path_runs_the_decoder_under_the_trainers_mixed_precision(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [seed_row(0), seed_row(1)])
     recorder = _RecordLayerDtype()
     train(tiny_config(tiny_model_dir, data, tmp_path / "out", max_steps=1, precision="bf16"),

@@ -16,13 +16,13 @@ if torch.cuda.is_available():
 from assistant.runtime import GenerationParams, LocalRuntime  # noqa: E402
 from finetune.train import train  # noqa: E402
 from settings import Settings  # noqa: E402
-from tests.finetune_fixtures import repeat_task_rows, tiny_config, tiny_model_dir, write_jsonl  # noqa: E402,F401
+from tests.finetune_fixtures import repeat_task_rows, tiny_config, write_jsonl
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.mark.parametrize("backend", ["unsloth", "hf"])
-def test_backend_trains_the_tiny_model_in_4_bits_with_the_recipes_optimizer(backend, tiny_model_dir, tmp_path):  # noqa: F811
+def test_backend_trains_the_tiny_model_in_4_bits_with_the_recipes_optimizer(backend, tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", repeat_task_rows(16, seed=0))
     config = tiny_config(tiny_model_dir, data, tmp_path / backend, backend=backend, load_in_4bit=True,
                          optim="adamw_8bit", precision="auto", gradient_checkpointing="unsloth", max_steps=3)
@@ -33,7 +33,7 @@ def test_backend_trains_the_tiny_model_in_4_bits_with_the_recipes_optimizer(back
 
 
 @pytest.mark.parametrize("engine", ["unsloth", "transformers"])
-def test_runtime_streams_on_cuda_with_a_trained_adapter(engine, tiny_model_dir, tmp_path):  # noqa: F811
+def test_runtime_streams_on_cuda_with_a_trained_adapter(engine, tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", repeat_task_rows(8, seed=1))
     train(tiny_config(tiny_model_dir, data, tmp_path / "adapters" / "orpo-gpu", max_steps=2))
     settings = Settings.from_env(chat_model=str(tiny_model_dir), adapter_dir=tmp_path / "adapters",
