@@ -200,3 +200,20 @@ def test_lean_logprob_path_runs_the_decoder_under_the_trainers_mixed_precision(t
     train(tiny_config(tiny_model_dir, data, tmp_path / "out", max_steps=1, precision="bf16"),
           callbacks=[recorder])
     assert recorder.dtypes and set(recorder.dtypes) == {torch.bfloat16}
+
+
+def test_merged_16bit_model_answers_like_base_plus_adapter(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", repeat_task_rows(8, seed=3))
+    result = train(tiny_config(tiny_model_dir, data, tmp_path / "out", max_steps=3, learning_rate=1e-2,
+                               merge_16bit=True))
+    merged_dir = result.output_dir / "merged-16bit"
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    assert AutoTokenizer.from_pretrained(merged_dir).eos_token == "<｜end▁of▁sentence｜>"
+    assert "float16" in (merged_dir / "config.json").read_text()  # saved in 16 bits
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.output_dir)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits
+        expected, got = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)  # 16-bit rounding of the merged weights
+    assert (expected - base).abs().max() > 0.05  # and the adapter did change the model

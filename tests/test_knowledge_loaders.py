@@ -112,3 +112,4 @@ def test_truncated_file_is_refused(tmp_path, name):
     path.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 2])
     with pytest.raises(LoadError, match="damaged or truncated"):
         load_file(path)
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
+import numpy as np
 import pytest
 
 from knowledge import KnowledgeStore, StoreError
@@ -208,3 +209,15 @@ def test_a_search_during_replace_sees_exactly_one_version(store, tmp_path):
 def test_store_refuses_a_different_embedding_model(settings, store):
     with pytest.raises(StoreError, match="was built with embedding model"):
         KnowledgeStore(settings.__class__.from_env(knowledge_dir=settings.knowledge_dir, embedding_model="other"))
+
+
+def test_a_failed_write_leaves_no_chunks_behind_and_the_store_as_it_was(store, tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("The ferry to Varna leaves at noon.")
+    store.add([tmp_path / "a.txt"])
+    (tmp_path / "b.txt").write_text("The lighthouse keeper is Ingrid Holm.")
+    # Vectors of the wrong size make Chroma refuse the write halfway through the add.
+    monkeypatch.setattr(store.embedder, "embed_passages", lambda texts: np.ones((len(texts), 3), dtype=np.float32))
+    with pytest.raises(Exception, match="dimension"):
+        store.add([tmp_path / "b.txt"])
+    assert store.chunks.count() == 1
+    assert [d.source for d in store.documents()] == [str(tmp_path / "a.txt")]
