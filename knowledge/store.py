@@ -197,7 +197,7 @@ class KnowledgeStore:
     # -- documents ----------------------------------------------------------------------------------
 
     def documents(self) -> list[DocumentInfo]:
-        got = self.manifest.get(where={"kind": "document"}, include=["metadatas"])
+        got = _get_all(self.manifest, where={"kind": "document"}, include=["metadatas"])
         docs = [DocumentInfo(m["source"], m["chunks"], m["version"], m.get("title", ""), m["added_at"])
                 for m in got["metadatas"]]
         return sorted(docs, key=lambda d: d.source)
@@ -398,7 +398,7 @@ class KnowledgeStore:
         """Bring the BM25 index up to the store's revision, tokenizing only chunks it has not seen."""
         if revision == self._lexical_revision:
             return
-        stored = self.chunks.get(include=["metadatas"])
+        stored = _get_all(self.chunks, include=["metadatas"])
         stored_ids = set(stored["ids"])
         removed = [cid for cid in self._lexical_meta if cid not in stored_ids]
         new = [cid for cid in stored["ids"] if cid not in self._lexical]
@@ -427,6 +427,18 @@ def fuse(vector: dict[str, float], lexical: dict[str, float]) -> list[tuple[str,
             scaled = (score - low) / (high - low) if high > low else 1.0
             fused[cid] = fused.get(cid, 0.0) + weight * scaled
     return sorted(fused.items(), key=lambda item: -item[1])
+
+
+def _get_all(collection, page: int = 5000, **kwargs) -> dict:
+    """``collection.get`` in pages: one call for the whole of a large store runs out of SQL variables."""
+    ids, metadatas, offset = [], [], 0
+    while True:
+        got = collection.get(limit=page, offset=offset, **kwargs)
+        ids += got["ids"]
+        metadatas += got["metadatas"] or []
+        if len(got["ids"]) < page:
+            return {"ids": ids, "metadatas": metadatas}
+        offset += page
 
 
 class _Retrying:

@@ -221,3 +221,13 @@ def test_a_failed_write_leaves_no_chunks_behind_and_the_store_as_it_was(store, t
         store.add([tmp_path / "b.txt"])
     assert store.chunks.count() == 1
     assert [d.source for d in store.documents()] == [str(tmp_path / "a.txt")]
+
+
+def test_reading_the_whole_store_goes_page_by_page(store, tmp_path):
+    from knowledge.store import _get_all
+
+    (tmp_path / "a.txt").write_text(" ".join(f"Sentence number {n} is about lamps." for n in range(60)))
+    store.add([tmp_path / "a.txt"])
+    whole = store.chunks.get(include=["metadatas"])
+    paged = _get_all(store.chunks, page=3, include=["metadatas"])
+    assert len(whole["ids"]) > 3 and paged["ids"] == whole["ids"] and paged["metadatas"] == whole["metadatas"]
