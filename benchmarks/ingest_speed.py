@@ -6,7 +6,8 @@ Text: Debian's English and Japanese reference manuals and FAQ (HTML; `apt-get in
 debian-reference-ja debian-faq debian-faq-ja`), copied with a copy number on each line until the corpus
 reaches the chunk count. For each size it reports
 - ingest: files -> chunks -> embeddings -> Chroma, through `KnowledgeStore.add`, in chunks/s;
-- the ceiling: `SentenceTransformer.encode` alone on the very same chunk texts, same batch size;
+- the ceiling: `SentenceTransformer.encode` alone on the very same chunk texts, same batch size, timed
+  before and after the ingest (their mean is the ceiling, so a change of load in between shows);
 - search latency p50/p95 of `KnowledgeStore.search` (hybrid and vector), beside a bare Chroma
   `collection.query` with a precomputed query vector, and the query embedding alone.
 """
@@ -18,6 +19,7 @@ import datetime
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,10 +73,14 @@ def measure(n_chunks: int, model_path: str, queries: int, encode_sample: int | N
         embedder.embed_passages(texts[:256])  # warm-up
 
         sample = texts[: encode_sample or len(texts)]
-        start = time.perf_counter()
-        embedder.model.encode(sample, batch_size=settings.embedding_batch_size, normalize_embeddings=True,
-                              convert_to_numpy=True)
-        encode_s = time.perf_counter() - start
+
+        def encode_rate() -> float:
+            start = time.perf_counter()
+            embedder.model.encode(sample, batch_size=settings.embedding_batch_size, normalize_embeddings=True,
+                                  convert_to_numpy=True)
+            return len(sample) / (time.perf_counter() - start)
+
+        before = encode_rate()
 
         store = KnowledgeStore(settings, embedder=embedder)
         start = time.perf_counter()
@@ -82,6 +88,9 @@ def measure(n_chunks: int, model_path: str, queries: int, encode_sample: int | N
         ingest_s = time.perf_counter() - start
         stored = store.chunks.count()
         assert not report.failed, report.failed[:3]
+        after = encode_rate()  # again after the ingest: the ceiling under the same conditions, before and after
+        print(f"  {stored:,} chunks: encode alone {before:.0f} then {after:.0f} chunks/s, ingest "
+              f"{stored / ingest_s:.0f} chunks/s", file=sys.stderr, flush=True)
 
         questions = [t.split("\n")[0][:80] for t in texts[:: max(1, len(texts) // queries)]][:queries]
         store.search(questions[0], k=5)  # builds the lexical index once
@@ -98,9 +107,9 @@ def measure(n_chunks: int, model_path: str, queries: int, encode_sample: int | N
             store.chunks.query(query_embeddings=[vector], n_results=5, include=["documents", "metadatas"])
             timings["bare_chroma"].append(time.perf_counter() - start)
     return {
-        "chunks": stored, "files": len(report.added), "encode_rate": len(sample) / encode_s,
+        "chunks": stored, "files": len(report.added), "encode_rate": (before + after) / 2, "encode_rates": (before, after),
         "encoded": len(sample), "dtype": str(embedder.dtype).replace("torch.", ""),
-        "ingest_rate": stored / ingest_s, "ingest_s": ingest_s, "encode_s": encode_s,
+        "ingest_rate": stored / ingest_s, "ingest_s": ingest_s,
         "latency": {k: (statistics.median(v) * 1000, percentile(v, 0.95) * 1000) for k, v in timings.items()},
     }
 
@@ -120,14 +129,15 @@ def main() -> None:
                 if line.startswith("model name")), platform.processor())
     cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
     print(f"{datetime.date.today()}, {cores} cores of {cpu}, embedding model all-MiniLM-L6-v2, batch 64\n")
-    print("| chunks | files | dtype | encode alone (chunks/s, on N chunks) | ingest (chunks/s) | ingest / encode | "
+    print("| chunks | files | dtype | encode alone (chunks/s, on N chunks, before / after ingest) | ingest (chunks/s) | ingest / encode | "
           "hybrid p50/p95 ms | vector p50/p95 ms | bare Chroma query p50/p95 ms | query embedding p50/p95 ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n in args.chunks:
         r = measure(n, args.model, args.queries, args.encode_sample)
         lat = r["latency"]
         cells = " | ".join(f"{lat[k][0]:.1f} / {lat[k][1]:.1f}" for k in ("hybrid", "vector", "bare_chroma", "embed_query"))
-        print(f"| {r['chunks']:,} | {r['files']} | {r['dtype']} | {r['encode_rate']:.0f} (on {r['encoded']:,}) | "
+        rates = " / ".join(f"{x:.0f}" for x in r["encode_rates"])
+        print(f"| {r['chunks']:,} | {r['files']} | {r['dtype']} | {r['encode_rate']:.0f} (on {r['encoded']:,}: {rates}) | "
               f"{r['ingest_rate']:.0f} | "
               f"{r['ingest_rate'] / r['encode_rate']:.2f} | {cells} |", flush=True)
 
