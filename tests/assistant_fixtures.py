@@ -1,7 +1,6 @@
 """Shared fixtures of the app tests: the tiny chat model with a trained adapter, and the app on loopback.
 
-The tiny model and its adapter are built once per session (memoized here, since each test module that
-imports these fixtures gets its own copy of a session fixture); each module starts its own app.
+The tiny model and its adapter are built once per session; each module starts its own app.
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import threading
 import time
 import urllib.request
@@ -18,49 +16,38 @@ from pathlib import Path
 
 import pytest
 
+from tests.loopback import free_port
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 ADAPTER_NAME = "chat-smoke"
 NOTES = ("The lighthouse keeper of Port Wren is Ada Lovelock. She lights the lamp every evening at dusk. "
          "The lighthouse was painted red and white in 1912.")
-_built: dict[str, Path] = {}
 
 
 @pytest.fixture(scope="session")
-def app_model_dir(tmp_path_factory) -> Path:
-    """The tiny random-weight Qwen2 (it emits random tokens)."""
-    from finetune.tiny_model import build_tiny_model
-
-    if "model" not in _built:
-        _built["model"] = build_tiny_model(tmp_path_factory.mktemp("app-model"))
-    return _built["model"]
-
-
-@pytest.fixture(scope="session")
-def app_adapter_dir(app_model_dir, tmp_path_factory) -> Path:
+def app_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A folder of adapters holding one, `chat-smoke`, trained for a few ORPO steps on the tiny model.
 
     A few steps do not teach the random model to write "<think>…</think>answer" (that takes far longer than
     a test may on CPU), but they give a real adapter that the app loads and names in every answer.
     """
-    if "adapters" not in _built:
-        from finetune.config import TrainConfig
-        from finetune.train import train
+    from finetune.config import TrainConfig
+    from finetune.train import train
 
-        folder = tmp_path_factory.mktemp("app-adapters")
-        rows = [{"instruction": f"Question {i}: where is the answer?", "input": "Some passage.",
-                 "chosen": "<think>I read the passages.</think>The answer is in [1].",
-                 "rejected": "<think>I did not read them.</think>I do not know."} for i in range(4)]
-        data = folder / "pairs.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        train(TrainConfig(model_name=str(app_model_dir), data=str(data), output_dir=str(folder / ADAPTER_NAME),
-                          backend="hf", load_in_4bit=False, max_length=128, max_prompt_length=64,
-                          gradient_checkpointing="false", lora_r=4, lora_alpha=8, per_device_train_batch_size=2,
-                          gradient_accumulation_steps=1, learning_rate=1e-2, optim="adamw_torch",
-                          precision="fp32", max_steps=2, save_steps=1000, logging_steps=1, data_format="chat"))
-        (data).unlink()
-        _built["adapters"] = folder
-    return _built["adapters"]
+    folder = tmp_path_factory.mktemp("app-adapters")
+    rows = [{"instruction": f"Question {i}: where is the answer?", "input": "Some passage.",
+             "chosen": "<think>I read the passages.</think>The answer is in [1].",
+             "rejected": "<think>I did not read them.</think>I do not know."} for i in range(4)]
+    data = folder / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    train(TrainConfig(model_name=str(tiny_model_dir), data=str(data), output_dir=str(folder / ADAPTER_NAME),
+                      backend="hf", load_in_4bit=False, max_length=128, max_prompt_length=64,
+                      gradient_checkpointing="false", lora_r=4, lora_alpha=8, per_device_train_batch_size=2,
+                      gradient_accumulation_steps=1, learning_rate=1e-2, optim="adamw_torch",
+                      precision="fp32", max_steps=2, save_steps=1000, logging_steps=1, data_format="chat"))
+    data.unlink()
+    return folder
 
 
 def app_settings(base: Path, minilm_path: str, model_dir: Path, adapter_dir: Path, **changes):
@@ -73,11 +60,6 @@ def app_settings(base: Path, minilm_path: str, model_dir: Path, adapter_dir: Pat
     values.update(changes)
     return Settings.from_env(environ={}, **values)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -139,10 +121,10 @@ def write_notes(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_app(tmp_path_factory, minilm_path, embedder, app_model_dir, app_adapter_dir) -> Iterator[str]:
+def tiny_app(tmp_path_factory, minilm_path, embedder, tiny_model_dir, app_adapter_dir) -> Iterator[str]:
     """The app with the tiny model, the chat-smoke adapter and one document; its URL, model loaded."""
     base = tmp_path_factory.mktemp("app")
-    settings = app_settings(base, minilm_path, app_model_dir, app_adapter_dir)
+    settings = app_settings(base, minilm_path, tiny_model_dir, app_adapter_dir)
     with running_app(settings, embedder, documents=[write_notes(base / "docs")]) as url:
         assert wait_for_model(url)["model_status"] == "ready"
         yield url

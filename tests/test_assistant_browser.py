@@ -65,13 +65,13 @@ def choose_file(page, path: Path, attempts: int = 3) -> None:
                 raise
 
 
-def test_chat_streams_an_answer_with_a_thinking_block_citations_and_the_adapter(page, tmp_path):
+def test_chat_streams_an_answer_with_a_thinking_block_citations_and_the_adapter(page, tmp_path, tiny_model_dir):
     from playwright.sync_api import expect
 
     page.locator("#question textarea").fill("Who keeps the lighthouse?")
     page.keyboard.press("Enter")
     chat = page.locator("#chatbot")
-    expect(chat).to_contain_text(f"answered by app-model0 + adapter {ADAPTER_NAME}")
+    expect(chat).to_contain_text(f"answered by {tiny_model_dir.name} + adapter {ADAPTER_NAME}")
     expect(chat.get_by_text("Thinking", exact=False).first).to_be_visible()
 
     chat.get_by_text("Sources (1 passage)").click()

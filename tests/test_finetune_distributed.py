@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from finetune.config import save_config
 from finetune.train import train
 from finetune.training_log import read_log
 from tests.finetune_fixtures import tiny_config, write_jsonl
+from tests.loopback import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,11 +24,6 @@ def pair(a: int, b: int) -> dict:
     return {"instruction": f"What is {a} plus {b}?", "input": "", "chosen": f"<think>{reasoning}</think>{a + b}",
             "rejected": f"<think>{reasoning}</think>{reasoning}, so {a + b}"}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_processes_match_one_process(tiny_model_dir, tmp_path):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.loopback import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -107,15 +109,10 @@ def test_a_long_running_store_sees_what_another_process_added(env, folder, minil
         assert store.search("ferry to Varna", k=1, mode=mode)[0].source == str(folder / "ferry.txt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def chroma_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     chroma = Path(sys.executable).parent / "chroma"
     server = subprocess.Popen([str(chroma), "run", "--path", str(tmp_path / "server"), "--host", "127.0.0.1",
                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -151,6 +148,6 @@ def test_store_on_a_chroma_server(env, folder, chroma_server):
 
 
 def test_unreachable_server_says_what_to_do(env):
-    env = {**env, "CHROMA_HOST": "127.0.0.1", "CHROMA_PORT": str(_free_port())}
+    env = {**env, "CHROMA_HOST": "127.0.0.1", "CHROMA_PORT": str(free_port())}
     result = run(env, "list", check=False)
     assert result.returncode == 2 and "cannot reach the Chroma server" in result.stderr and "unset CHROMA_HOST" in result.stderr
