@@ -19,6 +19,7 @@ we reopen the client.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -130,6 +131,7 @@ class KnowledgeStore:
         self._lexical = LexicalIndex()
         self._lexical_meta: dict[str, dict] = {}
         self._lexical_revision: str | None = None
+        self._lexical_lock = threading.Lock()  # the app searches and adds from several threads
 
     # -- connection ---------------------------------------------------------------------------------
 
@@ -362,12 +364,13 @@ class KnowledgeStore:
                 vector_rank.append(cid)
         lexical_rank: list[str] = []
         if mode != "vector":
-            self._sync_lexical(revision)
-            allowed = None
-            if where:
-                allowed = np.fromiter((_matches(self._lexical_meta[i], where) for i in self._lexical.ids),
-                                      dtype=bool, count=len(self._lexical.ids))
-            lexical = self._lexical.search(query, n, allowed)
+            with self._lexical_lock:
+                self._sync_lexical(revision)
+                allowed = None
+                if where:
+                    allowed = np.fromiter((_matches(self._lexical_meta[i], where) for i in self._lexical.ids),
+                                          dtype=bool, count=len(self._lexical.ids))
+                lexical = self._lexical.search(query, n, allowed)
             lexical_rank = [cid for cid, _ in lexical]
             missing = [cid for cid in lexical_rank if cid not in candidates]
             if missing:
