@@ -46,9 +46,9 @@ class Settings:
     collection: str = _setting(
         "knowledge", "KNOWLEDGE_COLLECTION", "Chroma collection name (3-500 characters).")
     chunk_size: int = _setting(
-        600, "CHUNK_SIZE", "Largest chunk, in characters. Chunks end at sentence ends (. ! ? 。 ！ ？) or lines.")
+        1000, "CHUNK_SIZE", "Largest chunk, in characters. Chunks end at sentence ends (. ! ? 。 ！ ？) or lines.")
     chunk_overlap: int = _setting(
-        100, "CHUNK_OVERLAP", "Characters of whole sentences repeated from the end of the previous chunk.")
+        200, "CHUNK_OVERLAP", "Characters of whole sentences repeated from the end of the previous chunk.")
     max_file_mb: float = _setting(
         50.0, "MAX_FILE_MB", "Files larger than this are refused by name, and the rest are still added.")
 

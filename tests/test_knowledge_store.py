@@ -226,7 +226,7 @@ def test_a_failed_write_leaves_no_chunks_behind_and_the_store_as_it_was(store, t
 def test_reading_the_whole_store_goes_page_by_page(store, tmp_path):
     from knowledge.store import _get_all
 
-    (tmp_path / "a.txt").write_text(" ".join(f"Sentence number {n} is about lamps." for n in range(60)))
+    (tmp_path / "a.txt").write_text(" ".join(f"Sentence number {n} is about lamps." for n in range(200)))
     store.add([tmp_path / "a.txt"])
     whole = store.chunks.get(include=["metadatas"])
     paged = _get_all(store.chunks, page=3, include=["metadatas"])
