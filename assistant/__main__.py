@@ -7,7 +7,7 @@ import json
 import sys
 
 from assistant.chat import Assistant
-from assistant.runtime import ModelUnavailable
+from assistant.runtime import ModelUnavailable, import_unsloth_if_used
 from knowledge import StoreError
 from settings import Settings
 
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
+    import_unsloth_if_used(settings)  # before the store's encoder brings in transformers
     try:
         if args.command == "serve":
             from assistant.app import serve as serve_app

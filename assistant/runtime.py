@@ -245,6 +245,20 @@ class OpenAIRuntime:
                                    "MODEL_BACKEND=local") from None
 
 
+def import_unsloth_if_used(settings: Settings) -> None:
+    """Unsloth patches transformers when imported, so it must come first: call this before anything else."""
+    import importlib.util
+
+    if settings.model_backend != "local" or settings.local_engine == "transformers":
+        return
+    if importlib.util.find_spec("unsloth") is None:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        import unsloth  # noqa: F401
+
+
 def load_runtime(settings: Settings) -> ModelRuntime:
     if settings.model_backend == "openai":
         return OpenAIRuntime(settings)
