@@ -44,10 +44,13 @@ def run_add(store: KnowledgeStore, args) -> int:
         return 0 if report.ok else 1
     from tqdm import tqdm
 
-    from knowledge.files import discover
+    with tqdm(unit="file", file=sys.stderr) as bar:
 
-    with tqdm(total=len(discover(args.paths).files), unit="file", file=sys.stderr) as bar:
-        report = store.add(args.paths, progress=lambda _: bar.update())
+        def advance(_source: str, total: int) -> None:
+            bar.total = total
+            bar.update()
+
+        report = store.add(args.paths, progress=advance)
     for item in report.added:
         print(f"added    {item['source']} ({item['chunks']} chunks)")
         for warning in item.get("warnings", []):

@@ -52,8 +52,6 @@ class Hit:
     chunk_id: str
     score: float
     text: str
-    position: int = 0
-    title: str = ""
 
     def to_dict(self) -> dict:
         return {"source": self.source, "page": self.page, "chunk_id": self.chunk_id, "score": self.score,
@@ -211,8 +209,10 @@ class KnowledgeStore:
         got = self.manifest.get(ids=["doc:" + s for s in sources], include=["metadatas"])
         return {m["source"]: m["version"] for m in got["metadatas"]}
 
-    def add(self, paths: list[str | Path], progress: Callable[[str], None] | None = None) -> IngestReport:
+    def add(self, paths: list[str | Path], progress: Callable[[str, int], None] | None = None) -> IngestReport:
         """Add files and folders. Unchanged files are skipped; changed ones replace their old chunks.
+
+        ``progress(source, total)`` is called once per file found, when its outcome is known.
 
         Chunks of several files are embedded together (``EMBED_GROUP`` at a time): the encoder sorts a
         call's texts by length, so large mixed calls waste less on padding than one call per file.
@@ -237,7 +237,7 @@ class KnowledgeStore:
                 added = {"source": item.source, "chunks": len(item.chunks)}
                 report.added.append(added | ({"warnings": item.warnings} if item.warnings else {}))
                 if progress:
-                    progress(item.source)
+                    progress(item.source, len(found.files))
             pending.clear()
 
         for path in found.files:
@@ -253,7 +253,7 @@ class KnowledgeStore:
                     continue
                 report.skipped.append({"source": str(path), "reason": "unchanged since it was added"})
             if progress:
-                progress(str(path))
+                progress(str(path), len(found.files))
         flush()
         return report
 
@@ -393,8 +393,7 @@ class KnowledgeStore:
         hits = []
         for cid, score in ranked[:k]:
             meta = candidates[cid]["meta"]
-            hits.append(Hit(meta["source"], meta.get("page"), cid, float(score), candidates[cid]["text"],
-                            meta.get("position", 0), meta.get("title", "")))
+            hits.append(Hit(meta["source"], meta.get("page"), cid, float(score), candidates[cid]["text"]))
         return hits
 
     def _sync_lexical(self, revision: str) -> None:
