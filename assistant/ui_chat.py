@@ -54,8 +54,7 @@ def new_turn(question: str, params: GenerationParams, use_retrieval: bool) -> di
 
 
 def citation_dict(citation: Citation) -> dict:
-    return {"number": citation.number, "source": citation.source, "page": citation.page, "text": citation.text,
-            "label": citation.label}
+    return {"number": citation.number, **citation.to_dict(), "label": citation.label}
 
 
 def model_history(turns: list[dict]) -> list[dict]:
