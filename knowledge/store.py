@@ -125,7 +125,8 @@ class KnowledgeStore:
         if self.settings.chroma_host is None:
             self.settings.knowledge_dir.mkdir(parents=True, exist_ok=True)
             self._lock = FileLock(str(self.settings.knowledge_dir / ".write.lock"))
-        self._open()
+        with self._write_lock():  # the first client on a new folder creates its tables: one process at a time
+            self._open()
         self._lexical = LexicalIndex()
         self._lexical_meta: dict[str, dict] = {}
         self._lexical_revision: str | None = None

@@ -98,6 +98,26 @@ def test_two_processes_adding_at_once_keep_everything(env, tmp_path):
             assert hits[0]["source"] == str(batches[b] / f"doc{n}.txt")
 
 
+OPEN_AT = """
+import sys, time
+from knowledge.store import KnowledgeStore
+from settings import Settings
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
+KnowledgeStore(Settings.from_env())
+"""
+
+
+def test_processes_opening_a_new_store_at_once_all_succeed(env):
+    """The first client on a folder creates Chroma's tables; several at the same instant must not collide."""
+    for attempt in range(2):
+        env_attempt = {**env, "KNOWLEDGE_DIR": env["KNOWLEDGE_DIR"] + str(attempt)}
+        start = time.time() + 6  # after every process has imported chromadb
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, str(start)], env=env_attempt, cwd=ROOT,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, [e[-1000:] for e in errors]
+
+
 def test_a_long_running_store_sees_what_another_process_added(env, folder, minilm_path, embedder):
     from knowledge import KnowledgeStore
     from settings import Settings
