@@ -1,11 +1,13 @@
-"""Documents into overlapping chunks that end at sentence boundaries, in English and in Japanese.
+"""Documents into overlapping chunks that end at paragraph and sentence boundaries, in English and Japanese.
 
 Japanese has no spaces between words, so a splitter that breaks on whitespace cuts it mid-word or not at
 all. Sentences here end at 。！？ (no space needed), at . ! ? followed by whitespace, and at line breaks.
-Chunks are packed from whole sentences up to ``size`` characters; the next chunk repeats whole sentences
-from the end of the previous one, up to ``overlap`` characters, and a short last chunk is filled backwards
-to full size. A sentence longer than ``size`` is cut into
-pieces of ``size`` characters (at a space when there is one near the end).
+Chunks are packed from whole sentences up to ``size`` characters. A chunk ends at the strongest break it can
+reach once it is at least half full: between paragraphs (a blank line) before between lines, before between
+sentences, so a chunk holds whole paragraphs where they fit. After a paragraph break the next chunk starts
+afresh; otherwise it repeats whole sentences from the end of the previous one, up to ``overlap`` characters.
+A short last chunk is filled backwards to full size. A sentence longer than ``size`` is cut into pieces of
+``size`` characters (at a space when there is one near the end).
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def _cut_long(text: str, start: int, end: int, size: int, overlap: int) -> list[
     return pieces
 
 
+def _break_strength(text: str, end: int, next_start: int) -> int:
+    """2 between paragraphs (a blank line), 1 between lines, 0 between sentences of one line."""
+    newlines = text.count("\n", end, next_start)
+    return 2 if newlines >= 2 else newlines
+
+
 def chunk_text(text: str, size: int, overlap: int) -> list[tuple[int, int]]:
     """(start, end) offsets of the chunks of one text."""
     if overlap >= size:
@@ -76,9 +84,20 @@ def chunk_text(text: str, size: int, overlap: int) -> list[tuple[int, int]]:
         j = i + 1
         while j < len(spans) and spans[j][1] - spans[i][0] <= size:
             j += 1
-        chunks.append((spans[i][0], spans[j - 1][1]))
         if j == len(spans):
+            chunks.append((spans[i][0], spans[-1][1]))
             break
+        # End at the strongest break between sentences i..j-1 that leaves the chunk at least half full.
+        strength = _break_strength(text, spans[j - 1][1], spans[j][0])
+        for c in range(j - 1, i, -1):
+            if spans[c - 1][1] - spans[i][0] < size // 2 or strength == 2:
+                break
+            if (st := _break_strength(text, spans[c - 1][1], spans[c][0])) > strength:
+                j, strength = c, st
+        chunks.append((spans[i][0], spans[j - 1][1]))
+        if strength == 2:  # a paragraph ends here: the next chunk starts with the next paragraph
+            i = j
+            continue
         # Start the next chunk with whole sentences from this one's end, within the overlap budget.
         k = j
         while k - 1 > i and spans[j - 1][1] - spans[k - 1][0] <= overlap and spans[j][1] - spans[k - 1][0] <= size:

@@ -100,7 +100,9 @@ def _read_text(path: Path) -> str:
 
 
 def load_text(path: Path) -> Document:
-    return Document(path, "text", [Section(_read_text(path))], title=path.name)
+    text = _read_text(path)
+    heading = re.search(r"^# +(.+)$", text, re.MULTILINE) if path.suffix.lower() in (".md", ".markdown") else None
+    return Document(path, "text", [Section(text)], title=heading.group(1).strip() if heading else path.name)
 
 
 def load_html(path: Path) -> Document:

@@ -228,7 +228,8 @@ class KnowledgeStore:
         def flush() -> None:
             if not pending:
                 return
-            vectors = self.embedder.embed_passages([c.text for item in pending for c in item.chunks])
+            vectors = self.embedder.embed_passages([indexed_text(item.title, c.text)
+                                                    for item in pending for c in item.chunks])
             offset = 0
             for item in pending:
                 with self._write_lock():
@@ -408,11 +409,22 @@ class KnowledgeStore:
         added = {}
         batch = self.client.get_max_batch_size()
         for i in range(0, len(new), batch):
-            got = self.chunks.get(ids=new[i:i + batch], include=["documents"])
-            added.update(zip(got["ids"], got["documents"], strict=True))
+            got = self.chunks.get(ids=new[i:i + batch], include=["documents", "metadatas"])
+            for cid, text, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True):
+                added[cid] = indexed_text(meta.get("title", ""), text)
         self._lexical.update(added, removed)
         self._lexical_meta = dict(zip(stored["ids"], stored["metadatas"], strict=True))
         self._lexical_revision = revision
+
+
+def indexed_text(title: str, text: str) -> str:
+    """What both legs index for a chunk: its document's title, then its text.
+
+    Without the title only a document's first chunk carries the words that name what the document is
+    about, so a question naming the subject ("who invented trellball?") ranks that first chunk above
+    the one that answers it, in BM25 and in the embedding alike. Hits still return the chunk's own text.
+    """
+    return f"{title}\n{text}" if title else text
 
 
 def fuse(vector: dict[str, float], lexical: dict[str, float]) -> list[tuple[str, float]]:

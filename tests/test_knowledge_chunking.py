@@ -1,4 +1,4 @@
-"""Chunks end at sentence ends in English and Japanese, stay within size, and overlap by whole sentences."""
+"""Chunks end at paragraph and sentence ends in English and Japanese, stay within size, overlap by whole sentences."""
 
 from __future__ import annotations
 
@@ -79,3 +79,20 @@ def test_a_short_last_chunk_is_filled_backwards_to_full_size():
     chunks = texts(text, size=400, overlap=0)
     assert len(chunks) == 2
     assert chunks[-1].endswith(EN_SENTENCES[8].strip()) and len(chunks[-1]) > 300
+
+
+@pytest.mark.parametrize("sentences", [JA_SENTENCES, EN_SENTENCES])
+def test_chunks_end_at_paragraph_breaks_and_the_next_starts_with_the_next_paragraph(sentences):
+    paragraphs = ["".join(sentences[0:3]), "".join(sentences[3:5]), "".join(sentences[5:8])]
+    text = "\n\n".join(p.strip() for p in paragraphs)
+    size = len(paragraphs[0]) + len(paragraphs[1]) // 2  # the first chunk could take half the second paragraph
+    chunks = texts(text, size=size, overlap=size // 3)
+    assert chunks[0] == paragraphs[0].strip()
+    assert chunks[1].startswith(paragraphs[1].strip())  # no sentence of the first paragraph repeated
+
+
+def test_a_chunk_prefers_a_line_break_to_a_sentence_end_but_stays_at_least_half_full():
+    line = "One fact. Another fact. A third fact."
+    text = "\n".join([line] * 6)
+    chunks = texts(text, size=100, overlap=0)
+    assert all(c.endswith(line) and len(c) >= 50 for c in chunks)

@@ -28,7 +28,9 @@ def test_japanese_text_in_any_common_encoding(tmp_path, encoding):
 def test_markdown_is_text(tmp_path):
     path = tmp_path / "notes.md"
     path.write_text("# Title\n\nSome *markdown*.", encoding="utf-8")
-    assert "Some *markdown*." in load_file(path).text
+    document = load_file(path)
+    assert "Some *markdown*." in document.text
+    assert document.title == "Title"  # the first top-level heading; a file without one keeps its name
 
 
 def test_html_keeps_text_and_title_and_drops_scripts(tmp_path):
