@@ -6,8 +6,9 @@ Text: Debian's English and Japanese reference manuals and FAQ (HTML; `apt-get in
 debian-reference-ja debian-faq debian-faq-ja`), copied with a copy number on each line until the corpus
 reaches the chunk count. For each size it reports
 - ingest: files -> chunks -> embeddings -> Chroma, through `KnowledgeStore.add`, in chunks/s;
-- the ceiling: `SentenceTransformer.encode` alone on the very same chunk texts, same batch size, timed
-  before and after the ingest (their mean is the ceiling, so a change of load in between shows);
+- the ceiling: `SentenceTransformer.encode` alone on the very texts the store embeds (each chunk after its
+  document's title), same batch size, timed before and after the ingest (their mean is the ceiling, so a
+  change of load in between shows);
 - search latency p50/p95 of `KnowledgeStore.search` (hybrid and vector), beside a bare Chroma
   `collection.query` with a precomputed query vector, and the query embedding alone.
 """
@@ -38,16 +39,17 @@ def base_documents() -> list[Document]:
     return [load_file(p) for p in files]
 
 
-def write_corpus(folder: Path, target_chunks: int, size: int, overlap: int) -> list[str]:
-    """Write copies of the manuals until they hold ``target_chunks`` chunks; returns the chunk texts."""
+def write_corpus(folder: Path, target_chunks: int, size: int, overlap: int) -> list[tuple[str, str]]:
+    """Write copies of the manuals until they hold ``target_chunks`` chunks; returns (title, text) per chunk."""
     documents, texts, copy = base_documents(), [], 0
     while len(texts) < target_chunks:
         for document in documents:
             lines = document.text.splitlines()
             text = "\n".join(f"{copy} {line}" for line in lines)
             chunks = chunk_document(Document(document.path, "text", [Section(text)]), size, overlap)
-            (folder / f"{copy:04d}-{document.path.parent.name}-{document.path.stem}.txt").write_text(text)
-            texts += [c.text for c in chunks]
+            path = folder / f"{copy:04d}-{document.path.parent.name}-{document.path.stem}.txt"
+            path.write_text(text)
+            texts += [(path.name, c.text) for c in chunks]  # a .txt file's title is its name
             if len(texts) >= target_chunks:
                 break
         copy += 1
@@ -62,17 +64,19 @@ def percentile(values: list[float], q: float) -> float:
 def measure(n_chunks: int, model_path: str, queries: int, encode_sample: int | None) -> dict:
     from knowledge import KnowledgeStore
     from knowledge.embeddings import Embedder
+    from knowledge.store import indexed_text
     from settings import Settings
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         settings = Settings.from_env(knowledge_dir=tmp / "store", embedding_model=model_path)
         (tmp / "docs").mkdir()
-        texts = write_corpus(tmp / "docs", n_chunks, settings.chunk_size, settings.chunk_overlap)
+        chunks = write_corpus(tmp / "docs", n_chunks, settings.chunk_size, settings.chunk_overlap)
+        texts = [text for _, text in chunks]
         embedder = Embedder(settings)
         embedder.embed_passages(texts[:256])  # warm-up
 
-        sample = texts[: encode_sample or len(texts)]
+        sample = [indexed_text(title, text) for title, text in chunks[: encode_sample or len(chunks)]]
 
         def encode_rate() -> float:
             start = time.perf_counter()

@@ -230,12 +230,10 @@ class KnowledgeStore:
                 return
             vectors = self.embedder.embed_passages([indexed_text(item.title, c.text)
                                                     for item in pending for c in item.chunks])
-            offset = 0
+            with self._write_lock():
+                self._reopen_if_changed_elsewhere()
+                self._replace(pending, vectors)
             for item in pending:
-                with self._write_lock():
-                    self._reopen_if_changed_elsewhere()
-                    self._replace(item, vectors[offset:offset + len(item.chunks)])
-                offset += len(item.chunks)
                 added = {"source": item.source, "chunks": len(item.chunks)}
                 report.added.append(added | ({"warnings": item.warnings} if item.warnings else {}))
                 if progress:
@@ -283,31 +281,53 @@ class KnowledgeStore:
             raise LoadError("no text found: the file is empty")
         return _LoadedFile(source, version, document.title, chunks, document.warnings)
 
-    def _replace(self, item: _LoadedFile, embeddings: np.ndarray) -> None:
-        source, version, title, chunks = item.source, item.version, item.title, item.chunks
-        key = _source_key(source)
-        ids = [f"{key}:{version}:{c.position}" for c in chunks]
-        metadatas = []
-        for c in chunks:
-            meta = {"source": source, "version": version, "position": c.position, "start": c.start,
-                    "content_hash": c.content_hash, "title": title}
-            if c.page is not None:
-                meta["page"] = c.page
-            metadatas.append(meta)
+    def _replace(self, items: list[_LoadedFile], embeddings: np.ndarray) -> None:
+        """Make ``items`` the current version of their files, all in a few writes.
+
+        The new chunks go in first, invisible because the manifest still names the old versions; one
+        manifest write then switches every file over; the old versions' chunks go last. Chroma spends
+        tens of milliseconds on each write whatever its size, so writing per flush, not per file,
+        keeps an ingest of many small files at the encoder's pace.
+        """
+        ids, texts, metadatas, new_version = [], [], [], {}
+        for item in items:
+            new_version[item.source] = item.version
+            key = _source_key(item.source)
+            for c in item.chunks:
+                ids.append(f"{key}:{item.version}:{c.position}")
+                texts.append(c.text)
+                meta = {"source": item.source, "version": item.version, "position": c.position, "start": c.start,
+                        "content_hash": c.content_hash, "title": item.title}
+                if c.page is not None:
+                    meta["page"] = c.page
+                metadatas.append(meta)
         batch = self.client.get_max_batch_size()
         try:
             for i in range(0, len(ids), batch):
                 self.chunks.upsert(ids=ids[i:i + batch], embeddings=embeddings[i:i + batch],
-                                   documents=[c.text for c in chunks[i:i + batch]], metadatas=metadatas[i:i + batch])
+                                   documents=texts[i:i + batch], metadatas=metadatas[i:i + batch])
         except BaseException:
             # Not yet current, so never seen by a search; leave nothing behind either.
-            self.chunks.delete(where={"$and": [{"source": source}, {"version": version}]})
+            self._delete_chunks(lambda meta: new_version.get(meta["source"]) == meta["version"], list(new_version))
             raise
-        record = {"kind": "document", "source": source, "version": version, "chunks": len(chunks),
-                  "title": title, "added_at": time.time()}
-        self._bump_revision([("doc:" + source, record)])
-        self.chunks.delete(where={"$and": [{"source": source}, {"version": {"$ne": version}}]})
-        self._bump_revision()
+        now = time.time()
+        self._bump_revision([("doc:" + item.source, {
+            "kind": "document", "source": item.source, "version": item.version, "chunks": len(item.chunks),
+            "title": item.title, "added_at": now}) for item in items])
+        # Older versions, and any a crashed add left behind, are no longer current: drop them.
+        if self._delete_chunks(lambda meta: new_version[meta["source"]] != meta["version"], list(new_version)):
+            self._bump_revision()
+
+    def _delete_chunks(self, stale: Callable[[dict], bool], sources: list[str], group: int = 500) -> int:
+        """Delete the chunks of ``sources`` whose metadata ``stale`` accepts; returns how many."""
+        doomed = []
+        for i in range(0, len(sources), group):
+            got = _get_all(self.chunks, where={"source": {"$in": sources[i:i + group]}}, include=["metadatas"])
+            doomed += [cid for cid, meta in zip(got["ids"], got["metadatas"], strict=True) if stale(meta)]
+        batch = self.client.get_max_batch_size()
+        for i in range(0, len(doomed), batch):
+            self.chunks.delete(ids=doomed[i:i + batch])
+        return len(doomed)
 
     def remove(self, source: str | Path) -> int:
         """Delete a document's chunks; returns how many. ``source`` is as listed, or a path to it."""

@@ -250,3 +250,26 @@ def test_reading_the_whole_store_goes_page_by_page(store, tmp_path):
     whole = store.chunks.get(include=["metadatas"])
     paged = _get_all(store.chunks, page=3, include=["metadatas"])
     assert len(whole["ids"]) > 3 and paged["ids"] == whole["ids"] and paged["metadatas"] == whole["metadatas"]
+
+
+def test_an_add_of_many_files_writes_to_chroma_a_few_times_not_once_per_file(store, tmp_path, monkeypatch):
+    for n in range(30):
+        (tmp_path / f"note{n}.txt").write_text(f"Note {n}: the ferry to Varna leaves at {n % 12 + 1} o'clock.")
+    writes = []
+    for name in ("upsert", "delete"):
+        for collection in (store.chunks, store.manifest):
+            call = getattr(collection, name)
+            monkeypatch.setattr(collection, name, lambda *a, _call=call, _name=name, **k: writes.append(_name) or _call(*a, **k))
+    report = store.add([tmp_path])
+    assert len(report.added) == 30 and store.chunks.count() == 30
+    assert len(writes) <= 4, writes  # chunks, then the manifest, then (only if any) old versions and the manifest
+
+
+def test_chunks_a_crashed_add_left_behind_are_dropped_when_the_file_is_added(store, tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("The ferry to Varna leaves at noon.")
+    store.chunks.upsert(ids=["leftover"], embeddings=np.ones((1, 384), dtype=np.float32), documents=["stale"],
+                        metadatas=[{"source": str(path), "version": "dead", "position": 0}])
+    store.add([path])
+    got = store.chunks.get(where={"source": str(path)}, include=["metadatas"])
+    assert [m["version"] for m in got["metadatas"]] == [store.documents()[0].version]
