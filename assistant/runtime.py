@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from finetune.prompts import prompt_token_ids
 from settings import Settings
 
 TINY_MODEL_HINT = (
@@ -121,22 +122,24 @@ class LocalRuntime:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def stream(self, prompt: str, params: GenerationParams, stop: threading.Event | None = None) -> Iterator[str]:
+        import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         class Stop(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
                 return stop is not None and stop.is_set()
 
-        inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
+        input_ids = torch.tensor([prompt_token_ids(self.tokenizer, prompt)], device=self.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False, timeout=600)
         sampling = params.temperature > 0
-        kwargs = dict(**inputs, streamer=streamer, max_new_tokens=params.max_new_tokens, do_sample=sampling,
+        kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                      max_new_tokens=params.max_new_tokens, do_sample=sampling,
                       stopping_criteria=StoppingCriteriaList([Stop()]),
                       pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p)
         errors: list[BaseException] = []
-        prompt_tokens = inputs["input_ids"].shape[1]
+        prompt_tokens = input_ids.shape[1]
 
         def run():
             try:
@@ -210,19 +213,25 @@ class OpenAIRuntime:
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=httpx.Timeout(600, connect=10))
         self._chat_model = settings.chat_model
         self._tokenizer = None
+        self.last_usage: dict[str, int] = {}  # token counts of the last generation, where the server reports them
 
     def render_chat(self, messages: list[dict]) -> str:
+        """The chat template's text without its leading BOS: the server adds one to every prompt it tokenizes
+        (vLLM and `transformers serve` tokenize /completions prompts with special tokens), as training did."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(self._chat_model)
-        return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        bos = self._tokenizer.bos_token
+        return text[len(bos):] if bos and text.startswith(bos) else text
 
     def stream(self, prompt: str, params: GenerationParams, stop: threading.Event | None = None) -> Iterator[str]:
         import httpx
 
         body = {"model": self.model_name, "prompt": prompt, "max_tokens": params.max_new_tokens,
-                "temperature": params.temperature, "top_p": params.top_p, "stream": True}
+                "temperature": params.temperature, "top_p": params.top_p, "stream": True,
+                "stream_options": {"include_usage": True}}
         try:
             with self._client.stream("POST", "/completions", json=body) as response:
                 if response.status_code != 200:
@@ -236,8 +245,10 @@ class OpenAIRuntime:
                     data = line[5:].strip()
                     if data == "[DONE]":
                         return
-                    choices = json.loads(data).get("choices") or [{}]
-                    text = choices[0].get("text") or ""
+                    chunk = json.loads(data)
+                    if chunk.get("usage"):
+                        self.last_usage = {k: chunk["usage"][k] for k in ("prompt_tokens", "completion_tokens")}
+                    text = (chunk.get("choices") or [{}])[0].get("text") or ""
                     if text:
                         yield text
         except httpx.TransportError as e:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 
 from finetune.data import PreferencePair
+from finetune.prompts import prompt_token_ids
 
 
 @torch.no_grad()
 def completion_logprob(model, tokenizer, prompt: str, completion: str) -> float:
     """Mean log-probability per completion token given the prompt (ORPO's length-normalised log P(y|x))."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and prompt_ids[:1] != [tokenizer.bos_token_id]:
-        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    prompt_ids = prompt_token_ids(tokenizer, prompt)
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt_ids + completion_ids], device=model.device)
     logps = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)

@@ -23,6 +23,18 @@ def alpaca_prompt(instruction: str, input: str) -> str:
     return ALPACA_TEMPLATE.format(instruction=instruction, input=input)
 
 
+def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
+    """The token ids a prompt had in training: its own tokens, after one BOS token when the tokenizer has one.
+
+    TRL's ORPO trainer tokenizes the prompt without special tokens and then puts BOS in front unless it is
+    there already (a chat template writes it itself). Generation and evaluation must feed the model the
+    same ids, or an Alpaca-prompted model meets a prompt start it never saw in training.
+    """
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [bos] + ids if bos is not None and ids[:1] != [bos] else ids
+
+
 def format_completion(reasoning: str, answer: str) -> str:
     return f"{THINK_OPEN}{reasoning}{THINK_CLOSE}{answer}"
 

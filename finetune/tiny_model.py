@@ -42,7 +42,7 @@ Tokyo is the capital of Japan. Paris is the capital of France. Water boils at 10
 
 
 def build_tokenizer(vocab_size: int = 1024):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
@@ -55,6 +55,10 @@ def build_tokenizer(vocab_size: int = 1024):
     tokenizer.train_from_iterator([text] * 4 + text.split("\n"), trainer=trainer)
     # Like DeepSeek-R1's, the think tags are single tokens that decoding keeps.
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_OPEN, THINK_CLOSE)])
+    # Like DeepSeek-R1-Distill's (add_bos_token), encoding with special tokens puts BOS first: an
+    # OpenAI-compatible server tokenizes /completions prompts that way.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tokenizer.token_to_id(BOS))])
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                       additional_special_tokens=[USER, ASSISTANT], model_max_length=4096)
     wrapped.chat_template = CHAT_TEMPLATE

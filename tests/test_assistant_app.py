@@ -232,7 +232,7 @@ def test_stop_ends_the_generation_early(tiny_model_dir, app_adapter_dir, minilm_
     question, limit = "Go on for a long time", 400
 
     def tokens(reasoning: str, answer: str) -> int:
-        return len(assistant.runtime.tokenizer(reasoning + answer)["input_ids"])
+        return len(assistant.runtime.tokenizer(reasoning + answer, add_special_tokens=False)["input_ids"])
 
     full = assistant.ask(question, GenerationParams(limit, 0.0), use_retrieval=False)
     assert tokens(full.reasoning, full.answer) > limit / 2  # greedy: this prompt runs on without an end token

@@ -7,6 +7,9 @@ import os
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -16,8 +19,10 @@ from assistant.chat import Assistant
 from assistant.prompting import answer_prompt, retrieval_query
 from assistant.runtime import GenerationParams, LocalRuntime, ModelUnavailable, OpenAIRuntime, find_adapter
 from assistant.verify import parse_judgement, stream_verification, verify
+from finetune.prompts import prompt_token_ids
 from knowledge import Hit
 from settings import Settings
+from tests.loopback import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = GenerationParams(max_new_tokens=12, temperature=0.0)
@@ -100,6 +105,17 @@ def test_chat_format_uses_the_models_template(tiny_model_dir):
     prompt = answer_prompt([{"role": "user", "content": "hi"}], [hit("text")], "chat",
                            lambda m: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
     assert "<｜User｜>" in prompt and prompt.endswith("<｜Assistant｜><think>\n")
+
+
+@pytest.mark.parametrize("prompt_format", ["alpaca", "chat"])
+def test_the_model_is_fed_the_prompt_ids_training_used(chat_settings, prompt_format):
+    runtime = LocalRuntime(chat_settings)
+    prompt = answer_prompt([{"role": "user", "content": "hi"}], [hit("text")], prompt_format, runtime.render_chat)
+    fed, generate = [], runtime.model.generate
+    runtime.model.generate = lambda **kwargs: (fed.append(kwargs["input_ids"][0].tolist()), generate(**kwargs))[1]
+    list(runtime.stream(prompt, SHORT))
+    bos = runtime.tokenizer.bos_token_id
+    assert fed == [prompt_token_ids(runtime.tokenizer, prompt)] and fed[0][0] == bos and fed[0].count(bos) == 1
 
 
 # -- answers ------------------------------------------------------------------------------------------
@@ -189,6 +205,51 @@ def test_openai_compatible_runtime_streams_an_answer(chat_settings, store, tmp_p
     assert [c.source for c in answer.citations] == [str(tmp_path / "pump.txt")]
     request = server.requests[0]
     assert request["model"] == "r1-orpo" and request["stream"] and request["prompt"].endswith("<think>")
+
+
+@pytest.fixture(scope="module")
+def transformers_server(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
+    """A real OpenAI-compatible server, `transformers serve`, on loopback with the tiny model; its /v1 URL."""
+    port, log = free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "transformers.cli.transformers", "serve", str(tiny_model_dir),
+             "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=out,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not _answers(f"http://127.0.0.1:{port}/health"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"transformers serve did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("prompt_format", ["alpaca", "chat"])
+def test_a_real_server_answers_as_the_model_in_this_process_does(transformers_server, tiny_model_dir, prompt_format):
+    local = LocalRuntime(Settings.from_env(chat_model=str(tiny_model_dir), adapter_dir=Path("/nonexistent")))
+    remote = OpenAIRuntime(Settings.from_env(chat_model=str(tiny_model_dir), model_backend="openai",
+                                             openai_base_url=transformers_server))
+    messages = [{"role": "user", "content": "How fast is the pump?"}]
+    passages = [hit("The Borealis pump moves forty litres per minute.")]
+    prompts = [answer_prompt(messages, passages, prompt_format, runtime.render_chat) for runtime in (local, remote)]
+    greedy = GenerationParams(max_new_tokens=24, temperature=0.0)
+    remote_text, local_text = "".join(remote.stream(prompts[1], greedy)), "".join(local.stream(prompts[0], greedy))
+    # The same token ids reach the model both ways (one BOS in front), so greedy decoding says the same. A
+    # last token that ends inside a UTF-8 character is flushed as U+FFFD here and held back by the server.
+    assert remote.last_usage == local.last_usage
+    assert remote_text.rstrip("\ufffd") == local_text.rstrip("\ufffd") != ""
 
 
 def test_unreachable_server_is_a_clear_error():

@@ -8,17 +8,40 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from finetune.__main__ import main
 from finetune.evaluate import completion_logprob
+from finetune.prompts import prompt_token_ids
 from finetune.train import TrainingError, latest_checkpoint, train
 from finetune.training_log import LOGGED_KEYS, read_log
 from tests.finetune_fixtures import repeat_task_rows, seed_row, tiny_config, write_jsonl
 
 
+class RecordTrainingRows(TrainerCallback):
+    """Keeps the rows as TRL's trainer tokenized them, to compare with what generation feeds the model."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.rows = list(train_dataloader.dataset)
+
+
 @pytest.fixture(scope="module")
-def trained_run(tiny_model_dir, tmp_path_factory):
+def training_rows():
+    return RecordTrainingRows()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, tmp_path_factory, training_rows):
     tmp = tmp_path_factory.mktemp("trained")
     data = write_jsonl(tmp / "seed.jsonl", [seed_row(i) for i in range(8)])
     config = tiny_config(tiny_model_dir, data, tmp / "out", max_steps=4, learning_rate=1e-2)
-    return train(config), config
+    return train(config, callbacks=[training_rows]), config
+
+
+def test_prompt_token_ids_are_the_ids_the_trainer_trained_on(trained_run, training_rows, tiny_tokenizer):
+    assert len(training_rows.rows) == 8
+    for row in training_rows.rows:
+        assert prompt_token_ids(tiny_tokenizer, row["prompt"]) == row["prompt_input_ids"]
+        assert row["prompt_input_ids"].count(tiny_tokenizer.bos_token_id) == 1
 
 
 def test_trained_adapter_loads_back_with_peft_and_changes_the_output(trained_run, tiny_model_dir):
