@@ -5,17 +5,22 @@ Random weights of the real shapes serve (speed does not depend on the values). O
     python scripts/gpu_generation_bench.py build --shape 1.5b --out /tmp/r1-1.5b
     python scripts/gpu_generation_bench.py measure --model /tmp/r1-1.5b --engine transformers --bf16
 
-`measure` goes through `assistant.runtime.LocalRuntime.stream` and `assistant.prompting.answer_prompt`,
-exactly what a chat turn runs, and prints one JSON line. Run each engine in its own process: Unsloth
-patches transformers when it is imported.
+`measure` goes through the runtime's `stream` and `assistant.prompting.answer_prompt`, exactly what a chat
+turn runs, and prints one JSON line. `--engine openai` measures `OpenAIRuntime` against `transformers serve`
+started with the same model (the server needs `transformers[serving]`: fastapi, uvicorn, openai). Run each
+engine in its own process: Unsloth patches transformers when it is imported.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,7 +53,7 @@ def build(shape: str, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def retrieval_prompt(runtime, target_tokens: int) -> str:
+def retrieval_prompt(runtime, tokenizer, target_tokens: int) -> str:
     from assistant.prompting import answer_prompt
     from knowledge import Hit
 
@@ -60,40 +65,85 @@ def retrieval_prompt(runtime, target_tokens: int) -> str:
         n += 8
         prompt = answer_prompt([{"role": "user", "content": "What pressure did station 12 record?"}], hits,
                                runtime.prompt_format, runtime.render_chat)
-        if len(runtime.tokenizer(prompt, add_special_tokens=False).input_ids) >= target_tokens:
+        if len(tokenizer(prompt, add_special_tokens=False).input_ids) >= target_tokens:
             return prompt
+
+
+@contextlib.contextmanager
+def transformers_serve(model: str, four_bit: bool) -> Iterator[str]:
+    """`transformers serve` with the model on a loopback port, until the block ends; yields its /v1 URL."""
+    import urllib.request
+
+    port = 8765
+    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", model, "--host", "127.0.0.1",
+               "--port", str(port)] + (["--quantization", "bnb-4bit"] if four_bit else [])
+    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_DISABLE_UPDATE_CHECK": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("transformers serve did not start") from None
+                time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def measure(model: str, engine: str, four_bit: bool, prompt_tokens: int, new_tokens: int, runs: int) -> dict:
     import torch
+    from transformers import AutoTokenizer
 
-    from assistant.runtime import GenerationParams, LocalRuntime
+    from assistant.runtime import GenerationParams, LocalRuntime, OpenAIRuntime
     from settings import Settings
 
-    settings = Settings.from_env(chat_model=model, local_engine=engine, load_in_4bit=four_bit,
-                                 adapter_dir=Path("/nonexistent"))
-    start = time.perf_counter()
-    runtime = LocalRuntime(settings)
-    load_s = time.perf_counter() - start
-    prompt = retrieval_prompt(runtime, prompt_tokens)
-    greedy = GenerationParams(max_new_tokens=new_tokens, temperature=0.0)
-    list(runtime.stream(prompt, GenerationParams(max_new_tokens=4, temperature=0.0)))  # warm-up
-    ttft, decode = [], []
-    for _ in range(runs):
-        torch.cuda.synchronize()
+    common = dict(chat_model=model, load_in_4bit=four_bit, adapter_dir=Path("/nonexistent"))
+    with contextlib.ExitStack() as stack:
         start = time.perf_counter()
-        first = None
-        for _piece in runtime.stream(prompt, greedy):
-            if first is None:
-                first = time.perf_counter()
-        end = time.perf_counter()
-        generated = runtime.last_usage["completion_tokens"]
-        ttft.append(first - start)
-        decode.append((generated - 1) / (end - first))
-    return {"model": Path(model).name, "engine": runtime.engine, "weights": "4-bit" if four_bit else "bf16",
-            "prompt_tokens": runtime.last_usage["prompt_tokens"], "new_tokens": generated, "load_s": load_s,
-            "ttft_s": sorted(ttft)[len(ttft) // 2], "decode_tok_s": sorted(decode)[len(decode) // 2],
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "gpu": torch.cuda.get_device_name()}
+        if engine == "openai":
+            url = stack.enter_context(transformers_serve(model, four_bit))
+            runtime = OpenAIRuntime(Settings.from_env(model_backend="openai", openai_base_url=url, **common))
+        else:
+            runtime = LocalRuntime(Settings.from_env(local_engine=engine, **common))
+        load_s = time.perf_counter() - start
+        prompt = retrieval_prompt(runtime, AutoTokenizer.from_pretrained(model), prompt_tokens)
+        greedy = GenerationParams(max_new_tokens=new_tokens, temperature=0.0)
+        list(runtime.stream(prompt, GenerationParams(max_new_tokens=4, temperature=0.0)))  # warm-up
+        ttft, decode = [], []
+        cuda = torch.cuda.is_available()
+        for _ in range(runs):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            first = None
+            for _piece in runtime.stream(prompt, greedy):
+                if first is None:
+                    first = time.perf_counter()
+            end = time.perf_counter()
+            generated = runtime.last_usage["completion_tokens"]
+            ttft.append(first - start)
+            decode.append((generated - 1) / (end - first))
+        if not cuda:
+            peak_gib = None
+        elif engine == "openai":  # the server is another process: what nvidia-smi sees in use, reserve included
+            peak_gib = gpu_memory_used_gib()
+        else:
+            peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        return {"model": Path(model).name, "engine": getattr(runtime, "engine", "openai: transformers serve"),
+                "weights": "4-bit" if four_bit else "bf16", "prompt_tokens": runtime.last_usage["prompt_tokens"],
+                "new_tokens": generated, "load_s": load_s, "ttft_s": sorted(ttft)[len(ttft) // 2],
+                "decode_tok_s": sorted(decode)[len(decode) // 2], "peak_gib": peak_gib,
+                "gpu": torch.cuda.get_device_name() if cuda else "cpu"}
+
+
+def gpu_memory_used_gib() -> float:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0]) / 1024
 
 
 def main() -> None:
@@ -104,7 +154,8 @@ def main() -> None:
     b.add_argument("--out", type=Path, required=True)
     m = commands.add_parser("measure")
     m.add_argument("--model", required=True)
-    m.add_argument("--engine", choices=["transformers", "unsloth"], required=True)
+    m.add_argument("--engine", choices=["transformers", "unsloth", "openai"], required=True,
+                   help="openai: OpenAIRuntime against `transformers serve` started with the model")
     m.add_argument("--4bit", dest="four_bit", action="store_true")
     m.add_argument("--bf16", dest="four_bit", action="store_false")
     m.add_argument("--prompt-tokens", type=int, default=3000)
