@@ -122,6 +122,10 @@ class KnowledgeStore:
         self.settings = settings or Settings.from_env()
         self._embedder = embedder
         self._lock = None
+        # Threads of this process share one client: reopening it, and writing the revision together with
+        # remembering it, happen one thread at a time (else a search may take this process's own write for
+        # another's and reopen the client under the writer).
+        self._revision_lock = threading.RLock()
         if self.settings.chroma_host is None:
             self.settings.knowledge_dir.mkdir(parents=True, exist_ok=True)
             self._lock = FileLock(str(self.settings.knowledge_dir / ".write.lock"))
@@ -165,13 +169,14 @@ class KnowledgeStore:
         self._seen_revision = self._revision()
 
     def _reopen_if_changed_elsewhere(self) -> str:
-        revision = self._revision()
-        if revision != self._seen_revision and self.settings.chroma_host is None:
-            self.client = _persistent_client(self.settings.knowledge_dir, fresh=True)
-            self.chunks = _Retrying(self.client.get_collection(self.settings.collection))
-            self.manifest = _Retrying(self.client.get_collection(self.settings.collection + "-manifest"))
-        self._seen_revision = revision
-        return revision
+        with self._revision_lock:
+            revision = self._revision()
+            if revision != self._seen_revision and self.settings.chroma_host is None:
+                self.client = _persistent_client(self.settings.knowledge_dir, fresh=True)
+                self.chunks = _Retrying(self.client.get_collection(self.settings.collection))
+                self.manifest = _Retrying(self.client.get_collection(self.settings.collection + "-manifest"))
+            self._seen_revision = revision
+            return revision
 
     def _revision(self) -> str:
         got = self.manifest.get(ids=[_REVISION_ID], include=["metadatas"])
@@ -181,8 +186,10 @@ class KnowledgeStore:
         revision = uuid.uuid4().hex
         ids = [_REVISION_ID] + [r[0] for r in records]
         metadatas = [{"revision": revision, "kind": "revision"}] + [r[1] for r in records]
-        self.manifest.upsert(ids=ids, embeddings=np.ones((len(ids), 1), dtype=np.float32), metadatas=metadatas)
-        self._seen_revision = revision
+        with self._revision_lock:
+            self.manifest.upsert(ids=ids, embeddings=np.ones((len(ids), 1), dtype=np.float32),
+                                 metadatas=metadatas)
+            self._seen_revision = revision
 
     @property
     def embedder(self) -> Embedder:

@@ -225,6 +225,33 @@ def test_a_search_during_replace_sees_exactly_one_version(store, tmp_path):
     assert all(len(editions) == 1 for editions in seen), [e for e in seen if len(e) != 1]
 
 
+def test_a_search_that_read_the_revision_before_a_write_does_not_undo_the_write(store, tmp_path, monkeypatch):
+    """A search reads the store's revision; this process writes a new one before the search remembers what it
+    read. Remembering the older one would make this process take its own write for another's and reopen the
+    client under the threads using it (seen in CI as Chroma's KeyError from two reopens at once)."""
+    (tmp_path / "a.txt").write_text("The lighthouse rules are strict.")
+    store.add([tmp_path / "a.txt"])
+    client, read, written = store.client, threading.Event(), threading.Event()
+    revision = store._revision
+
+    def revision_read_slowly_by_the_search():
+        value = revision()
+        if threading.current_thread() is not threading.main_thread():
+            read.set()
+            written.wait(timeout=1)  # the write lands here, unless the search holds the store off
+        return value
+
+    monkeypatch.setattr(store, "_revision", revision_read_slowly_by_the_search)
+    search = threading.Thread(target=store.search, args=("lighthouse",))
+    search.start()
+    assert read.wait(timeout=30)
+    (tmp_path / "b.txt").write_text("The ferry leaves at noon.")
+    store.add([tmp_path / "b.txt"])
+    written.set()
+    search.join()
+    assert store._seen_revision == revision() and store.client is client  # no reopen for our own write
+
+
 def test_store_refuses_a_different_embedding_model(settings, store):
     with pytest.raises(StoreError, match="was built with embedding model"):
         KnowledgeStore(settings.__class__.from_env(knowledge_dir=settings.knowledge_dir, embedding_model="other"))
