@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -93,7 +94,11 @@ def _prompt_format(settings: Settings, adapter: AdapterInfo | None) -> str:
 
 
 class LocalRuntime:
-    """transformers + PEFT in this process; 4-bit on CUDA; Unsloth's inference path when installed."""
+    """transformers + PEFT in this process; 4-bit on CUDA; Unsloth's inference path when installed.
+
+    Every answer is generated on one long-lived thread, one at a time: with a new thread for each answer, decode
+    on CUDA ran at a quarter to a half of the speed (docs/benchmarks.md, "One generating thread").
+    """
 
     def __init__(self, settings: Settings):
         import torch
@@ -102,7 +107,7 @@ class LocalRuntime:
         adapter = find_adapter(settings.adapter_dir, settings.chat_model)
         self.adapter = adapter.name if adapter else None
         self.prompt_format = _prompt_format(settings, adapter)
-        self._lock = threading.Lock()  # one generation at a time on one model
+        self._generator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self.last_usage: dict[str, int] = {}  # token counts of the last finished generation
         cuda = torch.cuda.is_available()
         try:
@@ -138,21 +143,17 @@ class LocalRuntime:
                       pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p)
-        errors: list[BaseException] = []
         prompt_tokens = input_ids.shape[1]
 
         def run():
             try:
-                with self._lock:
-                    output = self.model.generate(**kwargs)
-                    self.last_usage = {"prompt_tokens": prompt_tokens,
-                                       "completion_tokens": output.shape[1] - prompt_tokens}
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                errors.append(e)
-                streamer.end()
+                output = self.model.generate(**kwargs)
+            except BaseException:
+                streamer.end()  # let the loop below end; the error is raised by result()
+                raise
+            self.last_usage = {"prompt_tokens": prompt_tokens, "completion_tokens": output.shape[1] - prompt_tokens}
 
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
+        generation = self._generator.submit(run)
         eos = self.tokenizer.eos_token or ""
         for piece in streamer:
             if eos and eos in piece:
@@ -161,9 +162,7 @@ class LocalRuntime:
                     yield piece
                 break
             yield piece
-        thread.join()
-        if errors:
-            raise errors[0]
+        generation.result()
 
 
 def _load_model(settings: Settings, cuda: bool):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -347,3 +348,18 @@ def test_ask_with_a_missing_model_exits_with_the_hint(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "python -m finetune tiny-model" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_answer_is_generated_on_one_long_lived_thread(chat_settings):
+    """A new thread per answer decoded at a quarter to a half of the speed on CUDA (docs/benchmarks.md)."""
+    runtime = LocalRuntime(chat_settings)
+    threads, generate = [], runtime.model.generate
+    runtime.model.generate = lambda **kwargs: (threads.append(threading.current_thread()), generate(**kwargs))[1]
+    for _ in range(3):
+        list(runtime.stream("hi", SHORT))
+    assert len(threads) == 3 and len(set(threads)) == 1 and threads[0] is not threading.current_thread()
+    worker = threads[0]
+    del runtime
+    gc.collect()
+    worker.join(timeout=10)
+    assert not worker.is_alive()  # and it ends with its runtime
