@@ -37,7 +37,13 @@ SHAPES = {
 
 
 def build(shape: str, out: Path) -> None:
-    """Random bf16 weights of the shape, built on the GPU, with the project's tiny tokenizer beside them."""
+    """Random bf16 weights of the shape, built on the GPU, with the project's tiny tokenizer beside them.
+
+    The output layer keeps rows only for tokens that decode to whole characters on their own (no special tokens,
+    no ids past the tokenizer's 646, no partial UTF-8 bytes); the rest are zeroed. Greedy decoding then writes
+    text token after token up to max tokens, as a real model does: a server streams text only, and random weights
+    would otherwise pick ids that decode to nothing, so its first text would come late and time to first token
+    would measure the weights rather than the path."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
@@ -47,10 +53,20 @@ def build(shape: str, out: Path) -> None:
     config = Qwen2Config(**SHAPES[shape], dtype="bfloat16", bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2ForCausalLM(config)
+    silent = torch.ones(config.vocab_size, dtype=torch.bool)
+    silent[whole_character_ids(tokenizer)] = False
+    with torch.no_grad():
+        model.lm_head.weight[silent.to(model.lm_head.weight.device)] = 0
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def whole_character_ids(tokenizer) -> list[int]:
+    special = set(tokenizer.all_special_ids)
+    texts = {i: tokenizer.decode([i]) for i in range(len(tokenizer)) if i not in special}
+    return [i for i, text in texts.items() if text and "\ufffd" not in text]
 
 
 def retrieval_prompt(runtime, tokenizer, target_tokens: int) -> str:
