@@ -228,7 +228,7 @@ def test_a_search_during_replace_sees_exactly_one_version(store, tmp_path):
 def test_a_search_that_read_the_revision_before_a_write_does_not_undo_the_write(store, tmp_path, monkeypatch):
     """A search reads the store's revision; this process writes a new one before the search remembers what it
     read. Remembering the older one would make this process take its own write for another's and reopen the
-    client under the threads using it (seen in CI as Chroma's KeyError from two reopens at once)."""
+    client under the threads using it (seen once as Chroma's KeyError from two reopens at once)."""
     (tmp_path / "a.txt").write_text("The lighthouse rules are strict.")
     store.add([tmp_path / "a.txt"])
     client, read, written = store.client, threading.Event(), threading.Event()
