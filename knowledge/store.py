@@ -125,7 +125,7 @@ class KnowledgeStore:
         # Threads of this process share one client: reopening it, and writing the revision together with
         # remembering it, happen one thread at a time (else a search may take this process's own write for
         # another's and reopen the client under the writer).
-        self._revision_lock = threading.RLock()
+        self._revision_lock = threading.Lock()
         if self.settings.chroma_host is None:
             self.settings.knowledge_dir.mkdir(parents=True, exist_ok=True)
             self._lock = FileLock(str(self.settings.knowledge_dir / ".write.lock"))
