@@ -53,6 +53,11 @@ def run_ask(assistant: Assistant, args) -> int:
     if answer.reasoning:
         print("Thinking:\n  " + answer.reasoning.replace("\n", "\n  ") + "\n")
     print(answer.answer or "(no answer after the reasoning)")
+    for check in answer.support:
+        if not check.supported:
+            print(f"\nunsupported: {check.sentence}\n  ({check.note})")
+    if answer.passages and not answer.citations:
+        print(f"\nThe answer cites none of the {len(answer.passages)} passages it was shown.")
     for citation in answer.citations:
         print(f"\n{citation.label}\n  " + citation.text[:300].replace("\n", "\n  "))
     print(f"\n(model {answer.model}, adapter {answer.adapter or 'none'})")
@@ -70,8 +75,12 @@ def run_verify(assistant: Assistant, args) -> int:
     if result.reason:
         print(f"Why: {result.reason}")
     print(f"\nCase for:\n{result.case_for}\n\nCase against:\n{result.case_against}")
-    for citation in result.citations:
-        print(f"\n{citation.label}\n  " + citation.text[:300].replace("\n", "\n  "))
+    cited = {c.number for c in result.citations}
+    if result.evidence and not cited:
+        print("\nThe verdict cites none of the evidence.")
+    for citation in result.evidence:
+        mark = " (cited by the verdict)" if citation.number in cited else ""
+        print(f"\n{citation.label}{mark}\n  " + citation.text[:300].replace("\n", "\n  "))
     return 0
 
 

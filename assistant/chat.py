@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from assistant.citation_support import SentenceSupport, citation_support, cited_numbers
 from assistant.prompting import answer_prompt, retrieval_query
 from assistant.runtime import GenerationParams, ModelRuntime, load_runtime
 from finetune.prompts import split_reasoning
@@ -22,7 +22,7 @@ class Citation:
     text: str
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "page": self.page, "text": self.text}
+        return {"number": self.number, "source": self.source, "page": self.page, "text": self.text}
 
     @property
     def label(self) -> str:
@@ -39,19 +39,30 @@ class Answer:
     thinking_done: bool = False
     done: bool = False
     passages: list[Citation] = field(default_factory=list)  # every passage the model was shown
+    support: list[SentenceSupport] = field(default_factory=list)  # each citing sentence's check, when done
     adapter: str | None = None
     model: str = ""
 
     @property
     def citations(self) -> list[Citation]:
-        """The passages the answer cites by number; all shown passages when it cites none."""
-        cited = {int(n) for n in re.findall(r"\[(\d+)\]", self.answer)}
-        chosen = [p for p in self.passages if p.number in cited]
-        return chosen or self.passages
+        """The passages the answer cites by number, and only those."""
+        cited = set(cited_numbers(self.answer))
+        return [p for p in self.passages if p.number in cited]
+
+    @property
+    def uncited(self) -> list[Citation]:
+        """The passages the model was shown that the answer does not cite."""
+        cited = set(cited_numbers(self.answer))
+        return [p for p in self.passages if p.number not in cited]
+
+    def check_citations(self) -> None:
+        self.support = citation_support(self.answer, {p.number: p.text for p in self.passages})
 
     def to_dict(self) -> dict:
         return {"answer": self.answer, "reasoning": self.reasoning,
-                "citations": [c.to_dict() for c in self.citations], "adapter": self.adapter}
+                "citations": [c.to_dict() for c in self.citations],
+                "passages": [c.to_dict() for c in self.uncited],
+                "support": [s.to_dict() for s in self.support], "adapter": self.adapter}
 
 
 def as_citations(hits: list[Hit]) -> list[Citation]:
@@ -105,6 +116,7 @@ class Assistant:
         yield answer
         for answer.reasoning, answer.answer, answer.thinking_done in self.generate(prompt, params, stop):
             yield answer
+        answer.check_citations()
         answer.done = True
         yield answer
 

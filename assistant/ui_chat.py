@@ -22,6 +22,7 @@ from knowledge import StoreError
 
 THINKING = "Thinking"
 THINKING_OPEN_ENDED = "Thinking (never closed: the model stopped before it finished reasoning)"
+UNCITED = "The answer cites none of the passages it was shown; they are listed below as retrieved, not cited."
 NO_ANSWER = ("*No answer after the reasoning: the model stopped while still thinking. Open the thinking "
              "block above to read it, or raise “Max new tokens”.*")
 
@@ -47,14 +48,15 @@ class StopSwitches:
 
 def new_turn(question: str, params: GenerationParams, use_retrieval: bool) -> dict:
     return {"question": question, "reasoning": "", "answer": "", "thinking_done": False, "done": False,
-            "stopped": False, "error": None, "citations": [], "model": "", "adapter": None,
+            "stopped": False, "error": None, "citations": [], "passages": [], "support": [], "model": "",
+            "adapter": None,
             "retrieval": use_retrieval,
             "params": {"temperature": params.temperature, "max_new_tokens": params.max_new_tokens},
             "started_at": time.time(), "seconds": None}
 
 
 def citation_dict(citation: Citation) -> dict:
-    return {"number": citation.number, **citation.to_dict(), "label": citation.label}
+    return {**citation.to_dict(), "label": citation.label}
 
 
 def model_history(turns: list[dict]) -> list[dict]:
@@ -81,21 +83,38 @@ def turn_messages(turn: dict, index: int) -> list[gr.ChatMessage]:
             metadata["duration"] = round(turn["seconds"], 1)
         messages.append(gr.ChatMessage(content=turn["reasoning"] or "…", metadata=metadata))
     if turn["answer"] or turn["done"]:
-        body = turn["answer"] or NO_ANSWER
+        body = marked_answer(turn["answer"], turn["support"]) if turn["answer"] else NO_ANSWER
         if turn["stopped"]:
             body += "\n\n*(stopped)*"
+        if turn["done"] and turn["answer"] and turn["passages"] and not turn["citations"]:
+            body += f"\n\n*{UNCITED}*"
         if turn["model"]:
             body += (f"\n\n<small>answered by {short_model_name(turn['model'])} + adapter "
                      f"{turn['adapter'] or 'none'}{'' if turn['retrieval'] else ', without retrieval'}</small>")
         messages.append(gr.ChatMessage(content=body))
-    if turn["done"] and turn["citations"]:
-        parent = f"sources-{index}"
-        count = len(turn["citations"])
-        messages.append(gr.ChatMessage(content="Open a source to read the passage.", metadata={
-            "title": f"Sources ({count} passage{'s' if count != 1 else ''})", "id": parent, "status": "done"}))
-        for citation in turn["citations"]:
-            messages.append(gr.ChatMessage(content=citation["text"], metadata={
-                "title": citation["label"], "parent_id": parent, "status": "done"}))
+    if turn["done"]:
+        for kind, title in (("citations", "Sources"), ("passages", "Retrieved, not cited")):
+            if turn[kind]:
+                messages += passage_messages(turn[kind], title, f"{kind}-{index}")
+    return messages
+
+
+def marked_answer(answer: str, support: list[dict]) -> str:
+    """The answer with each sentence that its cited passage does not support marked, and why."""
+    for check in support:
+        if not check["supported"] and check["sentence"] in answer:
+            answer = answer.replace(check["sentence"], f"{check['sentence']} ⚠️ *(unsupported: {check['note']})*", 1)
+    return answer
+
+
+def passage_messages(citations: list[dict], title: str, parent: str) -> list[gr.ChatMessage]:
+    """A closed block of passages, each opening to its text."""
+    count = len(citations)
+    messages = [gr.ChatMessage(content="Open a source to read the passage.", metadata={
+        "title": f"{title} ({count} passage{'s' if count != 1 else ''})", "id": parent, "status": "done"})]
+    for citation in citations:
+        messages.append(gr.ChatMessage(content=citation["text"], metadata={
+            "title": citation["label"], "parent_id": parent, "status": "done"}))
     return messages
 
 
@@ -112,6 +131,9 @@ def conversation_export(turns: list[dict]) -> dict:
             messages.append({"role": "assistant", "content": turn["answer"], "reasoning": turn["reasoning"],
                              "citations": [{k: c[k] for k in ("number", "source", "page", "text")}
                                            for c in turn["citations"]],
+                             "passages": [{k: c[k] for k in ("number", "source", "page", "text")}
+                                          for c in turn["passages"]],
+                             "support": turn["support"],
                              "model": turn["model"], "adapter": turn["adapter"], "retrieval": turn["retrieval"],
                              "params": turn["params"], "stopped": turn["stopped"],
                              "thinking_closed": turn["thinking_done"]})
@@ -157,7 +179,9 @@ class ChatTab:
                             model=answer.model, adapter=answer.adapter)
                 if answer.done:
                     turn.update(done=True, stopped=stop.is_set(),
-                                citations=[citation_dict(c) for c in answer.citations])
+                                citations=[citation_dict(c) for c in answer.citations],
+                                passages=[citation_dict(c) for c in answer.uncited],
+                                support=[check.to_dict() for check in answer.support])
                 turn["seconds"] = time.time() - turn["started_at"] if answer.done else None
                 yield chat_messages(turns), turns, ""
         except ModelUnavailable as e:

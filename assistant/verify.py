@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from assistant.chat import Assistant, Citation, as_citations
-from assistant.prompting import build_prompt, quote_passages
+from assistant.prompting import build_prompt, neutralize, quote_passages
 from assistant.runtime import GenerationParams
 
 VERDICTS = ("supported", "refuted", "not enough evidence")
@@ -50,12 +50,15 @@ class Verification:
 
     @property
     def citations(self) -> list[Citation]:
+        """The evidence the verdict rests on (the judge's citations)."""
         return [c for c in self.evidence if c.number in self.cited]
 
     def to_dict(self) -> dict:
+        """The result as JSON: every retrieved passage, numbered, under "evidence", whatever the judge said."""
         return {"claim": self.claim, "verdict": self.verdict, "confidence": self.confidence,
                 "for": self.case_for, "against": self.case_against, "reason": self.reason,
-                "citations": [c.to_dict() for c in self.citations], "adapter": self.adapter}
+                "citations": [c.to_dict() for c in self.citations],
+                "evidence": [c.to_dict() for c in self.evidence], "adapter": self.adapter}
 
 
 def parse_judgement(text: str, evidence_count: int) -> tuple[str, float, list[int], str]:
@@ -98,7 +101,7 @@ def stream_verification(assistant: Assistant, claim: str, params: GenerationPara
     evidence = quote_passages(hits)
 
     def prompt(rules: str, extra: str = "") -> str:
-        return build_prompt(f"{rules}\n\nClaim: {result.claim}", evidence + extra, runtime.prompt_format,
+        return build_prompt(f"{rules}\n\nClaim: {neutralize(result.claim)}", evidence + extra, runtime.prompt_format,
                             runtime.render_chat)
 
     for stage, side in (("for", FOR_SIDE), ("against", AGAINST_SIDE)):
@@ -108,7 +111,8 @@ def stream_verification(assistant: Assistant, claim: str, params: GenerationPara
             yield result
     result.stage = "judge"
     yield result
-    cases = f"\n\nCase for:\n{result.case_for}\n\nCase against:\n{result.case_against}"
+    # The cases are the model's words, but made from untrusted passages: they enter the prompt the same way.
+    cases = f"\n\nCase for:\n{neutralize(result.case_for)}\n\nCase against:\n{neutralize(result.case_against)}"
     judgement = ""
     for _, answer, _ in assistant.generate(prompt(JUDGE_RULES, cases), params, stop):
         judgement = answer

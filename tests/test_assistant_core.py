@@ -129,8 +129,9 @@ def test_answer_streams_reasoning_that_never_closes_and_cites_the_passages(chat_
     final = updates[-1]
     assert len(updates) > 3 and final.done  # streamed piece by piece
     assert final.reasoning and not final.thinking_done and final.answer == ""  # a random model never closes </think>
-    assert [c.source for c in final.citations] == [str(tmp_path / "pump.txt")]
-    assert final.to_dict()["adapter"] is None
+    # No answer, so nothing is cited; the passage it was shown is listed as retrieved, not cited.
+    assert final.citations == [] and [c.source for c in final.passages] == [str(tmp_path / "pump.txt")]
+    assert final.to_dict()["adapter"] is None and final.to_dict()["passages"][0]["number"] == 1
 
 
 def test_stop_ends_generation_early(chat_settings, store):
@@ -288,8 +289,9 @@ def test_verification_argues_both_sides_then_judges_with_citations(store, tmp_pa
     assert result.case_for == "The memo says 4 million [1]." and result.case_against == "Nothing contradicts it."
     out = result.to_dict()
     assert set(out) >= {"claim", "verdict", "confidence", "for", "against", "citations"}
-    assert out["citations"] == [{"source": str(tmp_path / "memo.txt"), "page": None,
+    assert out["citations"] == [{"number": 1, "source": str(tmp_path / "memo.txt"), "page": None,
                                  "text": "The memo sets the budget at 4 million crowns."}]
+    assert out["evidence"] == out["citations"]
     assert "IS true" in runtime.prompts[0] and "NOT true" in runtime.prompts[1]
     assert "Case for:\nThe memo says 4 million [1]." in runtime.prompts[2]
 
@@ -332,13 +334,18 @@ def test_ask_and_verify_print_json(chat_settings, tmp_path):
     ask = subprocess.run([sys.executable, "-m", "assistant", "ask", "What is the budget?", "--json"], env=env,
                          capture_output=True, text=True, check=True)
     answer = json.loads(ask.stdout)
-    assert set(answer) == {"answer", "reasoning", "citations", "adapter"}
-    assert answer["citations"][0]["source"] == str(tmp_path / "docs" / "memo.txt")
+    assert set(answer) == {"answer", "reasoning", "citations", "passages", "support", "adapter"}
+    memo = {"number": 1, "source": str(tmp_path / "docs" / "memo.txt"), "page": None,
+            "text": "The memo sets the budget at 4 million crowns."}
+    # The random model cites nothing: the memo it was shown is a passage, not a citation.
+    assert answer["citations"] == [] and answer["passages"] == [memo]
     check = subprocess.run([sys.executable, "-m", "assistant", "verify", "The budget is 4 million.", "--json"],
                            env=env, capture_output=True, text=True, check=True)
     verdict = json.loads(check.stdout)
-    assert {"claim", "verdict", "confidence", "for", "against", "citations"} <= set(verdict)
-    assert verdict["verdict"] == "not enough evidence"  # the random model's judgement does not parse
+    assert verdict["claim"] == "The budget is 4 million." and verdict["evidence"] == [memo]
+    # The random model's judgement does not parse: the verdict falls back, says why, and cites nothing.
+    assert (verdict["verdict"], verdict["confidence"], verdict["citations"]) == ("not enough evidence", 0.0, [])
+    assert "falling back" in verdict["reason"]
 
 
 def test_ask_with_a_missing_model_exits_with_the_hint(tmp_path):
