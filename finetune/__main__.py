@@ -1,4 +1,4 @@
-"""python -m finetune prepare DATA | train --config FILE [key=value ...] | tiny-model OUT_DIR"""
+"""python -m finetune prepare DATA | train --config FILE [key=value ...] | pairs ... | tiny-model OUT_DIR"""
 
 from __future__ import annotations
 
@@ -43,6 +43,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(args: argparse.Namespace) -> int:
+    from finetune.pairs_store import PairsStore, write_export
+
+    store = PairsStore(args.store)
+    if args.action == "export":
+        print(f"wrote {write_export(store, args.layout, args.out)} pairs to {args.out}")
+    elif args.action == "delete":
+        for pair_id in args.ids:
+            store.delete_pair(pair_id)
+        print(f"deleted {len(args.ids)} pairs; {store.count()} left")
+    elif args.json:
+        print(json.dumps([p.to_dict() for p in store.pairs()], ensure_ascii=False, indent=2))
+    else:
+        for pair in store.pairs():
+            question = pair.chosen.instruction.splitlines()[-1] if pair.chosen.instruction else pair.chosen.prompt
+            print(f"{pair.id:6d}  {pair.origin:9s}  {question[:80]}")
+        print(f"{store.count()} pairs, {store.unpaired_down_votes()} down votes waiting for a better answer")
+    return 0
+
+
 def _tiny_model(args: argparse.Namespace) -> int:
     from finetune.tiny_model import build_tiny_model
 
@@ -72,6 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.set_defaults(run=_train)
+
+    q = commands.add_parser("pairs", help="the preference pairs store: list, export, delete")
+    q.add_argument("action", choices=("list", "export", "delete"))
+    q.add_argument("ids", nargs="*", type=int, help="pair ids to delete")
+    q.add_argument("--store", default="data/pairs.sqlite", help="the SQLite pairs store (default data/pairs.sqlite)")
+    q.add_argument("--layout", choices=("trl", "recipe"), default="trl",
+                   help="export as TRL's prompt/chosen/rejected (default) or the recipe's columns")
+    q.add_argument("--out", default="pairs.jsonl", help="export file (JSONL)")
+    q.add_argument("--json", action="store_true", help="list as JSON")
+    q.set_defaults(run=_pairs)
 
     m = commands.add_parser("tiny-model", help="build a tiny random-weight model for tests and smoke runs")
     m.add_argument("out_dir")

@@ -5,7 +5,8 @@ Four input formats, detected by their columns:
   `reasoning(REJECTED)`), turned into the Alpaca prompt and `<think>reasoning</think>answer` + EOS.
 - `trl`: TRL's standard format (strings) or conversational format (message lists, rendered with the model's
   chat template).
-- `chat`: pairs collected by the chat app: `instruction`, `input`, and full completions `chosen`/`rejected`.
+- `chat`: `instruction`, `input`, and full completions `chosen`/`rejected`.
+A pairs store (`finetune/pairs_store.py`, an SQLite file such as `data/pairs.sqlite`) is read as TRL rows.
 Everything is converted here, once, so the trainer sees one format.
 """
 
@@ -76,6 +77,14 @@ class PreparedData:
 def load_rows(source: str | Path, split: str = "train") -> list[tuple[str | None, dict]]:
     """Rows of a local file, a folder of files, or a hub dataset, each with the file it came from."""
     path = Path(source)
+    from finetune.pairs_store import PairsStore, is_pairs_store
+
+    if is_pairs_store(path):
+        if not path.is_file():
+            raise DataError(f"{path} does not exist; the app creates the pairs store when it records a pair")
+        # The pairs' prompt format travels with them: a model trained on chat-template prompts is prompted so.
+        return [(None, {**pair.to_trl(), "prompt_format": pair.chosen.prompt_format})
+                for pair in reversed(PairsStore(path).pairs())]
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
         if not files:
@@ -205,7 +214,9 @@ def _convert_row(row: dict, fmt: str, tokenizer) -> tuple[PreferencePair | None,
     for name in TRL_COLUMNS:
         if reason := _check_text(row, name):
             return None, reason, False
-    return PreferencePair(row["prompt"], _with_eos(row["chosen"], eos), _with_eos(row["rejected"], eos)), None, False
+    from_template = row.get("prompt_format") == "chat"  # set by the pairs store
+    return (PreferencePair(row["prompt"], _with_eos(row["chosen"], eos), _with_eos(row["rejected"], eos)), None,
+            from_template)
 
 
 def _convert_conversational(row: dict, tokenizer) -> tuple[PreferencePair | None, str | None, bool]:

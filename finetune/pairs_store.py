@@ -1,0 +1,267 @@
+"""The preference-pairs store: answers people judged, and the pairs made from them, in one SQLite file.
+
+This is the hand-off between the app (which records answers, votes and pairs as people use it) and training
+(``python -m finetune prepare|train data=data/pairs.sqlite`` reads it). Both sides import this module; the
+file is the only thing they share.
+
+- An *answer* is one completion of one prompt: the prompt exactly as the model saw it (question,
+  conversation and passages in the one prompt format), its Alpaca parts (instruction and input, for the
+  recipe's columns), the reasoning and the answer apart, the base model and adapter that wrote it (none when
+  a person wrote it), who asked, and when.
+- A *pair* is a chosen and a rejected answer to the same prompt.
+- A *vote* is a thumbs up or down on an answer. A down vote with no better answer yet waits unpaired; when a
+  better answer to the same prompt arrives (an up vote, a pick, an edit), the two become a pair.
+
+SQLite in WAL mode, one transaction per write: a crash loses at most the write in progress, and the app and
+a training job may read and write at once (a writer waits up to ``BUSY_TIMEOUT_S`` for the other).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from finetune.data import DataError
+from finetune.prompts import THINK_CLOSE
+
+BUSY_TIMEOUT_S = 30.0
+SUFFIXES = (".sqlite", ".sqlite3", ".db")
+ORIGINS = ("vote", "pick", "edit", "generated")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS answers (
+    id INTEGER PRIMARY KEY,
+    prompt TEXT NOT NULL,
+    instruction TEXT NOT NULL,
+    input TEXT NOT NULL,
+    prompt_format TEXT NOT NULL,
+    reasoning TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    model TEXT,
+    adapter TEXT,
+    user TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS answers_by_prompt ON answers (prompt);
+CREATE TABLE IF NOT EXISTS votes (
+    answer_id INTEGER NOT NULL REFERENCES answers (id) ON DELETE CASCADE,
+    good INTEGER NOT NULL,
+    user TEXT,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pairs (
+    id INTEGER PRIMARY KEY,
+    chosen_id INTEGER NOT NULL REFERENCES answers (id),
+    rejected_id INTEGER NOT NULL REFERENCES answers (id),
+    origin TEXT NOT NULL,
+    user TEXT,
+    created_at REAL NOT NULL,
+    UNIQUE (chosen_id, rejected_id)
+);
+"""
+
+
+class PairsStoreError(DataError):
+    """The store cannot do what was asked (no such answer, two different prompts, ...); the message says why."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One answer to a prompt, as the model (or a person) wrote it."""
+
+    prompt: str  # exactly as the model saw it, ending where the model starts writing
+    reasoning: str
+    answer: str
+    instruction: str = ""  # the prompt's Alpaca parts, for the recipe's columns
+    input: str = ""
+    prompt_format: str = "alpaca"
+    model: str | None = None  # None: written by a person
+    adapter: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The completion as training sees it: reasoning, then the answer (the prompt opened <think>)."""
+        return f"{self.reasoning}{THINK_CLOSE}{self.answer}"
+
+
+@dataclass(frozen=True)
+class StoredPair:
+    id: int
+    chosen: Completion
+    rejected: Completion
+    origin: str  # vote, pick, edit or generated
+    user: str | None
+    created_at: float
+
+    def to_trl(self) -> dict:
+        """TRL's standard preference row."""
+        return {"prompt": self.chosen.prompt, "chosen": self.chosen.text, "rejected": self.rejected.text}
+
+    def to_recipe(self) -> dict:
+        """The recipe's columns (its seed data's schema)."""
+        return {"instruction": self.chosen.instruction, "input": self.chosen.input,
+                "reasoning(CHOSEN)": self.chosen.reasoning, "output(CHOSEN)": self.chosen.answer,
+                "reasoning(REJECTED)": self.rejected.reasoning, "output(REJECTED)": self.rejected.answer}
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "chosen": asdict(self.chosen), "rejected": asdict(self.rejected),
+                "origin": self.origin, "user": self.user,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created_at))}
+
+
+class PairsStore:
+    """Answers, votes and pairs in the SQLite file at ``path`` (created with its folder when missing)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = self._connect()
+            try:
+                db.executescript(_SCHEMA)
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as e:
+            raise PairsStoreError(f"{self.path} is not a pairs store ({e}); move it aside or name another file"
+                                  ) from None
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA synchronous=FULL")  # a pair acknowledged is a pair on disk
+        return db
+
+    def _write(self, work):
+        """Run ``work(db)`` in one transaction; everything or nothing of it is stored."""
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+        finally:
+            db.close()
+
+    # -- writing --------------------------------------------------------------------------------------
+
+    def add_answer(self, completion: Completion, user: str | None = None) -> int:
+        """Record one answer; returns its id."""
+        def work(db):
+            return db.execute(
+                "INSERT INTO answers (prompt, instruction, input, prompt_format, reasoning, answer, model, adapter,"
+                " user, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (completion.prompt, completion.instruction, completion.input, completion.prompt_format,
+                 completion.reasoning, completion.answer, completion.model, completion.adapter, user,
+                 time.time())).lastrowid
+        return self._write(work)
+
+    def add_pair(self, chosen_id: int, rejected_id: int, origin: str, user: str | None = None) -> int:
+        """Record that ``chosen_id`` is the better answer to the prompt both answered; returns the pair's id."""
+        if origin not in ORIGINS:
+            raise PairsStoreError(f"origin {origin!r}: use one of {', '.join(ORIGINS)}")
+        return self._write(lambda db: self._insert_pair(db, chosen_id, rejected_id, origin, user))
+
+    def vote(self, answer_id: int, good: bool, user: str | None = None) -> list[int]:
+        """A thumbs up or down on an answer; returns the ids of the pairs it completed (often none).
+
+        A down vote pairs with every answer to the same prompt already voted up; an up vote pairs with every
+        answer to that prompt voted down and not yet paired with a better one.
+        """
+        def work(db):
+            prompt = self._prompt_of(db, answer_id)
+            db.execute("INSERT INTO votes (answer_id, good, user, created_at) VALUES (?, ?, ?, ?)",
+                       (answer_id, int(good), user, time.time()))
+            others = [row[0] for row in db.execute(
+                "SELECT DISTINCT a.id FROM answers a JOIN votes v ON v.answer_id = a.id "
+                "WHERE a.prompt = ? AND a.id != ? AND v.good = ?", (prompt, answer_id, int(not good)))]
+            made = []
+            for other in others:
+                chosen, rejected = (answer_id, other) if good else (other, answer_id)
+                if good and db.execute("SELECT 1 FROM pairs WHERE rejected_id = ?", (rejected,)).fetchone():
+                    continue  # that down vote already has its better answer
+                made.append(self._insert_pair(db, chosen, rejected, "vote", user))
+            return [m for m in made if m is not None]
+        return self._write(work)
+
+    def _prompt_of(self, db, answer_id: int) -> str:
+        row = db.execute("SELECT prompt FROM answers WHERE id = ?", (answer_id,)).fetchone()
+        if row is None:
+            raise PairsStoreError(f"no answer {answer_id} in {self.path}")
+        return row[0]
+
+    def _insert_pair(self, db, chosen_id: int, rejected_id: int, origin: str, user: str | None) -> int | None:
+        if chosen_id == rejected_id:
+            raise PairsStoreError("an answer cannot be preferred to itself")
+        if self._prompt_of(db, chosen_id) != self._prompt_of(db, rejected_id):
+            raise PairsStoreError(f"answers {chosen_id} and {rejected_id} answer different prompts; a pair needs "
+                                  "two answers to the same prompt")
+        cursor = db.execute("INSERT OR IGNORE INTO pairs (chosen_id, rejected_id, origin, user, created_at) "
+                            "VALUES (?, ?, ?, ?, ?)", (chosen_id, rejected_id, origin, user, time.time()))
+        return cursor.lastrowid if cursor.rowcount else None
+
+    def delete_pair(self, pair_id: int) -> None:
+        """Drop a bad pair (its answers stay, so a later vote may pair them again)."""
+        def work(db):
+            if not db.execute("DELETE FROM pairs WHERE id = ?", (pair_id,)).rowcount:
+                raise PairsStoreError(f"no pair {pair_id} in {self.path}")
+        self._write(work)
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def _read(self, query: str, args: tuple = ()) -> list[tuple]:
+        db = self._connect()
+        try:
+            return db.execute(query, args).fetchall()
+        finally:
+            db.close()
+
+    def count(self) -> int:
+        return self._read("SELECT COUNT(*) FROM pairs")[0][0]
+
+    def pairs(self, limit: int | None = None, offset: int = 0) -> list[StoredPair]:
+        """Pairs, newest first."""
+        columns = "prompt, reasoning, answer, instruction, input, prompt_format, model, adapter"
+        query = (f"SELECT p.id, p.origin, p.user, p.created_at, {_prefixed('c', columns)}, {_prefixed('r', columns)} "
+                 "FROM pairs p JOIN answers c ON c.id = p.chosen_id JOIN answers r ON r.id = p.rejected_id "
+                 "ORDER BY p.id DESC LIMIT ? OFFSET ?")
+        rows = self._read(query, (-1 if limit is None else limit, offset))
+        return [StoredPair(row[0], Completion(*row[4:12]), Completion(*row[12:20]), row[1], row[2], row[3])
+                for row in rows]
+
+    def unpaired_down_votes(self) -> int:
+        """Answers voted down that still wait for a better answer to their prompt."""
+        return self._read("SELECT COUNT(DISTINCT v.answer_id) FROM votes v WHERE v.good = 0 AND NOT EXISTS "
+                          "(SELECT 1 FROM pairs p WHERE p.rejected_id = v.answer_id)")[0][0]
+
+
+def _prefixed(alias: str, columns: str) -> str:
+    return ", ".join(f"{alias}.{c.strip()}" for c in columns.split(","))
+
+
+def is_pairs_store(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in SUFFIXES
+
+
+def export_rows(store: PairsStore, layout: str) -> list[dict]:
+    """Every pair as rows of ``layout``: "trl" (prompt/chosen/rejected) or "recipe" (the seed columns)."""
+    if layout not in ("trl", "recipe"):
+        raise PairsStoreError(f"export layout {layout!r}: use trl or recipe")
+    return [pair.to_trl() if layout == "trl" else pair.to_recipe() for pair in reversed(store.pairs())]
+
+
+def write_export(store: PairsStore, layout: str, out: str | Path) -> int:
+    """Write the export as JSONL; returns how many pairs."""
+    rows = export_rows(store, layout)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return len(rows)
