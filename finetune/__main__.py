@@ -43,6 +43,36 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from finetune import evaluation
+
+    if args.completions:
+        reports = evaluation.score_completions_file(args.completions)
+    else:
+        if not args.prompts:
+            raise DataError("give --prompts FILE (held-out prompts) or --completions FILE (completions to score)")
+        model = args.model or _default_model()
+        pairs = []
+        if args.pairs:
+            from finetune.data import prepare_data
+            from finetune.hf_backend import load_tokenizer
+
+            pairs = prepare_data(args.pairs, load_tokenizer(model)).pairs
+        config = evaluation.GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                             samples=args.samples, batch_size=args.batch_size)
+        reports = evaluation.evaluate(model, args.adapter, evaluation.load_prompts(args.prompts), pairs, config)
+    if args.plot:
+        evaluation.plot(reports, args.plot)
+    if args.json:
+        print(json.dumps({"models": [r.to_dict(with_completions=bool(args.completions)) for r in reports]},
+                         ensure_ascii=False, indent=2))
+    else:
+        print(evaluation.markdown_table(reports))
+        if args.plot:
+            print(f"\nchart written to {args.plot}")
+    return 0
+
+
 def _pairs(args: argparse.Namespace) -> int:
     from finetune.pairs_store import PairsStore, write_export
 
@@ -92,6 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.set_defaults(run=_train)
+
+    e = commands.add_parser("eval", help="base model and adapters side by side on held-out prompts and pairs")
+    e.add_argument("--model", help="base model (default: CHAT_MODEL)")
+    e.add_argument("--adapter", action="append", default=[], help="an adapter folder; repeat for several")
+    e.add_argument("--prompts", help="held-out prompts (JSONL: prompt, or instruction + input; optional expected)")
+    e.add_argument("--pairs", help="held-out preference pairs, in any format `prepare` reads")
+    e.add_argument("--completions", help="score these completions instead (JSONL: completion, prompt?, model?)")
+    e.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    e.add_argument("--samples", type=int, default=1, help="answers per prompt")
+    e.add_argument("--max-new-tokens", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--plot", help="write a PNG chart here")
+    e.add_argument("--json", action="store_true", help='print {"models": [...]} as JSON')
+    e.set_defaults(run=_eval)
 
     q = commands.add_parser("pairs", help="the preference pairs store: list, export, delete")
     q.add_argument("action", choices=("list", "export", "delete"))

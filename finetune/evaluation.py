@@ -1,0 +1,263 @@
+"""`finetune eval`: did training help? The base model and each adapter, side by side, on held-out data.
+
+    python -m finetune eval --model BASE --adapter data/adapters/orpo-1 --prompts heldout.jsonl --pairs pairs.jsonl
+    python -m finetune eval --completions outputs.jsonl          # score given completions, no model
+
+For each model: answers to the held-out prompts (greedy by default), scored by ``finetune.metrics`` (think
+rate, duplication of the reasoning in the answer, answer length, citation rate, accuracy when the prompts carry
+an expected answer); and on held-out pairs, how often the model finds the chosen completion likelier than the
+rejected one (``preference_accuracy``) and by how much (``margin``: the mean difference of the two
+completions' average per-token log-probabilities, the quantity ORPO's odds ratio is built on).
+
+Prompts file (JSONL or JSON list): each row is ``{"prompt"}`` (the exact prompt, e.g. from the pairs store)
+or ``{"instruction", "input"}`` (the recipe's Alpaca template, opened with <think>); an optional
+``"expected"`` answer is graded. Completions file: rows of
+``{"completion", "prompt"?, "expected"?, "model"?}``; rows are summarized per ``model`` name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.data import DataError, PreferencePair
+from finetune.metrics import CompletionScore, score_completion, summarize
+from finetune.prompts import THINK_OPEN, alpaca_prompt, prompt_token_ids
+
+BASE_NAME = "base"
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    prompt: str
+    expected: str | None = None
+
+
+@dataclass
+class ModelReport:
+    name: str
+    summary: dict
+    preference_accuracy: float | None = None
+    margin: float | None = None
+    completions: list[dict] = field(default_factory=list)  # each completion with its scores
+
+    def to_dict(self, with_completions: bool = False) -> dict:
+        out = {"name": self.name, **self.summary, "preference_accuracy": self.preference_accuracy,
+               "margin": self.margin}
+        if with_completions:
+            out["completions"] = self.completions
+        return out
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy, the same answer every run
+    top_p: float = 0.95
+    samples: int = 1  # answers per prompt (with a temperature above 0)
+    batch_size: int = 8
+
+
+# ---------------------------------------------------------------- reading
+
+def _rows(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; give a JSONL file of prompts or completions")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        rows = json.loads(text)
+        if not isinstance(rows, list):
+            raise DataError(f"{path} must hold a JSON list of rows")
+        return rows
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {number} is not valid JSON ({e.msg}); fix or remove it") from None
+    return rows
+
+
+def load_prompts(path: str | Path) -> list[EvalPrompt]:
+    prompts = []
+    for number, row in enumerate(_rows(path), start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path} row {number} is not an object")
+        expected = None if row.get("expected") is None else str(row["expected"])
+        if isinstance(row.get("prompt"), str):
+            prompts.append(EvalPrompt(row["prompt"], expected))
+        elif isinstance(row.get("instruction"), str):
+            prompts.append(EvalPrompt(alpaca_prompt(row["instruction"], row.get("input") or "") + THINK_OPEN, expected))
+        else:
+            raise DataError(f"{path} row {number} has neither \"prompt\" nor \"instruction\"")
+    if not prompts:
+        raise DataError(f"{path} holds no prompts")
+    return prompts
+
+
+def score_completions_file(path: str | Path) -> list[ModelReport]:
+    """Reports per ``model`` name of the rows (one report, "completions", when rows name none)."""
+    grouped: dict[str, list[tuple[dict, CompletionScore]]] = {}
+    for number, row in enumerate(_rows(path), start=1):
+        if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
+            raise DataError(f"{path} row {number} has no \"completion\" text")
+        score = score_completion(row.get("prompt") or "", row["completion"], row.get("expected"))
+        grouped.setdefault(str(row.get("model") or "completions"), []).append((row, score))
+    return [ModelReport(name, summarize([s for _, s in items]),
+                        completions=[{**row, **score.to_dict()} for row, score in items])
+            for name, items in grouped.items()]
+
+
+# ---------------------------------------------------------------- with a model
+
+def generate(model, tokenizer, prompts: list[str], config: GenerationConfig) -> list[str]:
+    """Completions of ``prompts``, in batches, fed the ids training gave each prompt (``prompt_token_ids``)."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for i in range(0, len(prompts), config.batch_size):
+        batch = [prompt_token_ids(tokenizer, p) for p in prompts[i:i + config.batch_size]]
+        width = max(map(len, batch))
+        # Left padding: every row's last prompt token sits at the end, where generation continues.
+        ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device)
+        sampling = config.temperature > 0
+        kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=sampling, pad_token_id=pad)
+        if sampling:
+            kwargs.update(temperature=config.temperature, top_p=config.top_p)
+        with torch.no_grad():
+            generated = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        for row in generated[:, width:]:
+            out.append(_decode_until_eos(tokenizer, row.tolist()))
+    return out
+
+
+def _decode_until_eos(tokenizer, ids: list[int]) -> str:
+    if tokenizer.eos_token_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def completion_logprob(model, tokenizer, prompt: str, completion: str) -> float:
+    """Average log-probability per token of ``completion`` after ``prompt`` (ORPO's length-normalized score)."""
+    import torch
+
+    device = next(model.parameters()).device
+    prompt_ids = prompt_token_ids(tokenizer, prompt)
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if not completion_ids:
+        return 0.0
+    ids = torch.tensor([prompt_ids + completion_ids], device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
+    target = torch.tensor(completion_ids, device=device)
+    return torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).mean().item()
+
+
+def preference(model, tokenizer, pairs: list[PreferencePair]) -> tuple[float, float]:
+    """(share of pairs whose chosen completion is likelier, mean margin of average log-probabilities)."""
+    margins = [completion_logprob(model, tokenizer, p.prompt, p.chosen)
+               - completion_logprob(model, tokenizer, p.prompt, p.rejected) for p in pairs]
+    return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
+
+
+def evaluate_model(model, tokenizer, name: str, prompts: list[EvalPrompt], pairs: list[PreferencePair],
+                   config: GenerationConfig) -> ModelReport:
+    texts = [p.prompt for p in prompts for _ in range(config.samples)]
+    expected = [p.expected for p in prompts for _ in range(config.samples)]
+    completions = generate(model, tokenizer, texts, config)
+    scores = [score_completion(p, c, e) for p, c, e in zip(texts, completions, expected, strict=True)]
+    report = ModelReport(name, summarize(scores), completions=[
+        {"prompt": p, "completion": c, **s.to_dict()} for p, c, s in zip(texts, completions, scores, strict=True)])
+    if pairs:
+        report.preference_accuracy, report.margin = preference(model, tokenizer, pairs)
+    return report
+
+
+def load_base(model_name: str):
+    """The base model for evaluation (float32 on CPU, bfloat16 on CUDA) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.hf_backend import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(model_name)
+        kwargs = {"dtype": torch.bfloat16, "device_map": "cuda"} if torch.cuda.is_available() else {
+            "dtype": torch.float32}
+        model = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
+    except OSError as e:
+        raise DataError(f"cannot load model {model_name!r} ({str(e).splitlines()[0]}); give a local folder or a "
+                        "hub name that is cached (or reachable)") from None
+    model.eval()
+    return model, tokenizer
+
+
+def evaluate(model_name: str, adapters: list[str | Path], prompts: list[EvalPrompt],
+             pairs: list[PreferencePair] | None = None, config: GenerationConfig | None = None,
+             include_base: bool = True) -> list[ModelReport]:
+    """The base model, then each adapter on it, on the same prompts and pairs."""
+    from peft import PeftModel
+
+    config = config or GenerationConfig()
+    model, tokenizer = load_base(model_name)
+    reports = [evaluate_model(model, tokenizer, BASE_NAME, prompts, pairs or [], config)] if include_base else []
+    for adapter in adapters:
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise DataError(f"{adapter} is not an adapter folder (no adapter_config.json)")
+        with_adapter = PeftModel.from_pretrained(model, str(adapter))
+        with_adapter.eval()
+        reports.append(evaluate_model(with_adapter, tokenizer, adapter.name, prompts, pairs or [], config))
+        model = with_adapter.unload()  # the base again, for the next adapter
+    return reports
+
+
+# ---------------------------------------------------------------- reporting
+
+COLUMNS = ("think_rate", "duplication_rate", "duplicating_share", "answer_chars", "citation_rate", "accuracy",
+           "preference_accuracy", "margin")
+
+
+def markdown_table(reports: list[ModelReport]) -> str:
+    def cell(value) -> str:
+        if value is None:
+            return "–"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    rows = ["| model | completions | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for report in reports:
+        values = report.to_dict()
+        rows.append(f"| {report.name} | {values.get('completions', 0)} | "
+                    + " | ".join(cell(values.get(c)) for c in COLUMNS) + " |")
+    return "\n".join(rows)
+
+
+def plot(reports: list[ModelReport], path: str | Path) -> Path:
+    """A bar chart of the rates (0..1) per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [c for c in ("think_rate", "duplication_rate", "citation_rate", "accuracy", "preference_accuracy")
+               if any(r.to_dict().get(c) is not None for r in reports)]
+    fig, ax = plt.subplots(figsize=(1.6 * len(metrics) + 2, 3.6))
+    width = 0.8 / max(len(reports), 1)
+    for i, report in enumerate(reports):
+        values = [report.to_dict().get(m) or 0.0 for m in metrics]
+        ax.bar([x + i * width for x in range(len(metrics))], values, width, label=report.name)
+    ax.set_xticks([x + width * (len(reports) - 1) / 2 for x in range(len(metrics))], metrics, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
