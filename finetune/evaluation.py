@@ -144,23 +144,22 @@ def _decode_until_eos(tokenizer, ids: list[int]) -> str:
 
 
 def completion_logprob(model, tokenizer, prompt: str, completion: str) -> float:
-    """Average log-probability per token of ``completion`` after ``prompt`` (ORPO's length-normalized score)."""
+    """Mean log-probability per completion token given the prompt (ORPO's length-normalised log P(y|x))."""
     import torch
 
-    device = next(model.parameters()).device
     prompt_ids = prompt_token_ids(tokenizer, prompt)
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     if not completion_ids:
         return 0.0
-    ids = torch.tensor([prompt_ids + completion_ids], device=device)
+    ids = torch.tensor([prompt_ids + completion_ids], device=next(model.parameters()).device)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
-    target = torch.tensor(completion_ids, device=device)
-    return torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).mean().item()
+        logps = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float().log_softmax(-1)
+    return logps.gather(1, ids[0, len(prompt_ids):, None]).mean().item()
 
 
 def preference(model, tokenizer, pairs: list[PreferencePair]) -> tuple[float, float]:
     """(share of pairs whose chosen completion is likelier, mean margin of average log-probabilities)."""
+    model.eval()
     margins = [completion_logprob(model, tokenizer, p.prompt, p.chosen)
                - completion_logprob(model, tokenizer, p.prompt, p.rejected) for p in pairs]
     return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)

@@ -7,7 +7,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from finetune.__main__ import main
-from finetune.evaluate import completion_logprob
+from finetune.evaluation import completion_logprob
 from finetune.prompts import prompt_token_ids
 from finetune.train import TrainingError, latest_checkpoint, train
 from finetune.training_log import LOGGED_KEYS, read_log
