@@ -95,7 +95,10 @@ def build_prompt(instruction: str, context: str, prompt_format: str, render_chat
     return alpaca_prompt(instruction, context) + THINK_OPEN
 
 
+def answer_parts(messages: list[dict], hits: list[Hit] | None) -> tuple[str, str]:
+    """(instruction, input) of the answer prompt: the rules and conversation, and the quoted passages."""
+    return f"{ANSWER_RULES}\n\n{conversation_text(messages)}", NO_RETRIEVAL if hits is None else quote_passages(hits)
+
+
 def answer_prompt(messages: list[dict], hits: list[Hit] | None, prompt_format: str, render_chat=None) -> str:
-    instruction = f"{ANSWER_RULES}\n\n{conversation_text(messages)}"
-    context = NO_RETRIEVAL if hits is None else quote_passages(hits)
-    return build_prompt(instruction, context, prompt_format, render_chat)
+    return build_prompt(*answer_parts(messages, hits), prompt_format, render_chat)

@@ -87,8 +87,7 @@ def _pairs(args: argparse.Namespace) -> int:
         print(json.dumps([p.to_dict() for p in store.pairs()], ensure_ascii=False, indent=2))
     else:
         for pair in store.pairs():
-            question = pair.chosen.instruction.splitlines()[-1] if pair.chosen.instruction else pair.chosen.prompt
-            print(f"{pair.id:6d}  {pair.origin:9s}  {question[:80]}")
+            print(f"{pair.id:6d}  {pair.origin:9s}  {(pair.chosen.question or pair.chosen.prompt)[:80]!r}")
         print(f"{store.count()} pairs, {store.unpaired_down_votes()} down votes waiting for a better answer")
     return 0
 

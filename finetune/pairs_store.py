@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from finetune.data import DataError
@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS answers (
     answer TEXT NOT NULL,
     model TEXT,
     adapter TEXT,
+    question TEXT NOT NULL,
     user TEXT,
     created_at REAL NOT NULL
 );
@@ -80,6 +81,7 @@ class Completion:
     prompt_format: str = "alpaca"
     model: str | None = None  # None: written by a person
     adapter: str | None = None
+    question: str = ""  # the user's last message, as asked: what a person reads when browsing pairs
 
     @property
     def text(self) -> str:
@@ -157,10 +159,10 @@ class PairsStore:
         def work(db):
             return db.execute(
                 "INSERT INTO answers (prompt, instruction, input, prompt_format, reasoning, answer, model, adapter,"
-                " user, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " question, user, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (completion.prompt, completion.instruction, completion.input, completion.prompt_format,
-                 completion.reasoning, completion.answer, completion.model, completion.adapter, user,
-                 time.time())).lastrowid
+                 completion.reasoning, completion.answer, completion.model, completion.adapter,
+                 completion.question, user, time.time())).lastrowid
         return self._write(work)
 
     def add_pair(self, chosen_id: int, rejected_id: int, origin: str, user: str | None = None) -> int:
@@ -228,13 +230,20 @@ class PairsStore:
 
     def pairs(self, limit: int | None = None, offset: int = 0) -> list[StoredPair]:
         """Pairs, newest first."""
-        columns = "prompt, reasoning, answer, instruction, input, prompt_format, model, adapter"
+        columns = "prompt, reasoning, answer, instruction, input, prompt_format, model, adapter, question"
         query = (f"SELECT p.id, p.origin, p.user, p.created_at, {_prefixed('c', columns)}, {_prefixed('r', columns)} "
                  "FROM pairs p JOIN answers c ON c.id = p.chosen_id JOIN answers r ON r.id = p.rejected_id "
                  "ORDER BY p.id DESC LIMIT ? OFFSET ?")
         rows = self._read(query, (-1 if limit is None else limit, offset))
-        return [StoredPair(row[0], Completion(*row[4:12]), Completion(*row[12:20]), row[1], row[2], row[3])
-                for row in rows]
+        width = len(fields(Completion))
+        return [StoredPair(row[0], Completion(*row[4:4 + width]), Completion(*row[4 + width:]), row[1], row[2],
+                           row[3]) for row in rows]
+
+    def questions_with_pairs(self, origin: str) -> set[str]:
+        """The questions that already have a pair of ``origin`` (what a resumed `pairs generate` skips)."""
+        return {row[0] for row in self._read(
+            "SELECT DISTINCT a.question FROM pairs p JOIN answers a ON a.id = p.chosen_id WHERE p.origin = ?",
+            (origin,))}
 
     def unpaired_down_votes(self) -> int:
         """Answers voted down that still wait for a better answer to their prompt."""
