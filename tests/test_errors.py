@@ -152,5 +152,6 @@ def test_chat_and_verify_tabs_show_an_embedding_model_that_cannot_load(tmp_path,
     *_, (_, turns, _) = ChatTab(assistant, loader).respond("Who keeps the lighthouse?", [], 0.0, 4, True,
                                                            SimpleNamespace(session_hash="s1"))
     assert "EMBEDDING_MODEL='/nonexistent'" in turns[-1]["error"] and turns[-1]["done"]
+    assert "Turn off “Search my documents”" in turns[-1]["error"]
     *_, last = VerifyTab(assistant, loader).run("The lighthouse is red.")
     assert "Cannot search the knowledge store" in last[0] and "EMBEDDING_MODEL='/nonexistent'" in last[0]
