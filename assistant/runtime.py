@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from errors import ModelUnavailable
-from finetune.hf_backend import model_load_failure
 from finetune.prompts import prompt_token_ids
-from finetune.quantization import four_bit_config, require_bitsandbytes
 from settings import Settings
 
 TINY_MODEL_HINT = (
@@ -102,6 +100,8 @@ class LocalRuntime:
     def __init__(self, settings: Settings):
         import torch
 
+        from finetune.hf_backend import model_load_failure
+
         self.model_name = settings.chat_model
         adapter = find_adapter(settings.adapter_dir, settings.chat_model)
         self.adapter = adapter.name if adapter else None
@@ -112,7 +112,8 @@ class LocalRuntime:
         try:
             self.model, self.tokenizer, self.engine = _load_model(settings, cuda)
         except OSError as e:
-            raise ModelUnavailable(f"{model_load_failure('CHAT_MODEL', self.model_name, e)}\n{TINY_MODEL_HINT}") from None
+            message = model_load_failure("CHAT_MODEL", self.model_name, e)
+            raise ModelUnavailable(f"{message}\n{TINY_MODEL_HINT}") from None
         if adapter:
             from peft import PeftModel
 
@@ -184,6 +185,8 @@ def _load_model(settings: Settings, cuda: bool):
         return model, tokenizer, "unsloth"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finetune.quantization import require_bitsandbytes
+
     tokenizer = AutoTokenizer.from_pretrained(name)
     if cuda and settings.load_in_4bit:
         require_bitsandbytes("LOAD_IN_4BIT")
@@ -193,6 +196,8 @@ def _load_model(settings: Settings, cuda: bool):
 def model_kwargs(settings: Settings, cuda: bool) -> dict:
     """from_pretrained's arguments for the transformers engine: bf16 on CUDA (4 bits when LOAD_IN_4BIT), else fp32."""
     import torch
+
+    from finetune.quantization import four_bit_config
 
     if not cuda:
         return {"dtype": torch.float32}
@@ -223,6 +228,8 @@ class OpenAIRuntime:
         (vLLM and `transformers serve` tokenize /completions prompts with special tokens), as training did."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
+
+            from finetune.hf_backend import model_load_failure
 
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(self._chat_model)
