@@ -8,12 +8,20 @@ two in step.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from errors import UserError
+
+
+class SettingsError(UserError):
+    """A setting has a value no command can use; the message names the variable and what it accepts."""
 
 
 def _setting(default, env: str, help: str, **kwargs):
@@ -106,6 +114,61 @@ class Settings:
         values.update(overrides)
         return cls(**values)
 
+    def __post_init__(self) -> None:
+        """Every setting is checked here, once, so a bad value stops every command at start."""
+        problems = list(_problems(self))
+        if problems:
+            raise SettingsError("\n".join(problems))
+
+
+CHOICES = {
+    "embedding_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model_backend": ("local", "openai"),
+    "local_engine": ("auto", "unsloth", "transformers"),
+    "prompt_format": ("auto", "alpaca", "chat"),
+}
+POSITIVE = ("embedding_batch_size", "chunk_size", "max_file_mb", "context_length", "retrieval_k", "max_new_tokens",
+            "max_upload_mb", "gpu_concurrency", "queue_size")
+# Chroma's rule for collection names (3-512 characters), less the "-manifest" the store adds for its second one.
+COLLECTION_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{1,498}[a-zA-Z0-9]")
+
+
+def _env(s: Settings, name: str) -> str:
+    """`VARIABLE=value`, as the user set it."""
+    return f"{s.__dataclass_fields__[name].metadata['env']}={getattr(s, name)!r}"
+
+
+def _problems(s: Settings) -> Iterator[str]:
+    for name, choices in CHOICES.items():
+        if getattr(s, name) not in choices:
+            yield f"{_env(s, name)}: use one of {', '.join(choices)}, or unset it for the default"
+    for name in POSITIVE:
+        if not getattr(s, name) > 0:
+            yield f"{_env(s, name)}: must be above 0; raise it, or unset it for the default"
+    if not 0 <= s.chunk_overlap < s.chunk_size:
+        yield (f"CHUNK_OVERLAP={s.chunk_overlap} must be at least 0 and smaller than CHUNK_SIZE={s.chunk_size}; "
+               "lower CHUNK_OVERLAP (a fifth of CHUNK_SIZE is usual) or raise CHUNK_SIZE")
+    if not s.temperature >= 0:
+        yield f"{_env(s, 'temperature')}: must be 0 (greedy) or above"
+    if not 1 <= s.chroma_port <= 65535:
+        yield f"{_env(s, 'chroma_port')}: use a port from 1 to 65535"
+    if not COLLECTION_NAME.fullmatch(s.collection) or ".." in s.collection or _is_ip_address(s.collection):
+        yield (f"{_env(s, 'collection')}: use 3 to 500 characters from a-z A-Z 0-9 . _ -, starting and ending "
+               "with a letter or digit, without '..' (Chroma's rule for collection names)")
+    for login in (s.app_auth or "").split(","):
+        user, sep, password = login.strip().partition(":")
+        if login.strip() and not (sep and user and password):
+            yield (f"APP_AUTH has a malformed login {user or login.strip()!r}: write user:password pairs separated "
+                   "by commas, e.g. APP_AUTH=alice:s3cret,bob:hunter2")
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
 
 def _parse(raw: str, hint, env: str):
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
@@ -119,7 +182,7 @@ def _parse(raw: str, hint, env: str):
             raise ValueError(raw)
         return hint(raw)
     except ValueError:
-        raise ValueError(f"{env}={raw!r} is not a valid {hint.__name__}; unset it or give a valid value") from None
+        raise SettingsError(f"{env}={raw!r} is not a valid {hint.__name__}; unset it or give a valid value") from None
 
 
 def settings_table() -> str:

@@ -7,8 +7,8 @@ import json
 import sys
 
 from assistant.chat import Assistant
-from assistant.runtime import ModelUnavailable, import_unsloth_if_used
-from knowledge import StoreError
+from assistant.runtime import import_unsloth_if_used
+from errors import UserError
 from settings import Settings
 
 
@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    settings = Settings.from_env()
-    import_unsloth_if_used(settings)  # before the store's encoder brings in transformers
     try:
+        settings = Settings.from_env()
+        import_unsloth_if_used(settings)  # before the store's encoder brings in transformers
         if args.command == "serve":
             from assistant.app import serve as serve_app
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ask":
             return run_ask(assistant, args)
         return run_verify(assistant, args)
-    except (ModelUnavailable, StoreError, ValueError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -18,9 +18,10 @@ from fastapi.responses import JSONResponse
 
 from assistant.chat import Assistant
 from assistant.ui_chat import ChatTab
-from assistant.ui_knowledge import STORE_ERRORS, KnowledgeTab
+from assistant.ui_knowledge import KnowledgeTab
 from assistant.ui_model import LOADING, ModelLoader
 from assistant.ui_verify import VerifyTab
+from errors import UserError
 from knowledge import StoreError
 from settings import Settings
 
@@ -41,7 +42,7 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab]:
     store, store_error = None, None
     try:
         store = assistant.store  # opened once here, so a broken store is reported at start, not per request
-    except STORE_ERRORS as e:
+    except UserError as e:
         store_error = str(e)
         print(f"error: the knowledge store is unavailable: {e}", file=sys.stderr, flush=True)
     loader = ModelLoader(assistant).start()
@@ -79,7 +80,7 @@ def create_server(assistant: Assistant, auth: list[tuple[str, str]] | None = Non
             if knowledge.store is None:
                 raise StoreError(knowledge.store_error)
             documents = len(knowledge.store.documents())
-        except STORE_ERRORS as e:
+        except UserError as e:
             return JSONResponse({"status": "error", "error": str(e), **loader.describe()}, status_code=503)
         return {"status": "ok", **loader.describe(), "documents": documents}
 
@@ -88,17 +89,8 @@ def create_server(assistant: Assistant, auth: list[tuple[str, str]] | None = Non
 
 
 def parse_auth(spec: str | None) -> list[tuple[str, str]]:
-    """APP_AUTH "user:pass,user2:pass2" as [(user, pass), ...]; raises ValueError on a malformed pair."""
-    logins = []
-    for item in (spec or "").split(","):
-        if not item.strip():
-            continue
-        user, sep, password = item.strip().partition(":")
-        if not sep or not user or not password:
-            raise ValueError(f"APP_AUTH has a malformed login {user or item.strip()!r}: write user:password pairs "
-                             "separated by commas, e.g. APP_AUTH=alice:s3cret,bob:hunter2")
-        logins.append((user, password))
-    return logins
+    """APP_AUTH "user:pass,user2:pass2" as [(user, pass), ...] (Settings has checked its form)."""
+    return [tuple(item.strip().split(":", 1)) for item in (spec or "").split(",") if item.strip()]
 
 
 def is_loopback(host: str) -> bool:
@@ -122,11 +114,7 @@ def bind_refusal(host: str, logins: list, insecure_no_auth: bool) -> str | None:
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 7860, insecure_no_auth: bool = False) -> int:
     """Run the app until interrupted; non-zero when it refuses to start."""
-    try:
-        logins = parse_auth(settings.app_auth)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    logins = parse_auth(settings.app_auth)
     refusal = bind_refusal(host, logins, insecure_no_auth)
     if refusal:
         print(f"error: {refusal}", file=sys.stderr)

@@ -7,6 +7,7 @@ CLI never care which one runs. Each knows which adapter (if any) is answering, s
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from errors import ModelUnavailable
 from finetune.prompts import prompt_token_ids
 from settings import Settings
 
@@ -21,10 +23,6 @@ TINY_MODEL_HINT = (
     "For an offline try-out, build the tiny test model and point CHAT_MODEL at it:\n"
     "    python -m finetune tiny-model data/tiny-model && CHAT_MODEL=data/tiny-model make run"
 )
-
-
-class ModelUnavailable(RuntimeError):
-    """The chat model cannot be loaded or reached; the message says why and what to do."""
 
 
 @dataclass
@@ -68,7 +66,8 @@ def find_adapter(adapter_dir: Path, base_model: str) -> AdapterInfo | None:
         base = info.get("base_model") or config.get("base_model_name_or_path")
         if base is None or _same_model(base, base_model):
             return AdapterInfo(folder, base, info.get("prompt_format"))
-        print(f"note: adapter {folder} was trained on {base}, not CHAT_MODEL={base_model}; not loaded")
+        print(f"note: adapter {folder} was trained on {base}, not CHAT_MODEL={base_model}; not loaded",
+              file=sys.stderr)
     return None
 
 
@@ -87,8 +86,6 @@ def _same_model(a: str, b: str) -> bool:
 
 def _prompt_format(settings: Settings, adapter: AdapterInfo | None) -> str:
     if settings.prompt_format != "auto":
-        if settings.prompt_format not in ("alpaca", "chat"):
-            raise ValueError(f"PROMPT_FORMAT={settings.prompt_format!r}: use auto, alpaca or chat")
         return settings.prompt_format
     return (adapter.prompt_format if adapter and adapter.prompt_format else None) or "alpaca"
 
@@ -103,6 +100,8 @@ class LocalRuntime:
     def __init__(self, settings: Settings):
         import torch
 
+        from finetune.hf_backend import model_load_failure
+
         self.model_name = settings.chat_model
         adapter = find_adapter(settings.adapter_dir, settings.chat_model)
         self.adapter = adapter.name if adapter else None
@@ -113,13 +112,16 @@ class LocalRuntime:
         try:
             self.model, self.tokenizer, self.engine = _load_model(settings, cuda)
         except OSError as e:
-            raise ModelUnavailable(
-                f"cannot load CHAT_MODEL={self.model_name!r}: it is not in the local cache and the Hugging Face "
-                f"hub cannot be reached ({str(e).splitlines()[0]}).\n{TINY_MODEL_HINT}") from None
+            message = model_load_failure("CHAT_MODEL", self.model_name, e)
+            raise ModelUnavailable(f"{message}\n{TINY_MODEL_HINT}") from None
         if adapter:
             from peft import PeftModel
 
-            self.model = PeftModel.from_pretrained(self.model, str(adapter.path))
+            try:
+                self.model = PeftModel.from_pretrained(self.model, str(adapter.path))
+            except OSError as e:
+                raise ModelUnavailable(f"cannot load the adapter {adapter.path} ({str(e).splitlines()[0]}): train "
+                                       "it again, or move it out of ADAPTER_DIR") from None
         self.model.eval()
         self.device = next(self.model.parameters()).device
 
@@ -170,8 +172,6 @@ def _load_model(settings: Settings, cuda: bool):
 
     name = settings.chat_model
     engine = settings.local_engine
-    if engine not in ("auto", "unsloth", "transformers"):
-        raise ValueError(f"LOCAL_ENGINE={engine!r}: use auto, unsloth or transformers")
     has_unsloth = importlib.util.find_spec("unsloth") is not None
     if engine == "unsloth" and not (cuda and has_unsloth):
         raise ModelUnavailable("LOCAL_ENGINE=unsloth needs a CUDA GPU and `pip install '.[gpu]'`; "
@@ -183,19 +183,28 @@ def _load_model(settings: Settings, cuda: bool):
                                                              max_seq_length=settings.context_length)
         FastLanguageModel.for_inference(model)
         return model, tokenizer, "unsloth"
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    kwargs = {"dtype": torch.float32}
-    if cuda:
-        kwargs = {"dtype": torch.bfloat16, "device_map": "cuda"}
-        if settings.load_in_4bit and importlib.util.find_spec("bitsandbytes") is not None:
-            from transformers import BitsAndBytesConfig
+    from finetune.quantization import require_bitsandbytes
 
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    return AutoModelForCausalLM.from_pretrained(name, **kwargs), tokenizer, "transformers"
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if cuda and settings.load_in_4bit:
+        require_bitsandbytes("LOAD_IN_4BIT")
+    return AutoModelForCausalLM.from_pretrained(name, **model_kwargs(settings, cuda)), tokenizer, "transformers"
+
+
+def model_kwargs(settings: Settings, cuda: bool) -> dict:
+    """from_pretrained's arguments for the transformers engine: bf16 on CUDA (4 bits when LOAD_IN_4BIT), else fp32."""
+    import torch
+
+    from finetune.quantization import four_bit_config
+
+    if not cuda:
+        return {"dtype": torch.float32}
+    kwargs = {"dtype": torch.bfloat16, "device_map": "cuda"}
+    if settings.load_in_4bit:
+        kwargs["quantization_config"] = four_bit_config(torch.bfloat16)
+    return kwargs
 
 
 class OpenAIRuntime:
@@ -220,7 +229,12 @@ class OpenAIRuntime:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self._chat_model)
+            from finetune.hf_backend import model_load_failure
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self._chat_model)
+            except OSError as e:  # the server has the weights; its chat template is read here from CHAT_MODEL
+                raise ModelUnavailable(model_load_failure("CHAT_MODEL", self._chat_model, e)) from None
         text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         bos = self._tokenizer.bos_token
         return text[len(bos):] if bos and text.startswith(bos) else text
@@ -272,6 +286,4 @@ def import_unsloth_if_used(settings: Settings) -> None:
 def load_runtime(settings: Settings) -> ModelRuntime:
     if settings.model_backend == "openai":
         return OpenAIRuntime(settings)
-    if settings.model_backend != "local":
-        raise ValueError(f"MODEL_BACKEND={settings.model_backend!r}: use local or openai")
     return LocalRuntime(settings)

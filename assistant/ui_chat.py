@@ -16,9 +16,11 @@ from pathlib import Path
 import gradio as gr
 
 from assistant.chat import Assistant, Citation
-from assistant.runtime import GenerationParams, ModelUnavailable
+from assistant.runtime import GenerationParams
 from assistant.ui_model import ModelLoader, short_model_name, with_hint
+from errors import ModelUnavailable, UserError
 from knowledge import StoreError
+from knowledge.embeddings import EmbeddingModelError
 
 THINKING = "Thinking"
 THINKING_OPEN_ENDED = "Thinking (never closed: the model stopped before it finished reasoning)"
@@ -186,8 +188,10 @@ class ChatTab:
                 yield chat_messages(turns), turns, ""
         except ModelUnavailable as e:
             turn["error"] = with_hint(str(e))
-        except StoreError as e:
+        except (StoreError, EmbeddingModelError) as e:
             turn["error"] = f"{e}\nTurn off “Search my documents” to answer without the knowledge store."
+        except UserError as e:
+            turn["error"] = str(e)
         turn["done"] = True
         yield chat_messages(turns), turns, ""
 

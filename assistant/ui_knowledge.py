@@ -15,12 +15,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from knowledge import KnowledgeStore, StoreError
-from knowledge.embeddings import EmbeddingModelError
+from errors import UserError
+from knowledge import KnowledgeStore
 
 UPLOADS = "uploads"
 MAX_NAME_CHARS = 120
-STORE_ERRORS = (StoreError, EmbeddingModelError, ValueError)
 
 
 def safe_upload_name(name: str) -> str:
@@ -102,7 +101,7 @@ class KnowledgeTab:
                                       self.settings.max_upload_mb)
         try:
             report = store.add(saved) if saved else None
-        except STORE_ERRORS as e:
+        except UserError as e:
             return f"**Cannot add:** {html.escape(str(e))}", *self._listing(), None
         added, skipped, failed = (report.added, report.skipped, report.failed) if report else ([], [], [])
         failed = [*failed, *({"source": r["source"], "error": r["reason"]} for r in refused)]
@@ -112,7 +111,7 @@ class KnowledgeTab:
         """[[source, chunks], ...] for every document in the store."""
         try:
             return [[d.source, d.chunks] for d in self._need_store().documents()]
-        except STORE_ERRORS as e:
+        except UserError as e:
             raise gr.Error(f"Cannot list the documents: {e}") from None
 
     def _listing(self):
@@ -131,7 +130,7 @@ class KnowledgeTab:
             return "*Pick a document to remove.*", *self._listing()
         try:
             count = self._need_store().remove(source)
-        except STORE_ERRORS as e:
+        except UserError as e:
             return f"**Cannot remove** {_name(source)}: {html.escape(str(e))}", *self._listing()
         return f"**removed** {_name(source)} ({count} chunks)", *self._listing()
 
@@ -140,7 +139,7 @@ class KnowledgeTab:
             return "*Type something to search for.*"
         try:
             hits = self._need_store().search(query.strip(), k=int(k), mode=mode)
-        except STORE_ERRORS as e:
+        except UserError as e:
             return f"**Cannot search:** {html.escape(str(e))}"
         if not hits:
             return "*No passages found.*"

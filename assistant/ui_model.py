@@ -1,6 +1,6 @@
 """The chat model, loaded in a background thread so that the page comes up at once.
 
-A model that cannot be loaded (ModelUnavailable) never stops the app: the loader keeps the message, prints
+A model that cannot be loaded (a UserError: ModelUnavailable, mostly) never stops the app: the loader keeps the message, prints
 it once to the console, and the page shows it, while the knowledge tab keeps working.
 """
 
@@ -11,7 +11,8 @@ import threading
 from pathlib import Path
 
 from assistant.chat import Assistant
-from assistant.runtime import TINY_MODEL_HINT, ModelRuntime, ModelUnavailable
+from assistant.runtime import TINY_MODEL_HINT, ModelRuntime
+from errors import UserError
 
 LOADING, READY, UNAVAILABLE = "loading", "ready", "unavailable"
 
@@ -41,7 +42,7 @@ class ModelLoader:
     def _load(self) -> None:
         try:
             self.assistant.runtime  # noqa: B018 - the property loads the model
-        except (ModelUnavailable, ValueError, OSError) as e:
+        except UserError as e:
             self.error = with_hint(str(e))
             self.state = UNAVAILABLE
             print(f"error: the chat model is unavailable; the app runs without it.\n{self.error}",

@@ -7,10 +7,11 @@ import html
 import gradio as gr
 
 from assistant.chat import Assistant, Citation
-from assistant.runtime import ModelUnavailable
 from assistant.ui_model import ModelLoader, with_hint
 from assistant.verify import Verification, stream_verification
+from errors import ModelUnavailable, UserError
 from knowledge import StoreError
+from knowledge.embeddings import EmbeddingModelError
 
 STAGES = {"evidence": "Retrieving evidence…", "for": "Arguing the case for…",
           "against": "Arguing the case against…", "judge": "The judge is weighing both cases…", "done": "Done."}
@@ -74,8 +75,10 @@ class VerifyTab:
                        verdict_markdown(result), result.to_dict() if result.stage == "done" else None)
         except ModelUnavailable as e:
             yield f"**Cannot verify:**\n\n```\n{with_hint(str(e))}\n```", "", "", "", "", None
-        except StoreError as e:
+        except (StoreError, EmbeddingModelError) as e:
             yield f"**Cannot search the knowledge store:** {e}", "", "", "", "", None
+        except UserError as e:
+            yield f"**Cannot verify:** {e}", "", "", "", "", None
 
     def build(self, settings) -> None:
         gr.Markdown("Check a claim, or a quote attributed to someone, against your documents: the model argues "

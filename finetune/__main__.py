@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from finetune.config import ConfigError
+from errors import UserError
 from finetune.data import FORMATS, DataError
 
 
@@ -20,7 +20,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from finetune.data import parse_columns, prepare_data, write_jsonl
     from finetune.hf_backend import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model or _default_model())
+    tokenizer = load_tokenizer(args.model, "--model") if args.model else load_tokenizer(_default_model(), "CHAT_MODEL")
     prepared = prepare_data(args.data, tokenizer, args.format, parse_columns(args.columns), args.max_length,
                             args.max_prompt_length, args.on_overlength, args.split)
     if args.out:
@@ -151,11 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     m.set_defaults(run=_tiny_model)
 
     args = parser.parse_args(argv)
-    from finetune.train import TrainingError
-
     try:
         return args.run(args)
-    except (DataError, ConfigError, TrainingError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

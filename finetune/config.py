@@ -14,10 +14,12 @@ from typing import Any
 
 import yaml
 
+from errors import UserError
+
 BACKENDS = ("auto", "unsloth", "hf")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration file or override the trainer cannot use."""
 
 
@@ -135,8 +137,19 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value")
-        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); quote it "
+                              "or fix it") from None
     return values
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's complaint in one line, with the line and column it points at."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -145,7 +158,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist; see finetune/configs/ for examples")
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML ({_yaml_problem(e)}); fix it there") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must be a YAML mapping of key: value")
         values.update(loaded)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from errors import UserError
 from finetune.prompts import THINK_OPEN, alpaca_prompt, format_completion
 
 FORMATS = ("auto", "seed", "trl", "chat")
@@ -32,7 +33,7 @@ TRL_COLUMNS = ("prompt", "chosen", "rejected")
 MAY_BE_EMPTY = ("input",)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data cannot be used as a whole (unreadable source, no known format)."""
 
 

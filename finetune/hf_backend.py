@@ -7,22 +7,37 @@ from pathlib import Path
 
 import torch
 
+from errors import ModelUnavailable
 from finetune.config import TrainConfig
+from finetune.quantization import four_bit_config, require_bitsandbytes
 
 
-def load_tokenizer(model_name: str):
+def load_tokenizer(model_name: str, setting: str = "model_name"):
+    """The model's tokenizer, with a pad token. Loaded first, so a model that cannot be found fails here,
+    with a message naming ``setting`` (where the user gave the name), before any weights are read."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+    except OSError as e:
+        raise ModelUnavailable(model_load_failure(setting, model_name, e)) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def _bitsandbytes_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("bitsandbytes") is not None
+def model_load_failure(setting: str, name: str, error: OSError) -> str:
+    """What went wrong loading model ``name`` (given as ``setting``: a folder or a hub name), and what to do."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return (f"cannot load {setting}={name!r} ({str(error).splitlines()[0]}): the folder must hold a "
+                "transformers model and its tokenizer (config.json, tokenizer files)")
+    tiny = "`python -m finetune tiny-model DIR` builds a tiny local model for a try-out."
+    if path.is_absolute() or name.startswith((".", "~")):
+        return f"cannot load {setting}={name!r}: there is no such folder. Point it to a model folder; {tiny}"
+    return (f"cannot load {setting}={name!r}: there is no such folder, and as a hub name it cannot be loaded "
+            f"({str(error).splitlines()[0]}). Check the spelling; a hub model is downloaded once while online "
+            f"(HF_HUB_OFFLINE=1 uses only the local cache). {tiny}")
 
 
 def using_fsdp() -> bool:
@@ -30,27 +45,27 @@ def using_fsdp() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
 
 
+def model_kwargs(config: TrainConfig, dtype: torch.dtype, cuda: bool) -> dict:
+    """from_pretrained's arguments, but the device map: ``dtype`` on CUDA (4 bits when load_in_4bit), else fp32."""
+    # sdpa: fused attention kernels, no [heads, length, length] score tensor
+    kwargs: dict = {"dtype": dtype if cuda else torch.float32, "attn_implementation": "sdpa"}
+    if cuda and config.load_in_4bit:
+        kwargs["quantization_config"] = four_bit_config(dtype, storage_dtype=dtype if using_fsdp() else torch.uint8)
+    return kwargs
+
+
 def load_for_training(config: TrainConfig, dtype: torch.dtype):
     """The base model with LoRA adapters ready to train, and its tokenizer."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(config.model_name)
     on_cuda = torch.cuda.is_available()
     quantize = on_cuda and config.load_in_4bit
-    if quantize and not _bitsandbytes_available():
-        raise RuntimeError("load_in_4bit needs bitsandbytes on CUDA: pip install 'think-rag[gpu]', or set "
-                           "load_in_4bit=false")
-    # sdpa: fused attention kernels, no [heads, length, length] score tensor
-    kwargs: dict = {"dtype": dtype if on_cuda else torch.float32, "attn_implementation": "sdpa"}
-    fsdp = using_fsdp()
     if quantize:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            # FSDP flattens parameters of one dtype: store the 4-bit words as the compute dtype.
-            bnb_4bit_quant_storage=dtype if fsdp else torch.uint8)
-    if on_cuda and not fsdp:  # each process of a multi-GPU DDP run holds its own copy on its own GPU
+        require_bitsandbytes("load_in_4bit")
+    kwargs = model_kwargs(config, dtype, on_cuda)
+    if on_cuda and not using_fsdp():  # each process of a multi-GPU DDP run holds its own copy on its own GPU
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     model = AutoModelForCausalLM.from_pretrained(config.model_name, **kwargs)
     checkpointing = config.gradient_checkpointing != "false"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from errors import UserError
 from finetune.config import TrainConfig, save_config
 from finetune.data import DataError, PreparedData, prepare_data
 
@@ -22,7 +23,7 @@ INFO_NAME = "training_info.json"
 CONFIG_NAME = "train_config.yaml"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """Training cannot start or cannot go on; the message says what to change."""
 
 
@@ -99,8 +100,6 @@ def orpo_arguments(config: TrainConfig, backend: str):
 
 
 def _prepare(config: TrainConfig, tokenizer) -> PreparedData:
-    if not config.data:
-        raise TrainingError("no data: set data=FILE|FOLDER|HUB_NAME in the config or on the command line")
     prepared = prepare_data(config.data, tokenizer, config.data_format, config.columns or None, config.max_length,
                             config.max_prompt_length, config.on_overlength, config.data_split)
     if not prepared.pairs:
@@ -110,6 +109,8 @@ def _prepare(config: TrainConfig, tokenizer) -> PreparedData:
 
 def train(config: TrainConfig, resume: bool = False, callbacks: list | None = None) -> TrainResult:
     """Train a LoRA adapter with ORPO; a run with `resume` continues from the newest checkpoint."""
+    if not config.data:
+        raise TrainingError("no data: set data=FILE|FOLDER|HUB_NAME in the config or on the command line")
     backend = resolve_backend(config.backend)
     if backend == "unsloth":
         from finetune import unsloth_backend

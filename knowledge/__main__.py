@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from knowledge.embeddings import EmbeddingModelError
-from knowledge.store import KnowledgeStore, StoreError
+from errors import UserError
+from knowledge.store import KnowledgeStore
 from settings import Settings
 
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = KnowledgeStore(Settings.from_env())
         return COMMANDS[args.command](store, args)
-    except (StoreError, EmbeddingModelError, ValueError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from errors import UserError
 from settings import Settings
 
 
-class EmbeddingModelError(RuntimeError):
+class EmbeddingModelError(UserError):
     """The embedding model cannot be loaded; the message says what to set or fetch."""
 
 
@@ -34,10 +37,7 @@ class Embedder:
             self.model = SentenceTransformer(self.model_name, device="cuda" if _cuda() else "cpu",
                                              model_kwargs={"dtype": self.dtype})
         except OSError as e:
-            raise EmbeddingModelError(
-                f"cannot load embedding model {self.model_name!r} ({e}). Connect to the internet once so the "
-                "hub can download it, or set EMBEDDING_MODEL to a local sentence-transformers folder."
-            ) from None
+            raise EmbeddingModelError(_load_failure(self.model_name, e)) from None
         self.dimension = self.model.get_embedding_dimension()
 
     def embed_passages(self, texts: list[str]) -> np.ndarray:
@@ -53,6 +53,16 @@ class Embedder:
         ).astype(np.float32)
 
 
+def _load_failure(name: str, error: OSError) -> str:
+    if Path(name).expanduser().is_absolute() or name.startswith((".", "~")):  # meant as a folder, not a hub name
+        what = "no such folder" if not Path(name).expanduser().exists() else str(error).splitlines()[0]
+        return (f"cannot load EMBEDDING_MODEL={name!r}: {what}. Set EMBEDDING_MODEL to a sentence-transformers "
+                "folder, or to a hub name such as intfloat/multilingual-e5-small.")
+    return (f"cannot load EMBEDDING_MODEL={name!r} ({str(error).splitlines()[0]}). If it is a hub name, check "
+            "its spelling and connect to the internet once so the hub can download it; or set EMBEDDING_MODEL "
+            "to a local sentence-transformers folder.")
+
+
 def resolve_dtype(name: str):
     """The torch dtype for EMBEDDING_DTYPE; "auto" picks the fastest one that keeps rankings."""
     import torch
@@ -61,10 +71,7 @@ def resolve_dtype(name: str):
         if _cuda():
             return torch.float16
         return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"EMBEDDING_DTYPE={name!r}: use auto, float32, bfloat16 or float16")
-    return dtypes[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def _cpu_has_native_bf16() -> bool:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
+from errors import UserError
 from knowledge.chunking import Chunk, chunk_document
 from knowledge.embeddings import Embedder
 from knowledge.files import discover
@@ -41,7 +42,7 @@ EMBED_GROUP = 1024  # chunks embedded in one call when adding many files
 VECTOR_WEIGHT = 0.5  # share of the vector leg in the fused score; the lexical leg has the rest
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError):
     """The store cannot do what was asked; the message says why and what to do."""
 
 
@@ -153,8 +154,6 @@ class KnowledgeStore:
                 ) from None
         else:
             self.client = _persistent_client(s.knowledge_dir)
-        if not 3 <= len(s.collection) <= 500:
-            raise StoreError(f"KNOWLEDGE_COLLECTION={s.collection!r} must have 3 to 500 characters")
         self.chunks = _Retrying(self.client.get_or_create_collection(
             s.collection, configuration={"hnsw": {"space": "cosine"}},
             metadata={"embedding_model": s.embedding_model}, embedding_function=None))

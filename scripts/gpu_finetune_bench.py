@@ -231,16 +231,17 @@ def diagnose_stock(shape: str, device: str) -> None:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from finetune.quantization import four_bit_config
 
     path = model_dir(shape)
     tokenizer = AutoTokenizer.from_pretrained(path)
     for name, max_length in (("256+768", 1024), ("2048+2048", None)):
         kwargs = {"dtype": torch.bfloat16}
         if device == "cuda":
-            kwargs.update(device_map={"": 0}, quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
+            kwargs.update(device_map={"": 0}, quantization_config=four_bit_config(torch.bfloat16))
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         pairs = bench_pairs(tokenizer, *LENGTHS[name], n=8)
         raw, dtypes = [], []

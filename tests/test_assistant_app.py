@@ -27,7 +27,7 @@ from assistant.ui_chat import (
 from assistant.ui_knowledge import safe_upload_name, save_uploads
 from assistant.ui_model import ModelLoader
 from assistant.ui_verify import NO_CASE
-from settings import Settings
+from settings import Settings, SettingsError
 from tests.assistant_fixtures import (
     ADAPTER_NAME,
     NOTES,
@@ -65,11 +65,12 @@ def test_loopback_needs_no_logins_and_insecure_flag_overrides():
     assert bind_refusal("192.168.1.5", [], False) is not None
 
 
-def test_malformed_app_auth_is_refused_with_a_message_that_says_the_format(capsys):
-    with pytest.raises(ValueError, match="user:password"):
-        parse_auth("alice")
-    assert serve(Settings.from_env(environ={}, app_auth="alice:"), host="127.0.0.1", port=1) != 0
-    assert "APP_AUTH" in capsys.readouterr().err
+def test_malformed_app_auth_is_refused_with_a_message_that_says_the_format():
+    for spec in ("alice", "alice:", "alice:pw,:pw2"):
+        with pytest.raises(SettingsError, match="APP_AUTH has a malformed login .*user:password"):
+            Settings.from_env({"APP_AUTH": spec})
+    assert parse_auth(Settings.from_env({"APP_AUTH": "alice:pw, bob:a:b"}).app_auth) == [("alice", "pw"),
+                                                                                            ("bob", "a:b")]
 
 
 # -- uploads --------------------------------------------------------------------------------------------
