@@ -92,6 +92,31 @@ def _pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from assistant.chat import Assistant
+    from assistant.runtime import import_unsloth_if_used
+    from finetune.pair_generation import PairGenerationConfig, generate_pairs, read_questions
+    from settings import Settings
+
+    settings = Settings.from_env()
+    import_unsloth_if_used(settings)
+    config = PairGenerationConfig(samples=args.samples, temperature=args.temperature,
+                                  max_new_tokens=args.max_new_tokens, rules=tuple(args.rules.split(",")),
+                                  min_answer_chars=args.min_chars, max_answer_chars=args.max_chars,
+                                  margin=args.margin, retrieval=not args.no_retrieval)
+    questions = read_questions(args.questions)
+    with tqdm(total=len(questions), unit="question", file=sys.stderr) as bar:
+        report = generate_pairs(Assistant(settings), questions, args.out, config, progress=lambda _: bar.update())
+    if args.json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False))
+    else:
+        print(f"{report.pairs} pairs written to {args.out}; {report.skipped} questions already had one; "
+              f"{len(report.no_clear_winner)} without a clear winner")
+    return 0
+
+
 def _tiny_model(args: argparse.Namespace) -> int:
     from finetune.tiny_model import build_tiny_model
 
@@ -136,15 +161,36 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--json", action="store_true", help='print {"models": [...]} as JSON')
     e.set_defaults(run=_eval)
 
-    q = commands.add_parser("pairs", help="the preference pairs store: list, export, delete")
-    q.add_argument("action", choices=("list", "export", "delete"))
-    q.add_argument("ids", nargs="*", type=int, help="pair ids to delete")
-    q.add_argument("--store", default="data/pairs.sqlite", help="the SQLite pairs store (default data/pairs.sqlite)")
-    q.add_argument("--layout", choices=("trl", "recipe"), default="trl",
-                   help="export as TRL's prompt/chosen/rejected (default) or the recipe's columns")
-    q.add_argument("--out", default="pairs.jsonl", help="export file (JSONL)")
-    q.add_argument("--json", action="store_true", help="list as JSON")
-    q.set_defaults(run=_pairs)
+    q = commands.add_parser("pairs", help="preference pairs: generate them, or list, export and delete stored ones")
+    pairs = q.add_subparsers(dest="action", required=True)
+    store_help = "the SQLite pairs store (default data/pairs.sqlite)"
+    for action, text in (("list", "list the stored pairs"), ("export", "write the pairs as JSONL"),
+                         ("delete", "delete pairs by id")):
+        a = pairs.add_parser(action, help=text)
+        a.add_argument("--store", default="data/pairs.sqlite", help=store_help)
+        if action == "delete":
+            a.add_argument("ids", nargs="+", type=int, help="pair ids (as `pairs list` shows them)")
+        if action == "export":
+            a.add_argument("--layout", choices=("trl", "recipe"), default="trl",
+                           help="TRL's prompt/chosen/rejected (default) or the recipe's columns")
+            a.add_argument("--out", default="pairs.jsonl", help="export file (JSONL)")
+        if action == "list":
+            a.add_argument("--json", action="store_true", help="as JSON")
+        a.set_defaults(run=_pairs)
+    g = pairs.add_parser("generate", help="pairs from questions alone: sample answers, keep clear best/worst")
+    g.add_argument("questions", help="questions: a text file (one per line) or JSONL with a question field")
+    g.add_argument("--out", default="data/pairs.sqlite", help="a pairs store (.sqlite) or a JSONL file")
+    g.add_argument("--samples", type=int, default=4, help="answers per question (default 4)")
+    g.add_argument("--rules", default="duplication,think", help="comma-separated: duplication, think, citation, "
+                   "length (default duplication,think)")
+    g.add_argument("--margin", type=float, default=0.5, help="least score difference of a kept pair")
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--max-new-tokens", type=int, default=1024)
+    g.add_argument("--min-chars", type=int, default=1, help="the length rule's shortest answer")
+    g.add_argument("--max-chars", type=int, default=2000, help="the length rule's longest answer")
+    g.add_argument("--no-retrieval", action="store_true", help="answer without the knowledge store")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(run=_pairs_generate)
 
     m = commands.add_parser("tiny-model", help="build a tiny random-weight model for tests and smoke runs")
     m.add_argument("out_dir")

@@ -27,6 +27,7 @@ from pathlib import Path
 from finetune.data import DataError
 from finetune.prompts import THINK_CLOSE
 
+SCHEMA_VERSION = 1  # PRAGMA user_version: a later layout migrates or refuses by it
 BUSY_TIMEOUT_S = 30.0
 SUFFIXES = (".sqlite", ".sqlite3", ".db")
 ORIGINS = ("vote", "pick", "edit", "generated")
@@ -43,6 +44,7 @@ CREATE TABLE IF NOT EXISTS answers (
     model TEXT,
     adapter TEXT,
     question TEXT NOT NULL,
+    thinking_closed INTEGER NOT NULL,
     user TEXT,
     created_at REAL NOT NULL
 );
@@ -82,11 +84,12 @@ class Completion:
     model: str | None = None  # None: written by a person
     adapter: str | None = None
     question: str = ""  # the user's last message, as asked: what a person reads when browsing pairs
+    thinking_closed: bool = True  # False: the model stopped inside its reasoning, so there is no answer
 
     @property
     def text(self) -> str:
         """The completion as training sees it: reasoning, then the answer (the prompt opened <think>)."""
-        return f"{self.reasoning}{THINK_CLOSE}{self.answer}"
+        return f"{self.reasoning}{THINK_CLOSE}{self.answer}" if self.thinking_closed else self.reasoning
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,12 @@ class PairsStore:
         try:
             db = self._connect()
             try:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version not in (0, SCHEMA_VERSION):
+                    raise PairsStoreError(f"{self.path} has pairs store version {version}, this code reads "
+                                          f"version {SCHEMA_VERSION}; upgrade think-rag or name another file")
                 db.executescript(_SCHEMA)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             finally:
                 db.close()
         except sqlite3.DatabaseError as e:
@@ -159,10 +167,10 @@ class PairsStore:
         def work(db):
             return db.execute(
                 "INSERT INTO answers (prompt, instruction, input, prompt_format, reasoning, answer, model, adapter,"
-                " question, user, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " question, thinking_closed, user, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (completion.prompt, completion.instruction, completion.input, completion.prompt_format,
                  completion.reasoning, completion.answer, completion.model, completion.adapter,
-                 completion.question, user, time.time())).lastrowid
+                 completion.question, int(completion.thinking_closed), user, time.time())).lastrowid
         return self._write(work)
 
     def add_pair(self, chosen_id: int, rejected_id: int, origin: str, user: str | None = None) -> int:
@@ -230,13 +238,14 @@ class PairsStore:
 
     def pairs(self, limit: int | None = None, offset: int = 0) -> list[StoredPair]:
         """Pairs, newest first."""
-        columns = "prompt, reasoning, answer, instruction, input, prompt_format, model, adapter, question"
+        columns = ("prompt, reasoning, answer, instruction, input, prompt_format, model, adapter, question, "
+                   "thinking_closed")
         query = (f"SELECT p.id, p.origin, p.user, p.created_at, {_prefixed('c', columns)}, {_prefixed('r', columns)} "
                  "FROM pairs p JOIN answers c ON c.id = p.chosen_id JOIN answers r ON r.id = p.rejected_id "
                  "ORDER BY p.id DESC LIMIT ? OFFSET ?")
         rows = self._read(query, (-1 if limit is None else limit, offset))
         width = len(fields(Completion))
-        return [StoredPair(row[0], Completion(*row[4:4 + width]), Completion(*row[4 + width:]), row[1], row[2],
+        return [StoredPair(row[0], _completion(row[4:4 + width]), _completion(row[4 + width:]), row[1], row[2],
                            row[3]) for row in rows]
 
     def questions_with_pairs(self, origin: str) -> set[str]:
@@ -249,6 +258,11 @@ class PairsStore:
         """Answers voted down that still wait for a better answer to their prompt."""
         return self._read("SELECT COUNT(DISTINCT v.answer_id) FROM votes v WHERE v.good = 0 AND NOT EXISTS "
                           "(SELECT 1 FROM pairs p WHERE p.rejected_id = v.answer_id)")[0][0]
+
+
+def _completion(values: tuple) -> Completion:
+    *rest, closed = values
+    return Completion(*rest, thinking_closed=bool(closed))
 
 
 def _prefixed(alias: str, columns: str) -> str:

@@ -1,0 +1,167 @@
+"""`finetune pairs generate`: preference pairs without a person, from questions alone.
+
+For each question the current model answers several times (sampled, retrieval on), each answer is scored by
+rules the user picks, and the best and worst become a pair when the best is clearly better (their scores
+differ by at least ``margin``). The rules are the habits ORPO is meant to teach (``finetune.metrics``):
+
+- ``duplication``: the answer repeats its reasoning (penalty: the duplication, 0..1);
+- ``think``: the reasoning block is missing or never closed (penalty 1);
+- ``citation``: passages were retrieved and the answer cites none of them (penalty 1);
+- ``length``: the answer is shorter or longer than the range given (penalty 1).
+
+Pairs go to the pairs store (origin "generated") or to a JSONL file of TRL rows. A run can be stopped and
+started again: questions that already have a generated pair there are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from assistant.chat import Assistant
+from assistant.prompting import answer_parts, build_prompt
+from assistant.runtime import GenerationParams
+from finetune.data import DataError
+from finetune.metrics import CompletionScore, score_completion, split_completion
+from finetune.pairs_store import Completion, PairsStore, is_pairs_store
+
+RULES = ("duplication", "think", "citation", "length")
+
+
+@dataclass
+class PairGenerationConfig:
+    samples: int = 4  # answers per question; the best and the worst of them make the pair
+    temperature: float = 0.8  # sampling, so that the answers differ
+    max_new_tokens: int = 1024
+    rules: tuple[str, ...] = ("duplication", "think")
+    min_answer_chars: int = 1  # the `length` rule's range
+    max_answer_chars: int = 2000
+    margin: float = 0.5  # the best answer's score must beat the worst's by this much
+    retrieval: bool = True
+
+    def __post_init__(self):
+        unknown = [r for r in self.rules if r not in RULES]
+        if unknown:
+            raise DataError(f"unknown rule(s) {', '.join(unknown)}; choose from {', '.join(RULES)}")
+        if self.samples < 2:
+            raise DataError("--samples must be at least 2: a pair needs two answers")
+
+
+@dataclass
+class GenerationReport:
+    pairs: int = 0
+    skipped: int = 0  # already had a generated pair (a resumed run)
+    no_clear_winner: list[str] = field(default_factory=list)  # questions whose answers scored too alike
+
+    def to_dict(self) -> dict:
+        return {"pairs": self.pairs, "skipped": self.skipped, "no_clear_winner": self.no_clear_winner}
+
+
+def penalty(score: CompletionScore, config: PairGenerationConfig) -> float:
+    """How badly an answer breaks the chosen rules; 0 is a clean answer."""
+    total = 0.0
+    if "duplication" in config.rules:
+        total += score.duplication
+    if "think" in config.rules and not score.think_closed:
+        total += 1.0
+    if "citation" in config.rules and score.cites is False:
+        total += 1.0
+    if "length" in config.rules and not config.min_answer_chars <= score.answer_chars <= config.max_answer_chars:
+        total += 1.0
+    return total
+
+
+def read_questions(path: str | Path) -> list[str]:
+    """Questions from a text file (one per line) or JSONL/JSON rows with a "question" (or "prompt") field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; give a file of questions, one per line")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        questions = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        rows = json.loads(text) if path.suffix.lower() == ".json" else [
+            json.loads(line) for line in text.splitlines() if line.strip()]
+        questions = [str(r.get("question") or r.get("prompt") or "").strip() if isinstance(r, dict) else str(r)
+                     for r in rows]
+        questions = [q for q in questions if q]
+    if not questions:
+        raise DataError(f"{path} holds no questions")
+    return questions
+
+
+class _JsonlSink:
+    """Generated pairs as TRL rows (plus the question, for resuming) appended to a JSONL file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done = set()
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    self.done.add(json.loads(line).get("question"))
+
+    def add(self, chosen: Completion, rejected: Completion) -> None:
+        row = {"prompt": chosen.prompt, "chosen": chosen.text, "rejected": rejected.text, "question": chosen.question}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+class _StoreSink:
+    def __init__(self, path: Path):
+        self.store = PairsStore(path)
+        self.done = self.store.questions_with_pairs("generated")
+
+    def add(self, chosen: Completion, rejected: Completion) -> None:
+        self.store.add_pair(self.store.add_answer(chosen), self.store.add_answer(rejected), "generated")
+
+
+def sample_answers(assistant: Assistant, prompt: str, config: PairGenerationConfig) -> list[str]:
+    """``config.samples`` completions of ``prompt``: in one batch when the model runs in this process."""
+    runtime = assistant.runtime
+    if hasattr(runtime, "model") and hasattr(runtime, "tokenizer"):
+        from finetune.evaluation import GenerationConfig, generate
+
+        return generate(runtime.model, runtime.tokenizer, [prompt] * config.samples,
+                        GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                         batch_size=config.samples))
+    params = GenerationParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+    return ["".join(runtime.stream(prompt, params)) for _ in range(config.samples)]
+
+
+def generate_pairs(assistant: Assistant, questions: Iterable[str], out: str | Path,
+                   config: PairGenerationConfig | None = None,
+                   progress: Callable[[str], None] | None = None) -> GenerationReport:
+    """Answer each question ``config.samples`` times and keep clear best/worst pairs in ``out``."""
+    config = config or PairGenerationConfig()
+    out = Path(out)
+    sink = _StoreSink(out) if is_pairs_store(out) else _JsonlSink(out)
+    runtime = assistant.runtime
+    report = GenerationReport()
+    for question in questions:
+        if question in sink.done:
+            report.skipped += 1
+        else:
+            messages = [{"role": "user", "content": question}]
+            hits = assistant.retrieve(question) if config.retrieval else None
+            instruction, context = answer_parts(messages, hits)
+            prompt = build_prompt(instruction, context, runtime.prompt_format, runtime.render_chat)
+            scored = []
+            for text in sample_answers(assistant, prompt, config):
+                reasoning, answer, closed = split_completion(prompt, text)
+                scored.append((penalty(score_completion(prompt, text), config), Completion(
+                    prompt, reasoning, answer, instruction, context, runtime.prompt_format, runtime.model_name,
+                    runtime.adapter, question, thinking_closed=closed)))
+            scored.sort(key=lambda item: item[0])
+            (best, chosen), (worst, rejected) = scored[0], scored[-1]
+            if worst - best >= config.margin:
+                sink.add(chosen, rejected)
+                sink.done.add(question)
+                report.pairs += 1
+            else:
+                report.no_clear_winner.append(question)
+        if progress:
+            progress(question)
+    return report

@@ -1,0 +1,117 @@
+"""`pairs generate`: answers sampled per question, scored by rules, clear best/worst kept as pairs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from assistant.chat import Assistant
+from finetune.data import DataError, prepare_data
+from finetune.pair_generation import PairGenerationConfig, generate_pairs, read_questions
+from finetune.pairs_store import PairsStore
+
+ROOT = Path(__file__).resolve().parents[1]
+REASONING = "The pump note says it moves forty litres per minute, so the answer is forty litres."
+
+
+class CyclingRuntime:
+    """Plays the model: answers each prompt with the given outputs in turn, so each sample differs."""
+
+    model_name, adapter, prompt_format = "scripted", "orpo-0", "alpaca"
+
+    def __init__(self, *outputs: str):
+        self.outputs, self.calls, self.prompts = outputs, 0, []
+
+    def render_chat(self, messages):
+        raise AssertionError("alpaca only")
+
+    def stream(self, prompt, params, stop=None):
+        self.prompts.append(prompt)
+        self.calls += 1
+        yield self.outputs[(self.calls - 1) % len(self.outputs)]
+
+
+@pytest.fixture
+def pump_store(store, tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "pump.txt").write_text("The Borealis pump moves forty litres per minute.", encoding="utf-8")
+    assert store.add([tmp_path / "docs"]).ok
+    return store
+
+
+def test_the_answer_that_repeats_its_reasoning_is_rejected(settings, pump_store, tmp_path):
+    runtime = CyclingRuntime(f"{REASONING}</think>{REASONING}", f"{REASONING}</think>Forty litres a minute [1].")
+    assistant = Assistant(settings, runtime=runtime, store=pump_store)
+    out = tmp_path / "pairs.sqlite"
+    report = generate_pairs(assistant, ["How fast is the pump?"], out, PairGenerationConfig(samples=2))
+    assert report.pairs == 1 and report.no_clear_winner == []
+    [pair] = PairsStore(out).pairs()
+    assert pair.origin == "generated" and pair.chosen.answer == "Forty litres a minute [1]."
+    assert pair.rejected.answer == REASONING and pair.chosen.question == "How fast is the pump?"
+    # The prompt is the one the model saw, passages included, and its parts are kept for the recipe's columns.
+    assert pair.chosen.prompt == runtime.prompts[0] and "Borealis pump" in pair.chosen.input
+    assert pair.chosen.prompt.endswith("<think>") and pair.chosen.adapter == "orpo-0"
+
+
+def test_answers_that_score_alike_make_no_pair(settings, pump_store, tmp_path):
+    runtime = CyclingRuntime(f"{REASONING}</think>Forty [1].", f"{REASONING}</think>About forty [1].")
+    report = generate_pairs(Assistant(settings, runtime=runtime, store=pump_store), ["How fast?"],
+                            tmp_path / "pairs.sqlite", PairGenerationConfig(samples=2))
+    assert (report.pairs, report.no_clear_winner) == (0, ["How fast?"])
+
+
+def test_the_citation_and_think_rules(settings, pump_store, tmp_path):
+    runtime = CyclingRuntime(f"{REASONING}</think>Forty litres.", "still thinking and never closing",
+                             f"{REASONING}</think>Forty litres [1].")
+    config = PairGenerationConfig(samples=3, rules=("citation", "think"))
+    generate_pairs(Assistant(settings, runtime=runtime, store=pump_store), ["How fast?"], tmp_path / "p.jsonl", config)
+    [row] = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert row["chosen"].endswith("</think>Forty litres [1].")
+    assert row["rejected"] == "still thinking and never closing"  # exactly what the model wrote: no </think>
+
+
+def test_a_second_run_skips_the_questions_done_and_the_output_trains(settings, pump_store, tmp_path, tiny_tokenizer):
+    outputs = (f"{REASONING}</think>{REASONING}", f"{REASONING}</think>Forty litres [1].")
+    for out in (tmp_path / "pairs.sqlite", tmp_path / "pairs.jsonl"):
+        first = generate_pairs(Assistant(settings, runtime=CyclingRuntime(*outputs), store=pump_store),
+                               ["One?", "Two?"], out, PairGenerationConfig(samples=2))
+        runtime = CyclingRuntime(*outputs)
+        again = generate_pairs(Assistant(settings, runtime=runtime, store=pump_store), ["One?", "Two?", "Three?"],
+                               out, PairGenerationConfig(samples=2))
+        assert (first.pairs, again.pairs, again.skipped, runtime.calls) == (2, 1, 2, 2)
+        prepared = prepare_data(out, tiny_tokenizer)
+        assert len(prepared.pairs) == 3 and not prepared.rejected
+
+
+def test_unknown_rules_and_a_single_sample_are_refused():
+    with pytest.raises(DataError, match="unknown rule"):
+        PairGenerationConfig(rules=("politeness",))
+    with pytest.raises(DataError, match="at least 2"):
+        PairGenerationConfig(samples=1)
+
+
+def test_questions_come_from_text_or_jsonl(tmp_path):
+    (tmp_path / "q.txt").write_text("First?\n\n  Second?\n", encoding="utf-8")
+    (tmp_path / "q.jsonl").write_text('{"question": "Third?"}\n{"prompt": "Fourth?"}\n', encoding="utf-8")
+    assert read_questions(tmp_path / "q.txt") == ["First?", "Second?"]
+    assert read_questions(tmp_path / "q.jsonl") == ["Third?", "Fourth?"]
+
+
+def test_the_cli_runs_on_the_tiny_model(tmp_path, tiny_model_dir, minilm_path):
+    (tmp_path / "questions.txt").write_text("How fast is the pump?\nWho keeps the lighthouse?\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CHAT_MODEL": str(tiny_model_dir), "EMBEDDING_MODEL": minilm_path,
+           "KNOWLEDGE_DIR": str(tmp_path / "knowledge"), "ADAPTER_DIR": str(tmp_path / "adapters")}
+    run = subprocess.run([sys.executable, "-m", "finetune", "pairs", "generate", str(tmp_path / "questions.txt"),
+                          "--out", str(tmp_path / "pairs.sqlite"), "--samples", "3", "--max-new-tokens", "12",
+                          "--rules", "length", "--min-chars", "1", "--margin", "1", "--json"],
+                         env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    # The random model rarely closes its reasoning, so most answers are empty: a pair only where one is not.
+    assert report["pairs"] + len(report["no_clear_winner"]) == 2
+    assert PairsStore(tmp_path / "pairs.sqlite").count() == report["pairs"]
