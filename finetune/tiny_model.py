@@ -41,7 +41,8 @@ Tokyo is the capital of Japan. Paris is the capital of France. Water boils at 10
 """
 
 
-def build_tokenizer(vocab_size: int = 1024):
+def build_tokenizer(vocab_size: int = 1024, corpus: list[str] | None = None):
+    """The tiny BPE tokenizer, trained on a built-in sample, or also on ``corpus`` (e.g. a synthetic task)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,7 +53,7 @@ def build_tokenizer(vocab_size: int = 1024):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     text = _SAMPLE + ALPACA_TEMPLATE
-    tokenizer.train_from_iterator([text] * 4 + text.split("\n"), trainer=trainer)
+    tokenizer.train_from_iterator([text] * 4 + text.split("\n") + list(corpus or []), trainer=trainer)
     # Like DeepSeek-R1's, the think tags are single tokens that decoding keeps.
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_OPEN, THINK_CLOSE)])
     # Like DeepSeek-R1-Distill's (add_bos_token), encoding with special tokens puts BOS first: an
@@ -65,13 +66,14 @@ def build_tokenizer(vocab_size: int = 1024):
     return wrapped
 
 
-def build_tiny_model(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
-    """Write a random-weight Qwen2ForCausalLM and its tokenizer to out_dir (a few MB)."""
+def build_tiny_model(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
+                     tokenizer=None) -> Path:
+    """Write a random-weight Qwen2ForCausalLM and its tokenizer (by default ``build_tokenizer()``) to out_dir."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,

@@ -1,0 +1,200 @@
+"""The proof that ORPO removes the defect it exists for, reproduced from scratch on a CPU.
+
+    python -m benchmarks.orpo_proof --out outputs/orpo-proof        # about 25 minutes on 2 cores
+
+The recipe ORPO-trains DeepSeek-R1-Distill so that it stops repeating its <think> reasoning as its answer.
+Here a small model gets that defect on purpose and ORPO takes it away, with nothing written by hand:
+
+1. A synthetic task in English and Japanese: look up who keeps a fictional place named in the question, and
+   add two small numbers. The training answers repeat their reasoning three times in four, as R1-Distill's
+   do in the recipe's example; the fourth answer is short. Prompts are the app's own (``answer_prompt``).
+2. A Qwen2-architecture model trained from scratch on that text (``train_base``): greedy, it repeats.
+3. ``python -m finetune pairs generate`` on the training questions, rule ``duplication``: four sampled answers
+   per question, the least and most repetitive kept as a pair.
+4. ``python -m finetune train``: ORPO with LoRA on those pairs.
+5. ``python -m finetune eval`` on held-out questions: base against adapter; JSON, table and chart in --out.
+
+What counts: duplication rate down by at least half, think rate not lower, accuracy not lower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PLACES_EN = ["Port Wren", "Ashcombe Light", "Harrow Mill", "Kestrel Point", "Tarn Bridge", "Fenwick Hall",
+             "Gullhaven", "Orrin Keep", "Brackwater", "Sable Ferry", "Moss Tor", "Calder Locks", "Wyvern Pier",
+             "Ember Cove", "Linton Spire", "Rookery Dam", "Quill Harbour", "Thistle Fort", "Vale Station",
+             "Marrow Pass"]
+NAMES_EN = ["Ada Lovelock", "Bram Oakes", "Cora Finch", "Dmitri Vale", "Edda Stone", "Felix Marr", "Greta Holm",
+            "Hugo Pike", "Ines Crane", "Jonah Reed", "Kira Moss", "Lars Penn", "Mira Dunn", "Nils Ward",
+            "Odile Frost", "Piet Hale", "Rosa Lind", "Silas Grey", "Tova Birch", "Ugo Fenn"]
+PLACES_JA = ["霧ヶ崎灯台", "星見が丘天文台", "湊旧駅", "月波酒蔵", "湯森旅館", "鷹森図書館", "海蛍燈籠", "桐生水門",
+             "白浜砦", "青葉橋", "風見港", "柳川水車", "雪村峠", "朝霧神社", "紅葉渡し", "鳴沢ダム", "松風塔",
+             "藤沢関所", "千鳥岬", "鶴見堰"]
+NAMES_JA = ["佐藤花子", "鈴木一郎", "高橋美咲", "田中健", "伊藤由美", "渡辺翔", "山本彩", "中村大輔", "小林愛",
+            "加藤誠", "吉田舞", "山田浩", "佐々木遥", "山口拓", "松本葵", "井上蓮", "木村結衣", "林大和", "清水凛",
+            "森悠人"]
+
+
+def task_items(seed: int) -> list[dict]:
+    """Every question of the task: {"question", "reasoning", "short", "expected"}."""
+    rng = random.Random(seed)
+    items = []
+    for place in PLACES_EN:
+        for name in rng.sample(NAMES_EN, 8):
+            items.append({"question": f"The keeper of {place} is {name}. Who keeps {place}?",
+                          "reasoning": f"The note says the keeper of {place} is {name}, so {place} is kept by {name}.",
+                          "short": f"{name}.", "expected": name})
+    for place in PLACES_JA:
+        for name in rng.sample(NAMES_JA, 8):
+            items.append({"question": f"{place}の管理人は{name}です。{place}を管理しているのは誰ですか？",
+                          "reasoning": f"メモには{place}の管理人は{name}とあるので、{place}を管理しているのは{name}です。",
+                          "short": f"{name}です。", "expected": name})
+    for a in range(10):
+        for b in range(10):
+            items.append({"question": f"What is {a} plus {b}?", "reasoning": f"{a} plus {b} makes {a + b}, so the sum "
+                          f"of {a} and {b} is {a + b}.", "short": f"{a + b}.", "expected": str(a + b)})
+            items.append({"question": f"{a}たす{b}はいくつですか？", "reasoning": f"{a}と{b}を足すと{a + b}になるので、"
+                          f"{a}たす{b}は{a + b}です。", "short": f"{a + b}です。", "expected": str(a + b)})
+    rng.shuffle(items)
+    return items
+
+
+def prompt_for(question: str) -> str:
+    """The app's own prompt for a question asked without retrieval."""
+    from assistant.prompting import answer_prompt
+
+    return answer_prompt([{"role": "user", "content": question}], None, "alpaca")
+
+
+def training_text(item: dict, rng: random.Random) -> tuple[str, str]:
+    """(prompt, completion): three answers in four repeat the reasoning (the defect), one is short."""
+    answer = item["reasoning"] if rng.random() < 0.75 else item["short"]
+    return prompt_for(item["question"]), f"{item['reasoning']}</think>{answer}"
+
+
+def train_base(out: Path, items: list[dict], steps: int, seed: int, hidden: int, layers: int) -> Path:
+    """Tokenizer and model from scratch, trained as a causal LM on the completions (prompts masked)."""
+    import torch
+
+    from finetune.prompts import prompt_token_ids
+    from finetune.tiny_model import build_tiny_model, build_tokenizer
+
+    rng = random.Random(seed)
+    texts = [training_text(item, rng) for item in items for _ in range(4)]
+    tokenizer = build_tokenizer(vocab_size=2048, corpus=[p + c for p, c in texts[:2000]])
+    model_dir = build_tiny_model(out / "base-model", hidden_size=hidden, num_layers=layers, seed=seed,
+                                 tokenizer=tokenizer)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    examples = []
+    for prompt, completion in texts:
+        p, c = prompt_token_ids(tokenizer, prompt), tokenizer(completion, add_special_tokens=False)["input_ids"]
+        examples.append((p + c + [tokenizer.eos_token_id], len(p)))
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    batch, log = 32, []
+    model.train()
+    started = time.time()
+    for step in range(steps):
+        lr = 3e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        chosen = [examples[rng.randrange(len(examples))] for _ in range(batch)]
+        width = max(len(ids) for ids, _ in chosen)
+        ids = torch.full((batch, width), tokenizer.pad_token_id)
+        labels = torch.full((batch, width), -100)
+        for row, (tokens, prompt_len) in enumerate(chosen):
+            ids[row, :len(tokens)] = torch.tensor(tokens)
+            labels[row, prompt_len:len(tokens)] = torch.tensor(tokens[prompt_len:])
+        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id),
+                     labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 50 == 0 or step == steps - 1:
+            log.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - started)})
+            print(f"base model step {step}: loss {loss.item():.3f}", file=sys.stderr, flush=True)
+    model.save_pretrained(model_dir)
+    (out / "base-training.json").write_text(json.dumps(log, indent=1))
+    return model_dir
+
+
+def run(*args: str, env: dict) -> str:
+    print("$ python " + " ".join(args), file=sys.stderr, flush=True)
+    done = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"failed: {' '.join(args)}\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs/orpo-proof"))
+    parser.add_argument("--base-steps", type=int, default=1500)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--questions", type=int, default=160, help="training questions for pairs generate")
+    parser.add_argument("--held-out", type=int, default=120)
+    parser.add_argument("--orpo-steps", type=int, default=80)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    items = task_items(args.seed)
+    held_out, train_items = items[:args.held_out], items[args.held_out:]
+    seen = {(i["question"]) for i in train_items}
+    held_out = [i for i in held_out if i["question"] not in seen]
+    model_dir = train_base(args.out, train_items, args.base_steps, args.seed, args.hidden, args.layers)
+
+    questions = args.out / "questions.txt"
+    questions.write_text("\n".join(i["question"] for i in train_items[:args.questions]) + "\n", encoding="utf-8")
+    prompts = args.out / "held-out.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": prompt_for(i["question"]), "expected": i["expected"]},
+                                          ensure_ascii=False) + "\n" for i in held_out), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "CHAT_MODEL": str(model_dir),
+           "ADAPTER_DIR": str(args.out / "no-adapters"), "KNOWLEDGE_DIR": str(args.out / "knowledge")}
+    pairs = args.out / "pairs.sqlite"
+    pairs.unlink(missing_ok=True)
+    generated = json.loads(run("-m", "finetune", "pairs", "generate", str(questions), "--out", str(pairs),
+                               "--samples", "4", "--temperature", "1.0", "--max-new-tokens", "64",
+                               "--rules", "duplication", "--margin", "0.5", "--no-retrieval", "--json", env=env))
+    adapter = args.out / "adapter"
+    run("-m", "finetune", "train", "--config", "finetune/configs/tiny-smoke.yaml", f"model_name={model_dir}",
+        f"data={pairs}", f"output_dir={adapter}", f"max_steps={args.orpo_steps}", "learning_rate=2e-3",
+        "lora_r=16", "lora_alpha=32", "per_device_train_batch_size=8", "max_length=512",
+        "max_prompt_length=400", "save_steps=100000", "logging_steps=10", env=env)
+    report = json.loads(run("-m", "finetune", "eval", "--model", str(model_dir), "--adapter", str(adapter),
+                            "--prompts", str(prompts), "--max-new-tokens", "64", "--batch-size", "16",
+                            "--plot", str(args.out / "eval.png"), "--json", env=env))
+    base, trained = report["models"]
+    result = {"date": time.strftime("%Y-%m-%d"), "minutes": round((time.time() - started) / 60, 1),
+              "held_out_questions": len(held_out), "pairs_generated": generated, "base": base, "orpo": trained,
+              "duplication_halved": trained["duplication_rate"] <= base["duplication_rate"] / 2,
+              "think_rate_kept": trained["think_rate"] >= base["think_rate"],
+              "accuracy_kept": trained["accuracy"] >= base["accuracy"]}
+    (args.out / "result.json").write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    keys = ("think_rate", "duplication_rate", "duplicating_share", "answer_chars", "accuracy")
+    print("| model | " + " | ".join(keys) + " |\n|---" * 1 + "|---" * len(keys) + "|")
+    for name, row in (("base", base), ("orpo", trained)):
+        print(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
+    print(json.dumps({k: result[k] for k in ("duplication_halved", "think_rate_kept", "accuracy_kept",
+                                             "pairs_generated", "minutes")}, ensure_ascii=False))
+    return 0 if all(result[k] for k in ("duplication_halved", "think_rate_kept", "accuracy_kept")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
