@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from assistant.citation_support import SentenceSupport, citation_support, cited_numbers
-from assistant.prompting import answer_prompt, retrieval_query
+from assistant.prompting import answer_parts, build_prompt, retrieval_query
 from assistant.runtime import GenerationParams, ModelRuntime, load_runtime
 from finetune.prompts import split_reasoning
 from knowledge import Hit, KnowledgeStore
@@ -30,6 +30,17 @@ class Citation:
         return f"[{self.number}] {name}" + (f", page {self.page}" if self.page is not None else "")
 
 
+@dataclass(frozen=True)
+class PromptRecord:
+    """The prompt an answer was generated from, exactly, with the parts it was built of."""
+
+    text: str
+    instruction: str = ""
+    input: str = ""
+    format: str = "alpaca"
+    question: str = ""  # the user's message it answers
+
+
 @dataclass
 class Answer:
     """An answer as it streams: reasoning and answer so far, and what it stands on."""
@@ -42,6 +53,7 @@ class Answer:
     support: list[SentenceSupport] = field(default_factory=list)  # each citing sentence's check, when done
     adapter: str | None = None
     model: str = ""
+    prompt: PromptRecord = field(default_factory=lambda: PromptRecord(""))
 
     @property
     def citations(self) -> list[Citation]:
@@ -111,9 +123,25 @@ class Assistant:
         """Answer the last user message of ``messages`` ({"role", "content"} dicts), streaming."""
         hits = self.retrieve(retrieval_query(messages)) if use_retrieval else None
         runtime = self.runtime
-        answer = Answer(passages=as_citations(hits or []), adapter=runtime.adapter, model=runtime.model_name)
-        prompt = answer_prompt(messages, hits, runtime.prompt_format, runtime.render_chat)
+        instruction, context = answer_parts(messages, hits)
+        answer = Answer(passages=as_citations(hits or []), adapter=runtime.adapter, model=runtime.model_name,
+                        prompt=PromptRecord(build_prompt(instruction, context, runtime.prompt_format,
+                                                         runtime.render_chat), instruction, context,
+                                            runtime.prompt_format, str(messages[-1]["content"])))
+        yield from self._stream(answer, params, stop)
+
+    def stream_again(self, previous: Answer, params: GenerationParams | None = None,
+                     stop: threading.Event | None = None) -> Iterator[Answer]:
+        """Another answer to exactly the prompt ``previous`` answered (same passages), to compare the two."""
+        runtime = self.runtime
+        answer = Answer(passages=previous.passages, adapter=runtime.adapter, model=runtime.model_name,
+                        prompt=previous.prompt)
+        yield from self._stream(answer, params, stop)
+
+    def _stream(self, answer: Answer, params: GenerationParams | None, stop: threading.Event | None
+                ) -> Iterator[Answer]:
         yield answer
+        prompt = answer.prompt.text
         for answer.reasoning, answer.answer, answer.thinking_done in self.generate(prompt, params, stop):
             yield answer
         answer.check_citations()

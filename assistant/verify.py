@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from assistant.chat import Assistant, Citation, as_citations
+from assistant.chat import Assistant, Citation, PromptRecord, as_citations
 from assistant.prompting import build_prompt, neutralize, quote_passages
 from assistant.runtime import GenerationParams
 
@@ -47,6 +47,9 @@ class Verification:
     cited: list[int] = field(default_factory=list)
     stage: str = "evidence"  # evidence, for, against, judge, done
     adapter: str | None = None
+    model: str = ""
+    judge_prompt: PromptRecord = field(default_factory=lambda: PromptRecord(""))  # what the judge was asked
+    judgement: tuple[str, str, bool] = ("", "", False)  # the judge's reasoning, reply, and whether it closed
 
     @property
     def citations(self) -> list[Citation]:
@@ -95,14 +98,17 @@ def stream_verification(assistant: Assistant, claim: str, params: GenerationPara
                         stop: threading.Event | None = None) -> Iterator[Verification]:
     """Yield the verification as it grows: evidence, the case for, the case against, the verdict."""
     hits = assistant.retrieve(claim)
-    result = Verification(claim=claim.strip(), evidence=as_citations(hits), adapter=assistant.runtime.adapter)
+    result = Verification(claim=claim.strip(), evidence=as_citations(hits), adapter=assistant.runtime.adapter,
+                          model=assistant.runtime.model_name)
     yield result
     runtime = assistant.runtime
     evidence = quote_passages(hits)
 
+    def parts(rules: str, extra: str = "") -> tuple[str, str]:
+        return f"{rules}\n\nClaim: {neutralize(result.claim)}", evidence + extra
+
     def prompt(rules: str, extra: str = "") -> str:
-        return build_prompt(f"{rules}\n\nClaim: {neutralize(result.claim)}", evidence + extra, runtime.prompt_format,
-                            runtime.render_chat)
+        return build_prompt(*parts(rules, extra), runtime.prompt_format, runtime.render_chat)
 
     for stage, side in (("for", FOR_SIDE), ("against", AGAINST_SIDE)):
         result.stage = stage
@@ -113,9 +119,12 @@ def stream_verification(assistant: Assistant, claim: str, params: GenerationPara
     yield result
     # The cases are the model's words, but made from untrusted passages: they enter the prompt the same way.
     cases = f"\n\nCase for:\n{neutralize(result.case_for)}\n\nCase against:\n{neutralize(result.case_against)}"
-    judgement = ""
-    for _, answer, _ in assistant.generate(prompt(JUDGE_RULES, cases), params, stop):
-        judgement = answer
+    result.judge_prompt = PromptRecord(prompt(JUDGE_RULES, cases), *parts(JUDGE_RULES, cases), runtime.prompt_format,
+                                       result.claim)
+    judge_prompt = result.judge_prompt.text
+    for result.judgement in assistant.generate(judge_prompt, params, stop):
+        pass
+    judgement = result.judgement[1]
     if not hits:
         result.verdict, result.reason = "not enough evidence", "no passages in the store bear on this claim"
     else:

@@ -128,3 +128,19 @@ def tiny_app(tmp_path_factory, minilm_path, embedder, tiny_model_dir, app_adapte
     with running_app(settings, embedder, documents=[write_notes(base / "docs")]) as url:
         assert wait_for_model(url)["model_status"] == "ready"
         yield url
+
+
+class ScriptedRuntime:
+    """Plays the model's part with fixed outputs, so the plumbing around them can be checked exactly."""
+
+    model_name, adapter, prompt_format = "scripted", None, "alpaca"
+
+    def __init__(self, *outputs: str):
+        self.outputs, self.prompts = list(outputs), []
+
+    def render_chat(self, messages):
+        raise AssertionError("alpaca only")
+
+    def stream(self, prompt, params, stop=None):
+        self.prompts.append(prompt)
+        yield from self.outputs[len(self.prompts) - 1]

@@ -9,26 +9,11 @@ from assistant.citation_support import citation_support, cited_numbers, cited_se
 from assistant.runtime import GenerationParams
 from assistant.ui_chat import UNCITED, turn_messages
 from assistant.verify import verify
+from tests.assistant_fixtures import ScriptedRuntime
 
 PUMP = "The Borealis pump moves 40 litres per minute and ships from Tromsø."
 LAMP = "The Aurora lamp costs 40 crowns and was designed in Bergen."
 SHORT = GenerationParams(max_new_tokens=8, temperature=0.0)
-
-
-class ScriptedRuntime:
-    """Plays the model's part with fixed outputs, so the plumbing around them can be checked exactly."""
-
-    model_name, adapter, prompt_format = "scripted", None, "alpaca"
-
-    def __init__(self, *outputs: str):
-        self.outputs, self.prompts = list(outputs), []
-
-    def render_chat(self, messages):
-        raise AssertionError("alpaca only")
-
-    def stream(self, prompt, params, stop=None):
-        self.prompts.append(prompt)
-        yield from self.outputs[len(self.prompts) - 1]
 
 
 @pytest.fixture
