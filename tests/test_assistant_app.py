@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
+import httpx
 import pytest
 from gradio_client import Client, handle_file
 
@@ -24,7 +25,7 @@ from assistant.ui_chat import (
     new_turn,
     turn_messages,
 )
-from assistant.ui_knowledge import safe_upload_name, save_uploads
+from assistant.ui_knowledge import NOT_UPLOADED, safe_upload_name, save_uploads
 from assistant.ui_model import ModelLoader
 from assistant.verify import VERDICTS
 from settings import Settings
@@ -87,11 +88,37 @@ def test_an_upload_named_with_a_path_lands_inside_the_uploads_folder(tmp_path):
     temp = tmp_path / "gradio-temp-file"
     temp.write_text("secret", encoding="utf-8")
     uploads = tmp_path / "knowledge" / "uploads"
-    saved, refused = save_uploads([(temp, "../../etc/passwd"), (temp, "/abs/notes.txt")], uploads, max_mb=1)
+    saved, refused = save_uploads([(temp, "../../etc/passwd"), (temp, "/abs/notes.txt")], uploads, max_mb=1,
+                                  uploaded_to=[tmp_path])
     assert refused == []
     assert [p.parent for p in saved] == [uploads.resolve()] * 2
     assert sorted(p.name for p in uploads.iterdir()) == ["notes.txt", "passwd"]
     assert not (tmp_path / "etc").exists()
+
+
+def test_a_file_outside_the_upload_folders_is_refused_by_name_even_through_a_link(tmp_path):
+    upload_folder, elsewhere = tmp_path / "gradio", tmp_path / "elsewhere"
+    upload_folder.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "secret.txt").write_text("secret", encoding="utf-8")
+    (upload_folder / "link.txt").symlink_to(elsewhere / "secret.txt")
+    (upload_folder / "notes.txt").write_text("notes", encoding="utf-8")
+    files = [(elsewhere / "secret.txt", "secret.txt"), (upload_folder / "link.txt", "link.txt"),
+             (upload_folder / "missing.txt", "missing.txt"), (upload_folder / "notes.txt", "notes.txt")]
+    saved, refused = save_uploads(files, tmp_path / "uploads", max_mb=1, uploaded_to=[upload_folder])
+    assert [p.name for p in saved] == ["notes.txt"]
+    assert [(r["source"], r["reason"]) for r in refused] == [(name, NOT_UPLOADED) for name in
+                                                             ("secret.txt", "link.txt", "missing.txt")]
+    assert sorted(p.name for p in (tmp_path / "uploads").iterdir()) == ["notes.txt"]
+
+
+def test_a_file_already_in_the_uploads_folder_is_added_again_in_place(tmp_path):
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    (uploads / "notes.txt").write_text("notes", encoding="utf-8")
+    saved, refused = save_uploads([(uploads / "notes.txt", "notes.txt")], uploads, max_mb=1, uploaded_to=[])
+    assert (saved, refused) == ([(uploads / "notes.txt").resolve()], [])
+    assert (uploads / "notes.txt").read_text(encoding="utf-8") == "notes"
 
 
 # -- rendering ------------------------------------------------------------------------------------------
@@ -213,6 +240,42 @@ def test_oversized_upload_is_refused_by_name_while_the_others_are_added(tiny_app
     sources = [d["source"] for d in client.predict(api_name="/list_documents")]
     assert any(s.endswith("/uploads/harbour.md") for s in sources)
     assert not any("huge-log" in s for s in sources)
+
+
+def call_raw(url: str, api_name: str, data: list) -> list:
+    """One call of a Gradio endpoint as any HTTP client can make it, without gradio_client's checks."""
+    with httpx.Client(base_url=url, timeout=60) as http:
+        event = http.post(f"/gradio_api/call/{api_name}", json={"data": data}).raise_for_status().json()
+        stream = http.get(f"/gradio_api/call/{api_name}/{event['event_id']}").raise_for_status().text
+    lines = stream.splitlines()
+    assert "event: complete" in lines, stream
+    return json.loads(lines[lines.index("event: complete") + 1].removeprefix("data: "))
+
+
+def upload_raw(url: str, path) -> str:
+    """Upload a file the way the page does; the path Gradio gives it in its upload folder."""
+    with open(path, "rb") as f:
+        response = httpx.post(f"{url}/gradio_api/upload", files=[("files", (path.name, f))], timeout=60)
+    return response.raise_for_status().json()[0]
+
+
+def file_data(path) -> dict:
+    return {"path": str(path), "meta": {"_type": "gradio.FileData"}}
+
+
+def test_a_server_path_sent_as_an_upload_is_refused_by_name_and_never_searchable(tiny_app, tmp_path):
+    secret = tmp_path / "server-secret.txt"
+    secret.write_text("The vault code word is ZEPHYRQUILL.\n", encoding="utf-8")
+    good = tmp_path / "tide-table.md"
+    good.write_text("# Tides\nHigh tide at Port Wren is at noon.\n", encoding="utf-8")
+    report, *_ = call_raw(tiny_app, "add_documents", [[file_data(secret), file_data(upload_raw(tiny_app, good))]])
+    client = Client(tiny_app, verbose=False)
+    hits = client.predict("ZEPHYRQUILL vault code word", 5, "lexical", api_name="/search")
+    sources = [d["source"] for d in client.predict(api_name="/list_documents")]
+    assert "**failed** `server-secret.txt`: not a file uploaded to this app" in report
+    assert "**added** `tide-table.md`" in report
+    assert "ZEPHYRQUILL" not in hits
+    assert not any("server-secret" in s for s in sources) and any(s.endswith("/uploads/tide-table.md") for s in sources)
 
 
 def test_unsupported_upload_is_reported_like_the_cli(tiny_app, tmp_path):
