@@ -6,6 +6,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -21,6 +22,7 @@ from assistant.ui_chat import (
     THINKING,
     THINKING_OPEN_ENDED,
     ChatTab,
+    ConversationExports,
     conversation_export,
     new_turn,
     turn_messages,
@@ -169,9 +171,24 @@ def test_export_keeps_reasoning_citations_model_and_adapter_of_each_answer():
     exported = conversation_export([finished_turn(reasoning="r", answer="Ada [1].", thinking_done=True)])
     user, answer = exported["messages"]
     assert user == {"role": "user", "content": "Who keeps the lighthouse?"}
-    assert answer["adapter"] == "chat-smoke" and answer["model"] == "/models/tiny-model"
+    assert answer["adapter"] == "chat-smoke" and answer["model"] == "tiny-model"  # the folder's name, not its path
     assert answer["reasoning"] == "r" and answer["citations"][0]["page"] == 3
-    json.dumps(exported)
+    assert json.loads(json.dumps(exported)) == exported
+
+
+def test_each_session_has_one_export_file_rewritten_after_each_turn():
+    exports = ConversationExports()
+    first, second = finished_turn(answer="Ada."), finished_turn(question="And the colour?", answer="Red.")
+    after_one = exports.write([first], session="s1")
+    after_two = exports.write([first, second], session="s1")
+    other = exports.write([finished_turn(answer="Tom.")], session="s2")
+    files = sorted(exports.folder.rglob("*.json"))
+    asked = [m["content"] for m in json.loads(Path(after_two).read_text(encoding="utf-8"))["messages"]
+             if m["role"] == "user"]
+    exports.close()
+    assert after_one == after_two and sorted([Path(after_two), Path(other)]) == files
+    assert asked == ["Who keeps the lighthouse?", "And the colour?"]
+    assert not exports.folder.exists()
 
 
 # -- the running app, through its API -------------------------------------------------------------------
@@ -185,7 +202,7 @@ def test_health_answers_json_with_model_adapter_and_document_count(tiny_app, tin
     health = get_json(f"{tiny_app}/health")
     documents = Client(tiny_app, verbose=False).predict(api_name="/list_documents")
     assert health["status"] == "ok" and health["model_status"] == "ready"
-    assert health["model"] == str(tiny_model_dir)
+    assert health["model"] == tiny_model_dir.name  # the local folder by its name: its path stays on the server
     assert health["adapter"] == ADAPTER_NAME
     assert health["documents"] == len(documents) >= 1
 
@@ -320,6 +337,7 @@ def test_app_without_a_model_starts_says_why_and_keeps_the_knowledge_tab(tmp_pat
         hits = client.predict("lighthouse keeper", 2, "hybrid", api_name="/search")
         page = urllib.request.urlopen(url, timeout=30).read().decode()
     assert health["status"] == "ok" and health["model_status"] == "unavailable" and health["adapter"] is None
+    assert health["model"] == "no-such-org/no-such-model"  # a hub name as is
     assert "Cannot answer" in contents(chat[-1]) and TINY_MODEL_HINT.splitlines()[1].strip() in contents(chat[-1])
     assert "Traceback" not in contents(chat[-1])
     assert len(documents) == 1 and "lighthouse-notes.txt" in hits
@@ -334,10 +352,54 @@ def test_app_with_logins_turns_away_clients_without_them(tmp_path, minilm_path, 
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{url}/gradio_api/queue/status", timeout=30)
         documents = Client(url, auth=("alice", "s3cret"), verbose=False).predict(api_name="/list_documents")
-        with pytest.raises(Exception):  # noqa: B017 - the client's own error type for a failed login varies
+        with pytest.raises(ValueError, match=f"^Could not login to {url}/"):  # not a refused connection
             Client(url, auth=("alice", "wrong"), verbose=False)
+        wrong, right = (httpx.post(f"{url}/login/", data={"username": "alice", "password": password}, timeout=30)
+                        for password in ("wrong", "s3cret"))
     assert refused.value.code == 401
     assert documents == []
+    assert (wrong.status_code, wrong.json()) == (400, {"detail": "Incorrect credentials."})
+    assert (right.status_code, right.json()) == (200, {"success": True})
+
+
+API_DOCS = ("/docs", "/redoc", "/openapi.json")
+
+
+def test_with_logins_the_api_docs_need_a_login_and_health_does_not(tmp_path, minilm_path, embedder):
+    settings = app_settings(tmp_path, minilm_path, "no-such-org/no-such-model", tmp_path / "adapters")
+    with running_app(settings, embedder, auth=[("alice", "s3cret")]) as url:
+        anonymous = {path: httpx.get(url + path, timeout=30).status_code for path in API_DOCS}
+        health = httpx.get(f"{url}/health", timeout=30)
+        with httpx.Client(base_url=url, timeout=30) as browser:
+            browser.post("/login/", data={"username": "alice", "password": "s3cret"}).raise_for_status()
+            logged_in = {path: browser.get(path) for path in API_DOCS}
+    assert anonymous == dict.fromkeys(API_DOCS, 401)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert {path: r.status_code for path, r in logged_in.items()} == dict.fromkeys(API_DOCS, 200)
+    assert "/health" in logged_in["/openapi.json"].json()["paths"]
+    assert "swagger-ui" in logged_in["/docs"].text
+
+
+def test_a_stopped_app_leaves_no_upload_in_gradios_cache(tmp_path, minilm_path, embedder):
+    settings = app_settings(tmp_path, minilm_path, "no-such-org/no-such-model", tmp_path / "adapters")
+    with running_app(settings, embedder) as url:
+        cached = Path(upload_raw(url, write_notes(tmp_path / "docs")))
+        assert cached.is_file()
+    assert not cached.exists()
+
+
+def test_a_stopped_app_removes_its_conversation_exports(tmp_path, minilm_path, embedder):
+    from assistant.app import create_server
+    from knowledge import KnowledgeStore
+    from tests.assistant_fixtures import serving
+
+    settings = app_settings(tmp_path, minilm_path, "no-such-org/no-such-model", tmp_path / "adapters")
+    server = create_server(Assistant(settings, store=KnowledgeStore(settings, embedder=embedder)))
+    exports = server.state.exports
+    with serving(server):
+        exported = Path(exports.write([finished_turn(answer="Ada.")], session="s1"))
+        assert exported.is_file() and exported.is_relative_to(exports.folder)
+    assert not exports.folder.exists()
 
 
 def test_page_comes_up_while_the_model_is_still_loading(tmp_path, minilm_path, embedder):
