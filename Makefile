@@ -1,12 +1,13 @@
 # make run   set up .venv and start the chat app on http://127.0.0.1:7860
 # make test  set up .venv and run the linter and every CPU test (GPU tests run through the device tool)
+# make screenshots  run the browser tests, writing their pictures into docs/screenshots/ (tests alone never do)
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 
 SUDO    := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: run test lint chromium bench-knowledge
+.PHONY: run test lint chromium screenshots bench-knowledge
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +30,10 @@ chromium:
 test: lint chromium
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False \
 	  $(BIN)/python -m pytest -m "not gpu" -q
+
+screenshots: $(BIN)/.installed chromium
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False \
+	  SCREENSHOTS_DIR=$(CURDIR)/docs/screenshots $(BIN)/python -m pytest -m browser -q tests/test_assistant_browser.py
 
 bench-knowledge: $(BIN)/.installed
 	@test -d /usr/share/debian-reference || ($(SUDO) apt-get update -qq && \

@@ -4,17 +4,27 @@
     APP_AUTH=me:secret python -m assistant serve --host 0.0.0.0
 
 Model requests wait in Gradio's queue: GPU_CONCURRENCY of them run at once, at most QUEUE_SIZE wait, and
-the rest are turned away ("queue is full"). GET /health answers JSON for container health checks.
+the rest are turned away ("queue is full"). GET /health answers JSON for container health checks, outside the
+login; the API docs (/docs, /redoc, /openapi.json) are behind it, like the page.
+
+Temporary files are bounded: Gradio deletes the uploads and served files of its cache once they are a day old
+(checking hourly) and all of them at shutdown; the chat's exports, one per session, go at shutdown too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import sys
 
 import gradio as gr
-from fastapi import FastAPI
+import httpx
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse
+from gradio.route_utils import API_PREFIX
+from gradio.routes import App as GradioApp
+from starlette.routing import Mount
 
 from assistant.chat import Assistant
 from assistant.ui_chat import ChatTab
@@ -26,6 +36,8 @@ from knowledge import StoreError
 from settings import Settings
 
 TITLE = "Assistant"
+# Gradio's cache: every hour, delete the uploads and served files that are more than a day old.
+DELETE_CACHE = (3600, 86400)
 CSS = """
 #model-status { font-size: 0.9em; }
 #verdict h2 { margin-top: 0; }
@@ -37,7 +49,7 @@ def build_app(assistant: Assistant) -> gr.Blocks:
     return _build(assistant)[0]
 
 
-def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab]:
+def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab, ChatTab]:
     settings = assistant.settings
     store, store_error = None, None
     try:
@@ -49,7 +61,7 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab]:
     chat, verify, knowledge = ChatTab(assistant, loader), VerifyTab(assistant, loader), \
         KnowledgeTab(store, settings, store_error)
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# {TITLE}\nAnswers from a reasoning model, cited from your documents.")
         status = gr.Markdown(loader.status_markdown(), elem_id="model-status")
         with gr.Tabs():
@@ -65,13 +77,34 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab]:
                    [status, timer], queue=False, api_visibility="private")
         demo.load(loader.status_markdown, None, status, queue=False, api_visibility="private")
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=1)
-    return demo, loader, knowledge
+    return demo, loader, knowledge, chat
 
 
 def create_server(assistant: Assistant, auth: list[tuple[str, str]] | None = None) -> FastAPI:
-    """FastAPI with GET /health, and the Gradio page at /."""
-    demo, loader, knowledge = _build(assistant)
-    app = FastAPI(title=TITLE)
+    """FastAPI with GET /health, the API docs, and the Gradio page at /. `app.state.exports` holds the chat's
+    exports, whose folder goes when the server shuts down."""
+    demo, loader, knowledge, chat = _build(assistant)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        chat.exports.close()
+
+    app = FastAPI(title=TITLE, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.exports = chat.exports
+    logged_in = [Depends(_login_check(app))]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=logged_in)
+    def openapi():
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False, dependencies=logged_in)
+    def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{TITLE} API")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=logged_in)
+    def redoc():
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{TITLE} API")
 
     @app.get("/health")
     def health():
@@ -86,6 +119,21 @@ def create_server(assistant: Assistant, auth: list[tuple[str, str]] | None = Non
 
     return gr.mount_gradio_app(app, demo, path="/", auth=auth or None, ssr_mode=False, css=CSS,
                                footer_links=["api", "gradio"])
+
+
+def _login_check(app: FastAPI):
+    """A dependency that lets a request through when the Gradio app mounted on `app` would: it asks that app's
+    GET /gradio_api/login_check with the request's cookies, so both agree on who is logged in."""
+
+    async def check(request: Request) -> None:
+        gradio_app = next(route.app for route in app.routes
+                          if isinstance(route, Mount) and isinstance(route.app, GradioApp))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gradio_app), base_url="http://app") as ask:
+            answer = await ask.get(f"{API_PREFIX}/login_check", headers={"cookie": request.headers.get("cookie", "")})
+        if answer.status_code != 200:
+            raise HTTPException(status_code=401, detail="Not authenticated: log in on the app's page first.")
+
+    return check
 
 
 def parse_auth(spec: str | None) -> list[tuple[str, str]]:

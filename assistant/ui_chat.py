@@ -7,7 +7,10 @@ the thinking blocks and citation blocks the page shows never leak into the promp
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -17,7 +20,7 @@ import gradio as gr
 
 from assistant.chat import Assistant, Citation
 from assistant.runtime import GenerationParams
-from assistant.ui_model import ModelLoader, short_model_name, with_hint
+from assistant.ui_model import ModelLoader, public_model_name, short_model_name, with_hint
 from errors import ModelUnavailable, UserError
 from knowledge import StoreError
 from knowledge.embeddings import EmbeddingModelError
@@ -136,26 +139,47 @@ def conversation_export(turns: list[dict]) -> dict:
                              "passages": [{k: c[k] for k in ("number", "source", "page", "text")}
                                           for c in turn["passages"]],
                              "support": turn["support"],
-                             "model": turn["model"], "adapter": turn["adapter"], "retrieval": turn["retrieval"],
+                             "model": public_model_name(turn["model"]), "adapter": turn["adapter"],
+                             "retrieval": turn["retrieval"],
                              "params": turn["params"], "stopped": turn["stopped"],
                              "thinking_closed": turn["thinking_done"]})
     return {"format": "think-rag conversation", "version": 1,
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "messages": messages}
 
 
-def write_export(turns: list[dict]) -> str | None:
-    if not turns:
-        return None
-    folder = Path(tempfile.mkdtemp(prefix="conversation-"))
-    path = folder / f"conversation-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(conversation_export(turns), ensure_ascii=False, indent=2), encoding="utf-8")
-    return str(path)
+class ConversationExports:
+    """The chat's exports: one JSON file per browser session, rewritten after each turn, all in one temporary
+    folder of this app's. close() removes the folder: the app calls it at shutdown, and at exit at the latest.
+    (Gradio serves each export from a copy in its own cache, which its delete_cache bounds.)"""
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="think-rag-exports-"))
+        atexit.register(self.close)
+
+    def write(self, turns: list[dict], session: str) -> str | None:
+        """The session's conversation as a file to download; None before its first question."""
+        if not turns:
+            return None
+        # The session hash comes from the browser: hashed, it cannot name a path outside the folder.
+        folder = self.folder / hashlib.sha256(session.encode()).hexdigest()[:32]
+        folder.mkdir(exist_ok=True)
+        started = time.strftime("%Y%m%d-%H%M%S", time.gmtime(turns[0]["started_at"]))
+        path = folder / f"conversation-{started}.json"
+        for earlier in folder.glob("*.json"):  # the session's previous conversation, before "New chat"
+            if earlier != path:
+                earlier.unlink()
+        path.write_text(json.dumps(conversation_export(turns), ensure_ascii=False, indent=2), encoding="utf-8")
+        return str(path)
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class ChatTab:
     def __init__(self, assistant: Assistant, loader: ModelLoader):
         self.assistant, self.loader = assistant, loader
         self.switches = StopSwitches()
+        self.exports = ConversationExports()
 
     def respond(self, message: str, turns: list[dict], temperature: float, max_new_tokens: float,
                 use_retrieval: bool, request: gr.Request):
@@ -198,6 +222,10 @@ class ChatTab:
     def stop(self, request: gr.Request) -> None:
         self.switches.stop(getattr(request, "session_hash", None) or "")
 
+    def export(self, turns: list[dict], request: gr.Request):
+        path = self.exports.write(turns, getattr(request, "session_hash", None) or "")
+        return gr.DownloadButton(value=path, interactive=path is not None)
+
     def build(self, settings) -> None:
         turns = gr.State([])
         with gr.Row():
@@ -224,8 +252,7 @@ class ChatTab:
         outputs = [chatbot, turns, question]
         model_events = dict(concurrency_limit=settings.gpu_concurrency, concurrency_id="model")
         gr.on([question.submit, send.click], self.respond, inputs, outputs, api_name="chat", **model_events).then(
-            lambda t: gr.DownloadButton(value=write_export(t), interactive=bool(t)), turns, export,
-            api_visibility="private", queue=False)
+            self.export, turns, export, api_visibility="private", queue=False)
         stop.click(self.stop, None, None, queue=False, api_visibility="private")
         for trigger in (new_chat.click, chatbot.clear):
             trigger(lambda: ([], [], gr.DownloadButton(value=None, interactive=False)), None,

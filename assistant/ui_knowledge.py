@@ -1,8 +1,10 @@
 """The knowledge tab: upload documents, list them, remove one, search the store directly.
 
-Uploads are copied into KNOWLEDGE_DIR/uploads/ under a cleaned base name (never a path the browser sent)
-and added from there, so the store's source names stay stable and inside one folder. That folder is not
-one of Gradio's allowed paths: documents are read by the store, never served back as files.
+Only files uploaded to the app are added: files in Gradio's upload folder (or already in KNOWLEDGE_DIR/uploads/).
+A client can name any server path in a request; such a path is refused by name, never read. Uploads are copied
+into KNOWLEDGE_DIR/uploads/ under a cleaned base name (never a path the browser sent) and added from there, so
+the store's source names stay stable and inside one folder. That folder is not one of Gradio's allowed paths:
+documents are read by the store, never served back as files.
 """
 
 from __future__ import annotations
@@ -11,15 +13,31 @@ import html
 import re
 import shutil
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 
 import gradio as gr
+from gradio.data_classes import FileData, ListFiles
+from gradio.utils import get_upload_folder
 
 from errors import UserError
 from knowledge import KnowledgeStore
 
 UPLOADS = "uploads"
 MAX_NAME_CHARS = 120
+NOT_UPLOADED = ("not a file uploaded to this app: add files with the upload box (or with `python -m knowledge add` "
+                "on the server)")
+
+
+def gradio_upload_folder() -> Path:
+    """Where Gradio keeps uploaded files: GRADIO_TEMP_DIR, by default <the system's temp folder>/gradio."""
+    return Path(get_upload_folder()).resolve()
+
+
+def is_file_inside(path: str | Path, folders: Sequence[Path]) -> bool:
+    """Whether `path`, links resolved, is a file inside one of `folders`."""
+    resolved = Path(path).resolve()
+    return resolved.is_file() and any(resolved.is_relative_to(Path(f).resolve()) for f in folders)
 
 
 def safe_upload_name(name: str) -> str:
@@ -33,9 +51,10 @@ def safe_upload_name(name: str) -> str:
     return f"{stem}.{suffix[:16]}" if suffix else stem
 
 
-def save_uploads(files: list[tuple[str | Path, str]], uploads_dir: Path, max_mb: float
-                 ) -> tuple[list[Path], list[dict]]:
-    """Copy (temporary path, name the browser gave) pairs into uploads_dir; refuse files over max_mb by name.
+def save_uploads(files: list[tuple[str | Path, str]], uploads_dir: Path, max_mb: float,
+                 uploaded_to: Sequence[Path]) -> tuple[list[Path], list[dict]]:
+    """Copy (temporary path, name the browser gave) pairs into uploads_dir; refuse by name files over max_mb
+    and files that are not inside one of the `uploaded_to` folders (uploads_dir itself counts as one).
 
     Returns the saved paths and {"source", "reason"} for each refused file.
     """
@@ -45,6 +64,9 @@ def save_uploads(files: list[tuple[str | Path, str]], uploads_dir: Path, max_mb:
     saved, refused = [], []
     for temp_path, client_name in files:
         name = safe_upload_name(client_name)
+        if not is_file_inside(temp_path, [*uploaded_to, root]):
+            refused.append({"source": name, "reason": NOT_UPLOADED})
+            continue
         size = Path(temp_path).stat().st_size
         if size > max_mb * 1024 * 1024:
             refused.append({"source": name, "reason": f"the file is {size / 1048576:.1f} MB, over the "
@@ -54,7 +76,8 @@ def save_uploads(files: list[tuple[str | Path, str]], uploads_dir: Path, max_mb:
         target = (uploads_dir / name).resolve()
         if target.parent != root:  # cannot happen after safe_upload_name; a bug if it does
             raise AssertionError(f"upload name {client_name!r} escaped the uploads folder")
-        shutil.copyfile(temp_path, target)
+        if Path(temp_path).resolve() != target:  # a file of uploads_dir added again is already in place
+            shutil.copyfile(temp_path, target)
         saved.append(target)
     return saved, refused
 
@@ -80,6 +103,42 @@ def _name(source: str) -> str:
     return f"`{Path(source).name}`"
 
 
+def _not_uploaded(path: str | Path | None) -> bool:
+    return path is not None and not is_file_inside(path, [gradio_upload_folder()])
+
+
+def uploaded_paths(payload: ListFiles | FileData | None) -> list[str] | None:
+    """The upload box's files as paths. (gr.File's own preprocess also leaves an empty temporary file in
+    Gradio's cache for each file, which nothing ever deletes.)"""
+    if payload is None:
+        return None
+    return [f.path for f in (payload if isinstance(payload, ListFiles) else [payload])]
+
+
+def upload_box(**kwargs) -> gr.File:
+    """A gr.File for several files that copies into Gradio's cache only files that were uploaded to it.
+
+    Before an event runs, Gradio copies every path a request names as a file into its cache (downloading URLs).
+    Its own check that the path was uploaded is skipped in an app mounted with gr.mount_gradio_app, whose Blocks
+    never "launch" (Gradio 6.31, processing_utils._check_allowed). Here any other path is handed on as sent, for
+    save_uploads to refuse by name. The methods are replaced on the instance: subclassing a Gradio component
+    makes Gradio write a .pyi stub file beside the subclass's module whenever it is imported.
+    """
+    box = gr.File(file_count="multiple", type="filepath", **kwargs)
+    move, async_move = box.move_resource_to_block_cache, box.async_move_resource_to_block_cache
+
+    def move_if_uploaded(path: str | Path | None) -> str | None:
+        return str(path) if _not_uploaded(path) else move(path)
+
+    async def async_move_if_uploaded(path: str | Path | None) -> str | None:
+        return str(path) if _not_uploaded(path) else await async_move(path)
+
+    box.move_resource_to_block_cache = move_if_uploaded
+    box.async_move_resource_to_block_cache = async_move_if_uploaded
+    box.preprocess = uploaded_paths
+    return box
+
+
 class KnowledgeTab:
     """`store` is None when the store could not be opened; `store_error` then says why."""
 
@@ -98,7 +157,7 @@ class KnowledgeTab:
             return "*Choose files to add first.*", *self._listing(), None
         store = self._need_store()
         saved, refused = save_uploads([(p, Path(p).name) for p in paths], self.uploads_dir,
-                                      self.settings.max_upload_mb)
+                                      self.settings.max_upload_mb, uploaded_to=[gradio_upload_folder()])
         try:
             report = store.add(saved) if saved else None
         except UserError as e:
@@ -157,7 +216,7 @@ class KnowledgeTab:
             with gr.Column():
                 gr.Markdown(f"### Add documents\nPDF, Word, HTML, Markdown, text, JSON… up to "
                             f"{settings.max_upload_mb:g} MB each. A file added again replaces its old version.")
-                upload = gr.File(label="Files", file_count="multiple", type="filepath", elem_id="upload")
+                upload = upload_box(label="Files", elem_id="upload")
                 add = gr.Button("Add to knowledge", variant="primary", elem_id="add-documents")
                 add_report = gr.Markdown(elem_id="add-report")
             with gr.Column():

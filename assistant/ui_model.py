@@ -27,6 +27,13 @@ def short_model_name(name: str) -> str:
     return Path(name.rstrip("/")).name or name
 
 
+def public_model_name(name: str) -> str:
+    """The model's name as clients may see it: a hub name as is, a local folder by its folder name only
+    (its path says how the server's disk is laid out)."""
+    path = Path(name).expanduser()
+    return path.name if path.is_absolute() or path.exists() else name
+
+
 class ModelLoader:
     def __init__(self, assistant: Assistant):
         self.assistant = assistant
@@ -63,7 +70,7 @@ class ModelLoader:
     def describe(self) -> dict:
         """What /health reports about the model."""
         runtime = self.runtime
-        return {"model": runtime.model_name if runtime else self.assistant.settings.chat_model,
+        return {"model": public_model_name(runtime.model_name if runtime else self.assistant.settings.chat_model),
                 "adapter": runtime.adapter if runtime else None, "model_status": self.state}
 
     def status_markdown(self) -> str:

@@ -6,8 +6,10 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 from gradio_client import Client, handle_file
 
@@ -20,11 +22,12 @@ from assistant.ui_chat import (
     THINKING,
     THINKING_OPEN_ENDED,
     ChatTab,
+    ConversationExports,
     conversation_export,
     new_turn,
     turn_messages,
 )
-from assistant.ui_knowledge import safe_upload_name, save_uploads
+from assistant.ui_knowledge import NOT_UPLOADED, safe_upload_name, save_uploads
 from assistant.ui_model import ModelLoader
 from assistant.ui_verify import NO_CASE
 from settings import Settings, SettingsError
@@ -88,11 +91,37 @@ def test_an_upload_named_with_a_path_lands_inside_the_uploads_folder(tmp_path):
     temp = tmp_path / "gradio-temp-file"
     temp.write_text("secret", encoding="utf-8")
     uploads = tmp_path / "knowledge" / "uploads"
-    saved, refused = save_uploads([(temp, "../../etc/passwd"), (temp, "/abs/notes.txt")], uploads, max_mb=1)
+    saved, refused = save_uploads([(temp, "../../etc/passwd"), (temp, "/abs/notes.txt")], uploads, max_mb=1,
+                                  uploaded_to=[tmp_path])
     assert refused == []
     assert [p.parent for p in saved] == [uploads.resolve()] * 2
     assert sorted(p.name for p in uploads.iterdir()) == ["notes.txt", "passwd"]
     assert not (tmp_path / "etc").exists()
+
+
+def test_a_file_outside_the_upload_folders_is_refused_by_name_even_through_a_link(tmp_path):
+    upload_folder, elsewhere = tmp_path / "gradio", tmp_path / "elsewhere"
+    upload_folder.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "secret.txt").write_text("secret", encoding="utf-8")
+    (upload_folder / "link.txt").symlink_to(elsewhere / "secret.txt")
+    (upload_folder / "notes.txt").write_text("notes", encoding="utf-8")
+    files = [(elsewhere / "secret.txt", "secret.txt"), (upload_folder / "link.txt", "link.txt"),
+             (upload_folder / "missing.txt", "missing.txt"), (upload_folder / "notes.txt", "notes.txt")]
+    saved, refused = save_uploads(files, tmp_path / "uploads", max_mb=1, uploaded_to=[upload_folder])
+    assert [p.name for p in saved] == ["notes.txt"]
+    assert [(r["source"], r["reason"]) for r in refused] == [(name, NOT_UPLOADED) for name in
+                                                             ("secret.txt", "link.txt", "missing.txt")]
+    assert sorted(p.name for p in (tmp_path / "uploads").iterdir()) == ["notes.txt"]
+
+
+def test_a_file_already_in_the_uploads_folder_is_added_again_in_place(tmp_path):
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    (uploads / "notes.txt").write_text("notes", encoding="utf-8")
+    saved, refused = save_uploads([(uploads / "notes.txt", "notes.txt")], uploads, max_mb=1, uploaded_to=[])
+    assert (saved, refused) == ([(uploads / "notes.txt").resolve()], [])
+    assert (uploads / "notes.txt").read_text(encoding="utf-8") == "notes"
 
 
 # -- rendering ------------------------------------------------------------------------------------------
@@ -143,9 +172,24 @@ def test_export_keeps_reasoning_citations_model_and_adapter_of_each_answer():
     exported = conversation_export([finished_turn(reasoning="r", answer="Ada [1].", thinking_done=True)])
     user, answer = exported["messages"]
     assert user == {"role": "user", "content": "Who keeps the lighthouse?"}
-    assert answer["adapter"] == "chat-smoke" and answer["model"] == "/models/tiny-model"
+    assert answer["adapter"] == "chat-smoke" and answer["model"] == "tiny-model"  # the folder's name, not its path
     assert answer["reasoning"] == "r" and answer["citations"][0]["page"] == 3
-    json.dumps(exported)
+    assert json.loads(json.dumps(exported)) == exported
+
+
+def test_each_session_has_one_export_file_rewritten_after_each_turn():
+    exports = ConversationExports()
+    first, second = finished_turn(answer="Ada."), finished_turn(question="And the colour?", answer="Red.")
+    after_one = exports.write([first], session="s1")
+    after_two = exports.write([first, second], session="s1")
+    other = exports.write([finished_turn(answer="Tom.")], session="s2")
+    files = sorted(exports.folder.rglob("*.json"))
+    asked = [m["content"] for m in json.loads(Path(after_two).read_text(encoding="utf-8"))["messages"]
+             if m["role"] == "user"]
+    exports.close()
+    assert after_one == after_two and sorted([Path(after_two), Path(other)]) == files
+    assert asked == ["Who keeps the lighthouse?", "And the colour?"]
+    assert not exports.folder.exists()
 
 
 # -- the running app, through its API -------------------------------------------------------------------
@@ -159,7 +203,7 @@ def test_health_answers_json_with_model_adapter_and_document_count(tiny_app, tin
     health = get_json(f"{tiny_app}/health")
     documents = Client(tiny_app, verbose=False).predict(api_name="/list_documents")
     assert health["status"] == "ok" and health["model_status"] == "ready"
-    assert health["model"] == str(tiny_model_dir)
+    assert health["model"] == tiny_model_dir.name  # the local folder by its name: its path stays on the server
     assert health["adapter"] == ADAPTER_NAME
     assert health["documents"] == len(documents) >= 1
 
@@ -220,6 +264,42 @@ def test_oversized_upload_is_refused_by_name_while_the_others_are_added(tiny_app
     assert not any("huge-log" in s for s in sources)
 
 
+def call_raw(url: str, api_name: str, data: list) -> list:
+    """One call of a Gradio endpoint as any HTTP client can make it, without gradio_client's checks."""
+    with httpx.Client(base_url=url, timeout=60) as http:
+        event = http.post(f"/gradio_api/call/{api_name}", json={"data": data}).raise_for_status().json()
+        stream = http.get(f"/gradio_api/call/{api_name}/{event['event_id']}").raise_for_status().text
+    lines = stream.splitlines()
+    assert "event: complete" in lines, stream
+    return json.loads(lines[lines.index("event: complete") + 1].removeprefix("data: "))
+
+
+def upload_raw(url: str, path) -> str:
+    """Upload a file the way the page does; the path Gradio gives it in its upload folder."""
+    with open(path, "rb") as f:
+        response = httpx.post(f"{url}/gradio_api/upload", files=[("files", (path.name, f))], timeout=60)
+    return response.raise_for_status().json()[0]
+
+
+def file_data(path) -> dict:
+    return {"path": str(path), "meta": {"_type": "gradio.FileData"}}
+
+
+def test_a_server_path_sent_as_an_upload_is_refused_by_name_and_never_searchable(tiny_app, tmp_path):
+    secret = tmp_path / "server-secret.txt"
+    secret.write_text("The vault code word is ZEPHYRQUILL.\n", encoding="utf-8")
+    good = tmp_path / "tide-table.md"
+    good.write_text("# Tides\nHigh tide at Port Wren is at noon.\n", encoding="utf-8")
+    report, *_ = call_raw(tiny_app, "add_documents", [[file_data(secret), file_data(upload_raw(tiny_app, good))]])
+    client = Client(tiny_app, verbose=False)
+    hits = client.predict("ZEPHYRQUILL vault code word", 5, "lexical", api_name="/search")
+    sources = [d["source"] for d in client.predict(api_name="/list_documents")]
+    assert "**failed** `server-secret.txt`: not a file uploaded to this app" in report
+    assert "**added** `tide-table.md`" in report
+    assert "ZEPHYRQUILL" not in hits
+    assert not any("server-secret" in s for s in sources) and any(s.endswith("/uploads/tide-table.md") for s in sources)
+
+
 def test_unsupported_upload_is_reported_like_the_cli(tiny_app, tmp_path):
     odd = tmp_path / "archive.xyz"
     odd.write_bytes(b"\x00\x01")
@@ -262,6 +342,7 @@ def test_app_without_a_model_starts_says_why_and_keeps_the_knowledge_tab(tmp_pat
         hits = client.predict("lighthouse keeper", 2, "hybrid", api_name="/search")
         page = urllib.request.urlopen(url, timeout=30).read().decode()
     assert health["status"] == "ok" and health["model_status"] == "unavailable" and health["adapter"] is None
+    assert health["model"] == "no-such-org/no-such-model"  # a hub name as is
     assert "Cannot answer" in contents(chat[-1]) and TINY_MODEL_HINT.splitlines()[1].strip() in contents(chat[-1])
     assert "Traceback" not in contents(chat[-1])
     assert len(documents) == 1 and "lighthouse-notes.txt" in hits
@@ -276,10 +357,54 @@ def test_app_with_logins_turns_away_clients_without_them(tmp_path, minilm_path, 
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{url}/gradio_api/queue/status", timeout=30)
         documents = Client(url, auth=("alice", "s3cret"), verbose=False).predict(api_name="/list_documents")
-        with pytest.raises(Exception):  # noqa: B017 - the client's own error type for a failed login varies
+        with pytest.raises(ValueError, match=f"^Could not login to {url}/"):  # not a refused connection
             Client(url, auth=("alice", "wrong"), verbose=False)
+        wrong, right = (httpx.post(f"{url}/login/", data={"username": "alice", "password": password}, timeout=30)
+                        for password in ("wrong", "s3cret"))
     assert refused.value.code == 401
     assert documents == []
+    assert (wrong.status_code, wrong.json()) == (400, {"detail": "Incorrect credentials."})
+    assert (right.status_code, right.json()) == (200, {"success": True})
+
+
+API_DOCS = ("/docs", "/redoc", "/openapi.json")
+
+
+def test_with_logins_the_api_docs_need_a_login_and_health_does_not(tmp_path, minilm_path, embedder):
+    settings = app_settings(tmp_path, minilm_path, "no-such-org/no-such-model", tmp_path / "adapters")
+    with running_app(settings, embedder, auth=[("alice", "s3cret")]) as url:
+        anonymous = {path: httpx.get(url + path, timeout=30).status_code for path in API_DOCS}
+        health = httpx.get(f"{url}/health", timeout=30)
+        with httpx.Client(base_url=url, timeout=30) as browser:
+            browser.post("/login/", data={"username": "alice", "password": "s3cret"}).raise_for_status()
+            logged_in = {path: browser.get(path) for path in API_DOCS}
+    assert anonymous == dict.fromkeys(API_DOCS, 401)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert {path: r.status_code for path, r in logged_in.items()} == dict.fromkeys(API_DOCS, 200)
+    assert "/health" in logged_in["/openapi.json"].json()["paths"]
+    assert "swagger-ui" in logged_in["/docs"].text
+
+
+def test_a_stopped_app_leaves_no_upload_in_gradios_cache(tmp_path, minilm_path, embedder):
+    settings = app_settings(tmp_path, minilm_path, "no-such-org/no-such-model", tmp_path / "adapters")
+    with running_app(settings, embedder) as url:
+        cached = Path(upload_raw(url, write_notes(tmp_path / "docs")))
+        assert cached.is_file()
+    assert not cached.exists()
+
+
+def test_a_stopped_app_removes_its_conversation_exports(tmp_path, minilm_path, embedder):
+    from assistant.app import create_server
+    from knowledge import KnowledgeStore
+    from tests.assistant_fixtures import serving
+
+    settings = app_settings(tmp_path, minilm_path, "no-such-org/no-such-model", tmp_path / "adapters")
+    server = create_server(Assistant(settings, store=KnowledgeStore(settings, embedder=embedder)))
+    exports = server.state.exports
+    with serving(server):
+        exported = Path(exports.write([finished_turn(answer="Ada.")], session="s1"))
+        assert exported.is_file() and exported.is_relative_to(exports.folder)
+    assert not exports.folder.exists()
 
 
 def test_page_comes_up_while_the_model_is_still_loading(tmp_path, minilm_path, embedder):

@@ -1,19 +1,24 @@
-"""The app in real headless Chromium (Debian's), driven by Playwright; screenshots go to docs/screenshots/."""
+"""The app in real headless Chromium (Debian's), driven by Playwright.
+
+Screenshots go to a temporary folder, or to SCREENSHOTS_DIR when it is set: `make screenshots` refreshes the
+docs' pictures in docs/screenshots/.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.assistant_fixtures import ADAPTER_NAME, NOTES
+from tests.assistant_fixtures import ADAPTER_NAME, NOTES, app_settings, serving, wait_for_model
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 TIMEOUT_MS = 60_000
 
 pytestmark = [
@@ -45,9 +50,17 @@ def page(browser, tiny_app):
     context.close()
 
 
-def screenshot(page, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
+@pytest.fixture(scope="session")
+def screenshots_dir(tmp_path_factory) -> Path:
+    """SCREENSHOTS_DIR when set, else a temporary folder: running the tests never rewrites the docs."""
+    folder = Path(os.environ["SCREENSHOTS_DIR"]) if os.environ.get("SCREENSHOTS_DIR") else \
+        tmp_path_factory.mktemp("screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def screenshot(page, path: Path) -> None:
+    page.screenshot(path=str(path), full_page=True)
 
 
 def choose_file(page, path: Path, attempts: int = 3) -> None:
@@ -65,7 +78,8 @@ def choose_file(page, path: Path, attempts: int = 3) -> None:
                 raise
 
 
-def test_chat_streams_an_answer_with_a_thinking_block_citations_and_the_adapter(page, tmp_path, tiny_model_dir):
+def test_chat_streams_an_answer_with_a_thinking_block_citations_and_the_adapter(page, tiny_model_dir,
+                                                                                screenshots_dir):
     from playwright.sync_api import expect
 
     page.locator("#question textarea").fill("Who keeps the lighthouse?")
@@ -79,7 +93,7 @@ def test_chat_streams_an_answer_with_a_thinking_block_citations_and_the_adapter(
     expect(chat.get_by_text(NOTES)).to_be_visible()
     chat.get_by_text("Thinking", exact=False).first.click()
     page.wait_for_timeout(600)  # let the blocks finish opening before the picture
-    screenshot(page, "chat.png")
+    screenshot(page, screenshots_dir / "chat.png")
 
     export = page.locator("#export")
     expect(export).to_be_enabled()
@@ -108,7 +122,39 @@ def test_new_chat_clears_the_conversation(page):
     expect(page.locator("#export")).to_be_disabled()
 
 
-def test_upload_a_file_see_it_listed_then_remove_it(page, tmp_path):
+def test_two_turns_of_a_conversation_leave_one_export_file(browser, tmp_path, minilm_path, embedder, tiny_model_dir,
+                                                          app_adapter_dir):
+    from playwright.sync_api import expect
+
+    from assistant.app import create_server
+    from assistant.chat import Assistant
+    from knowledge import KnowledgeStore
+
+    settings = app_settings(tmp_path, minilm_path, tiny_model_dir, app_adapter_dir)
+    server = create_server(Assistant(settings, store=KnowledgeStore(settings, embedder=embedder)))
+    exports = server.state.exports.folder
+    questions = ["Who keeps the lighthouse?", "And what colour is it?"]
+    with serving(server) as url:
+        assert wait_for_model(url)["model_status"] == "ready"
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(url)
+        for turn, question in enumerate(questions, start=1):
+            page.locator("#question textarea").fill(question)
+            page.keyboard.press("Enter")
+            expect(page.locator("#chatbot").get_by_text("answered by", exact=False)).to_have_count(turn)
+        deadline = time.monotonic() + 60  # the export is written just after the answer
+        while time.monotonic() < deadline and questions[-1] not in "".join(
+                p.read_text(encoding="utf-8") for p in exports.rglob("*.json")):
+            time.sleep(0.2)
+        files = list(exports.rglob("*.json"))
+        exported = json.loads(files[0].read_text(encoding="utf-8"))
+        context.close()
+    assert len(files) == 1
+    assert [m["content"] for m in exported["messages"] if m["role"] == "user"] == questions
+
+
+def test_upload_a_file_see_it_listed_then_remove_it(page, tmp_path, screenshots_dir):
     from playwright.sync_api import expect
 
     upload = tmp_path / "harbour-notes.md"
@@ -123,7 +169,7 @@ def test_upload_a_file_see_it_listed_then_remove_it(page, tmp_path):
     page.locator("#search").click()
     expect(page.locator("#search-results")).to_contain_text("harbour-notes.md")
     page.wait_for_timeout(300)
-    screenshot(page, "knowledge.png")
+    screenshot(page, screenshots_dir / "knowledge.png")
 
     page.locator("#remove-choice input").click()
     page.get_by_role("option", name="harbour-notes.md", exact=False).click()
@@ -133,7 +179,7 @@ def test_upload_a_file_see_it_listed_then_remove_it(page, tmp_path):
     expect(page.locator("#documents")).to_contain_text("lighthouse-notes.txt")
 
 
-def test_verification_shows_evidence_both_cases_and_the_verdict(page):
+def test_verification_shows_evidence_both_cases_and_the_verdict(page, screenshots_dir):
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="Verify a claim").click()
@@ -146,4 +192,4 @@ def test_verification_shows_evidence_both_cases_and_the_verdict(page):
     for case in ("#case-for", "#case-against"):
         expect(page.locator(case)).not_to_be_empty()
         assert page.locator(case).inner_text().strip()
-    screenshot(page, "verify.png")
+    screenshot(page, screenshots_dir / "verify.png")
