@@ -67,6 +67,10 @@ class Settings:
     adapter_dir: Path = _setting(
         Path("data/adapters"), "ADAPTER_DIR",
         "Folder of trained LoRA adapters (or one adapter); the newest one trained on CHAT_MODEL is loaded.")
+    pairs_db: Path = _setting(
+        Path("data/pairs.sqlite"), "PAIRS_DB",
+        "The preference pairs store (SQLite): the app records votes, picks, edits and corrected verdicts in it; "
+        "`python -m finetune train data=...` reads it.")
     model_backend: str = _setting(
         "local", "MODEL_BACKEND",
         "local: generate in this process (transformers + PEFT; Unsloth's fast path on CUDA when installed). "

@@ -27,11 +27,15 @@ from gradio.routes import App as GradioApp
 from starlette.routing import Mount
 
 from assistant.chat import Assistant
+from assistant.feedback import FeedbackStore
 from assistant.ui_chat import ChatTab
+from assistant.ui_feedback import ChatFeedback, VerdictCorrection
 from assistant.ui_knowledge import KnowledgeTab
 from assistant.ui_model import LOADING, ModelLoader
+from assistant.ui_pairs import PairsTab
 from assistant.ui_verify import VerifyTab
 from errors import UserError
+from finetune.pairs_store import PairsStore
 from knowledge import StoreError
 from settings import Settings
 
@@ -60,6 +64,13 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab, 
     loader = ModelLoader(assistant).start()
     chat, verify, knowledge = ChatTab(assistant, loader), VerifyTab(assistant, loader), \
         KnowledgeTab(store, settings, store_error)
+    feedback, feedback_error = None, None
+    try:
+        feedback = FeedbackStore(PairsStore(settings.pairs_db))
+    except UserError as e:
+        feedback_error = str(e)
+        print(f"error: the pairs store is unavailable, so feedback is not saved: {e}", file=sys.stderr, flush=True)
+    pairs = PairsTab(feedback, chat.exports.folder, feedback_error)
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# {TITLE}\nAnswers from a reasoning model, cited from your documents.")
@@ -67,10 +78,15 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab, 
         with gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 chat.build(settings)
+                ChatFeedback(chat, feedback, feedback_error).build(chat.chatbot, chat.turns, chat.temperature,
+                                                                   chat.max_new_tokens)
             with gr.Tab("Verify a claim", id="verify", elem_id="tab-verify"):
                 verify.build(settings)
+                VerdictCorrection(verify, feedback, feedback_error).build()
             with gr.Tab("Knowledge", id="knowledge", elem_id="tab-knowledge"):
                 knowledge.build(settings, demo)
+            with gr.Tab("Pairs", id="pairs", elem_id="tab-pairs"):
+                pairs.build(demo)
         # Poll the model's status until loading ends; outside the queue, so polls never take a place in line.
         timer = gr.Timer(2.0, active=loader.state == LOADING)
         timer.tick(lambda: (loader.status_markdown(), gr.Timer(active=loader.state == LOADING)), None,

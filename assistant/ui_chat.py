@@ -14,6 +14,8 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 import gradio as gr
@@ -57,7 +59,9 @@ def new_turn(question: str, params: GenerationParams, use_retrieval: bool) -> di
             "adapter": None,
             "retrieval": use_retrieval,
             "params": {"temperature": params.temperature, "max_new_tokens": params.max_new_tokens},
-            "started_at": time.time(), "seconds": None}
+            "started_at": time.time(), "seconds": None,
+            # for feedback: the answer's own id, the prompt it came from, answers replaced by "try again"
+            "key": uuid.uuid4().hex, "prompt": None, "earlier": [], "picked": None}
 
 
 def citation_dict(citation: Citation) -> dict:
@@ -80,6 +84,10 @@ def turn_messages(turn: dict, index: int) -> list[gr.ChatMessage]:
     if turn["error"]:
         messages.append(gr.ChatMessage(content=f"**Cannot answer:**\n\n```\n{turn['error']}\n```"))
         return messages
+    for number, earlier in enumerate(turn.get("earlier", []), start=1):
+        messages.append(gr.ChatMessage(content=earlier["answer"] or NO_ANSWER, metadata={
+            "title": f"Earlier answer {number} (before “Try again”)", "id": f"earlier-{index}-{number}",
+            "status": "done"}))
     finished_thinking = turn["thinking_done"] or turn["done"]
     if turn["reasoning"] or not finished_thinking:
         title = THINKING if turn["thinking_done"] or not turn["done"] else THINKING_OPEN_ENDED
@@ -204,7 +212,7 @@ class ChatTab:
                 turn.update(reasoning=answer.reasoning, answer=answer.answer, thinking_done=answer.thinking_done,
                             model=answer.model, adapter=answer.adapter)
                 if answer.done:
-                    turn.update(done=True, stopped=stop.is_set(),
+                    turn.update(done=True, stopped=stop.is_set(), prompt=asdict(answer.prompt),
                                 citations=[citation_dict(c) for c in answer.citations],
                                 passages=[citation_dict(c) for c in answer.uncited],
                                 support=[check.to_dict() for check in answer.support])
@@ -257,3 +265,5 @@ class ChatTab:
         for trigger in (new_chat.click, chatbot.clear):
             trigger(lambda: ([], [], gr.DownloadButton(value=None, interactive=False)), None,
                     [chatbot, turns, export], queue=False, api_visibility="private")
+        # What the feedback controls (assistant/ui_feedback.py) act on.
+        self.chatbot, self.turns, self.temperature, self.max_new_tokens = chatbot, turns, temperature, max_new_tokens

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import html
+import uuid
+from collections import OrderedDict
 
 import gradio as gr
 
@@ -53,10 +55,19 @@ def verdict_markdown(result: Verification) -> str:
 
 
 class VerifyTab:
+    KEPT_RESULTS = 256  # the last finished verification of this many sessions, for a verdict correction
+
     def __init__(self, assistant: Assistant, loader: ModelLoader):
         self.assistant, self.loader = assistant, loader
+        self.finished: OrderedDict[str, tuple[str, Verification]] = OrderedDict()  # session -> (key, result)
 
-    def run(self, claim: str):
+    def _keep(self, session: str, result: Verification) -> None:
+        self.finished[session] = (uuid.uuid4().hex, result)
+        self.finished.move_to_end(session)
+        while len(self.finished) > self.KEPT_RESULTS:
+            self.finished.popitem(last=False)
+
+    def run(self, claim: str, request: gr.Request = None):
         """Stream (stage, evidence, case for, case against, verdict, result JSON) as the debate grows."""
         claim = (claim or "").strip()
         if not claim:
@@ -68,6 +79,8 @@ class VerifyTab:
             return
         try:
             for result in stream_verification(self.assistant, claim, self.assistant.default_params()):
+                if result.stage == "done":
+                    self._keep(getattr(request, "session_hash", None) or "", result)
                 yield (f"*{STAGES[result.stage]}*",
                        passages_markdown(result.evidence, "*No passages in the store bear on this claim.*"),
                        case_markdown(result.case_for, "for", result.stage),

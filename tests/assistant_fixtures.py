@@ -56,7 +56,7 @@ def app_settings(base: Path, minilm_path: str, model_dir: Path, adapter_dir: Pat
 
     values = dict(knowledge_dir=base / "knowledge", embedding_model=minilm_path, chat_model=str(model_dir),
                   adapter_dir=adapter_dir, max_new_tokens=16, temperature=0.0, retrieval_k=2, chunk_size=300,
-                  chunk_overlap=50, queue_size=32, gpu_concurrency=1, max_upload_mb=1.0)
+                  chunk_overlap=50, queue_size=32, gpu_concurrency=1, max_upload_mb=1.0, pairs_db=base / "pairs.sqlite")
     values.update(changes)
     return Settings.from_env(environ={}, **values)
 

@@ -1,0 +1,82 @@
+"""The pairs tab: the preference pairs collected so far; browse, delete a bad one, export for training."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from assistant.feedback import FeedbackStore
+from errors import UserError
+from finetune.pairs_store import write_export
+
+PREVIEW_CHARS = 160
+COLUMNS = ["id", "origin", "question", "chosen", "rejected", "user", "saved"]
+
+
+def _preview(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS - 1] + "…"
+
+
+class PairsTab:
+    """``feedback`` is None when the pairs store cannot be opened; ``error`` then says why."""
+
+    def __init__(self, feedback: FeedbackStore | None, exports_folder: Path, error: str | None = None):
+        self.feedback, self.error = feedback, error
+        self.exports_folder = Path(exports_folder) / "pairs"
+
+    def _need(self) -> FeedbackStore:
+        if self.feedback is None:
+            raise gr.Error(f"The pairs store is unavailable: {self.error}")
+        return self.feedback
+
+    def listing(self):
+        """(summary, table rows)."""
+        if self.feedback is None:
+            return f"**The pairs store is unavailable:** {self.error}", []
+        store = self.feedback.store
+        rows = [[p.id, p.origin, _preview(p.chosen.question or p.chosen.prompt),
+                 _preview(p.chosen.answer or p.chosen.reasoning), _preview(p.rejected.answer or p.rejected.reasoning),
+                 p.user or "", time.strftime("%Y-%m-%d %H:%M", time.localtime(p.created_at))] for p in store.pairs()]
+        summary = (f"**{len(rows)} pairs** in `{store.path}`; {store.unpaired_down_votes()} thumbs-down answers "
+                   "wait for a better answer to the same question. Train on them with "
+                   f"`python -m finetune train ... data={store.path}`.")
+        return summary, rows
+
+    def delete(self, pair_id: float | None):
+        if pair_id is None:
+            raise gr.Error("Give the id of the pair to delete (the first column).")
+        try:
+            self._need().store.delete_pair(int(pair_id))
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        return *self.listing(), f"Deleted pair {int(pair_id)}."
+
+    def export(self, layout: str) -> str:
+        """The pairs as a JSONL file to download: TRL's rows ("trl") or the recipe's columns ("recipe")."""
+        self.exports_folder.mkdir(parents=True, exist_ok=True)
+        path = self.exports_folder / f"pairs-{layout}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        for earlier in self.exports_folder.glob(f"pairs-{layout}-*.jsonl"):
+            earlier.unlink()
+        write_export(self._need().store, layout, path)
+        return str(path)
+
+    def build(self, demo: gr.Blocks) -> None:
+        summary = gr.Markdown(elem_id="pairs-summary")
+        table = gr.Dataframe(headers=COLUMNS, datatype=["number", "str", "str", "str", "str", "str", "str"],
+                             interactive=False, value=[], wrap=True, elem_id="pairs-table")
+        with gr.Row():
+            refresh = gr.Button("Refresh", elem_id="pairs-refresh")
+            pair_id = gr.Number(label="Pair id", precision=0, elem_id="pair-id")
+            delete = gr.Button("Delete pair", variant="stop", elem_id="pair-delete")
+        note = gr.Markdown(elem_id="pairs-note")
+        with gr.Row():
+            trl = gr.DownloadButton("Export as TRL preference JSONL", elem_id="export-trl")
+            recipe = gr.DownloadButton("Export in the recipe's columns (JSONL)", elem_id="export-recipe")
+        refresh.click(self.listing, None, [summary, table], api_name="list_pairs")
+        delete.click(self.delete, pair_id, [summary, table, note], api_name="delete_pair")
+        trl.click(lambda: self.export("trl"), None, trl, api_name="export_pairs_trl")
+        recipe.click(lambda: self.export("recipe"), None, recipe, api_name="export_pairs_recipe")
+        demo.load(self.listing, None, [summary, table], api_visibility="private")
