@@ -194,3 +194,44 @@ def test_verification_shows_evidence_both_cases_and_the_verdict(page, screenshot
         expect(page.locator(case)).not_to_be_empty()
         assert page.locator(case).inner_text().strip()
     screenshot(page, screenshots_dir / "verify.png")
+
+
+def test_thumbs_down_try_again_and_a_pick_leave_pairs(browser, tmp_path, minilm_path, embedder, tiny_model_dir,
+                                                      app_adapter_dir, screenshots_dir):
+    from playwright.sync_api import expect
+
+    from assistant.app import create_server
+    from assistant.chat import Assistant
+    from finetune.pairs_store import PairsStore
+    from knowledge import KnowledgeStore
+    from tests.assistant_fixtures import write_notes
+
+    settings = app_settings(tmp_path, minilm_path, tiny_model_dir, app_adapter_dir, temperature=1.0)
+    store = KnowledgeStore(settings, embedder=embedder)
+    assert store.add([write_notes(tmp_path / "docs")]).ok
+    with serving(create_server(Assistant(settings, store=store))) as url:
+        assert wait_for_model(url)["model_status"] == "ready"
+        expect.set_options(timeout=TIMEOUT_MS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1100})
+        page = context.new_page()
+        page.goto(url)
+        page.locator("#question textarea").fill("Who keeps the lighthouse?")
+        page.keyboard.press("Enter")
+        chat = page.locator("#chatbot")
+        expect(chat).to_contain_text("answered by")
+        chat.get_by_label("Dislike").last.click()
+        expect(page.locator("#feedback-status")).to_contain_text("Saved 👎")
+        chat.get_by_label("Retry").last.click()
+        expect(chat).to_contain_text("Earlier answer 1")
+        expect(page.locator("#pick-row")).to_be_visible()
+        screenshot(page, screenshots_dir / "feedback.png")
+        page.locator("#pick-new").click()
+        expect(page.locator("#feedback-status")).to_contain_text("your pick is a training pair")
+        page.get_by_role("tab", name="Pairs").click()
+        page.locator("#pairs-refresh").click()
+        expect(page.locator("#pairs-summary")).to_contain_text("1 pairs")
+        expect(page.locator("#pairs-table")).to_contain_text("Who keeps the lighthouse?")
+        screenshot(page, screenshots_dir / "pairs.png")
+        context.close()
+    [pair] = PairsStore(settings.pairs_db).pairs()
+    assert pair.origin == "pick" and PairsStore(settings.pairs_db).unpaired_down_votes() == 0
