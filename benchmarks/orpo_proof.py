@@ -104,7 +104,7 @@ def train_base(out: Path, items: list[dict], steps: int, seed: int, hidden: int,
         examples.append((p + c + [tokenizer.eos_token_id], len(p)))
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    batch, log = 32, []
+    batch, log = 16, []
     model.train()
     started = time.time()
     for step in range(steps):
@@ -118,8 +118,13 @@ def train_base(out: Path, items: list[dict], steps: int, seed: int, hidden: int,
         for row, (tokens, prompt_len) in enumerate(chosen):
             ids[row, :len(tokens)] = torch.tensor(tokens)
             labels[row, prompt_len:len(tokens)] = torch.tensor(tokens[prompt_len:])
-        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id),
-                     labels=labels).loss
+        mask = (labels != -100) | (ids != tokenizer.pad_token_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            # Logits only where a completion token is predicted: the prompts are most of each row.
+            targets = labels[:, 1:]
+            logits = model.lm_head(hidden[:, :-1][targets != -100])
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets[targets != -100])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
