@@ -60,7 +60,8 @@ def _eval(args: argparse.Namespace) -> int:
             pairs = prepare_data(args.pairs, load_tokenizer(model)).pairs
         config = evaluation.GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                              samples=args.samples, batch_size=args.batch_size)
-        reports = evaluation.evaluate(model, args.adapter, evaluation.load_prompts(args.prompts), pairs, config)
+        reports = evaluation.evaluate(model, args.adapter, evaluation.load_prompts(args.prompts), pairs, config,
+                                      engine=args.engine)
     if args.plot:
         evaluation.plot(reports, args.plot)
     if args.json:
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--samples", type=int, default=1, help="answers per prompt")
     e.add_argument("--max-new-tokens", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--engine", choices=("auto", "unsloth", "transformers"),
+                   help="how to run the model (default: LOCAL_ENGINE, as the app does)")
     e.add_argument("--plot", help="write a PNG chart here")
     e.add_argument("--json", action="store_true", help='print {"models": [...]} as JSON')
     e.set_defaults(run=_eval)

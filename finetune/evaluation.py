@@ -178,33 +178,25 @@ def evaluate_model(model, tokenizer, name: str, prompts: list[EvalPrompt], pairs
     return report
 
 
-def load_base(model_name: str):
-    """The base model for evaluation (float32 on CPU, bfloat16 on CUDA) and its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def load_base(model_name: str, engine: str | None = None):
+    """The base model and tokenizer, loaded as the app serves it (``LocalRuntime``: LOCAL_ENGINE and
+    LOAD_IN_4BIT from the environment, ``engine`` overriding the first), without its adapters."""
+    from assistant.runtime import LocalRuntime
+    from settings import Settings
 
-    from finetune.hf_backend import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(model_name)
-        kwargs = {"dtype": torch.bfloat16, "device_map": "cuda"} if torch.cuda.is_available() else {
-            "dtype": torch.float32}
-        model = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
-    except OSError as e:
-        raise DataError(f"cannot load model {model_name!r} ({str(e).splitlines()[0]}); give a local folder or a "
-                        "hub name that is cached (or reachable)") from None
-    model.eval()
-    return model, tokenizer
+    overrides = {"local_engine": engine} if engine else {}
+    runtime = LocalRuntime(Settings.from_env(chat_model=model_name, adapter_dir=Path("/nonexistent"), **overrides))
+    return runtime.model, runtime.tokenizer
 
 
 def evaluate(model_name: str, adapters: list[str | Path], prompts: list[EvalPrompt],
              pairs: list[PreferencePair] | None = None, config: GenerationConfig | None = None,
-             include_base: bool = True) -> list[ModelReport]:
+             include_base: bool = True, engine: str | None = None) -> list[ModelReport]:
     """The base model, then each adapter on it, on the same prompts and pairs."""
     from peft import PeftModel
 
     config = config or GenerationConfig()
-    model, tokenizer = load_base(model_name)
+    model, tokenizer = load_base(model_name, engine)
     reports = [evaluate_model(model, tokenizer, BASE_NAME, prompts, pairs or [], config)] if include_base else []
     for adapter in adapters:
         adapter = Path(adapter)
