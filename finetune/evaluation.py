@@ -191,12 +191,14 @@ def load_base(model_name: str, engine: str | None = None):
 
 def evaluate(model_name: str, adapters: list[str | Path], prompts: list[EvalPrompt],
              pairs: list[PreferencePair] | None = None, config: GenerationConfig | None = None,
-             include_base: bool = True, engine: str | None = None) -> list[ModelReport]:
-    """The base model, then each adapter on it, on the same prompts and pairs."""
+             include_base: bool = True, engine: str | None = None, loaded: tuple | None = None
+             ) -> list[ModelReport]:
+    """The base model, then each adapter on it, on the same prompts and pairs (``loaded``: the base model and
+    tokenizer already loaded by ``load_base``)."""
     from peft import PeftModel
 
     config = config or GenerationConfig()
-    model, tokenizer = load_base(model_name, engine)
+    model, tokenizer = loaded or load_base(model_name, engine)
     reports = [evaluate_model(model, tokenizer, BASE_NAME, prompts, pairs or [], config)] if include_base else []
     for adapter in adapters:
         adapter = Path(adapter)
