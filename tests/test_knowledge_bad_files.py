@@ -222,7 +222,7 @@ def test_a_good_file_among_many_bad_ones_is_stored_once(store, tmp_path):
     """Bad files of every kind in one batch: the good file is stored, each bad one named, nothing unreported."""
     folder = with_good_file(tmp_path / "docs")
     (folder / "empty.txt").write_text("")
-    (folder / "deep.json").write_text("{" * 5000)
+    (folder / "deep.json").write_text("[" * 5000)
     (folder / "noise.pdf").write_bytes(b"%PDF-1.4\n" + bytes(range(256)) * 8)
     (folder / "png.docx").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
     zipped = io.BytesIO()
