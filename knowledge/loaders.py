@@ -66,31 +66,55 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def decode_text(data: bytes, name: str) -> str:
-    """Bytes to text: BOMs first (UTF-8, UTF-16), then strict UTF-8, then detection (e.g. Shift_JIS)."""
+def decode_text(data: bytes) -> tuple[str, list[str]]:
+    """Bytes to (text, warnings): BOMs first (UTF-8, UTF-16), then strict UTF-8, then detection (e.g.
+    Shift_JIS, UTF-16 without a BOM); mostly-UTF-8 text with a few broken bytes keeps the rest."""
     if data.startswith(codecs.BOM_UTF8):
-        return data[len(codecs.BOM_UTF8):].decode("utf-8", errors="replace")
+        return data[len(codecs.BOM_UTF8):].decode("utf-8", errors="replace"), []
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
-            return data.decode("utf-16")
+            return data.decode("utf-16"), []
         except UnicodeDecodeError as e:
             raise LoadError(f"starts with a UTF-16 byte-order mark but is not valid UTF-16 ({e.reason})") from None
     what = sniff(data[:16])
     if what:
         raise LoadError(f"the name says text but the content is {what}; rename it or convert it to text")
+    warnings = []
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         if len(data) - e.start <= 3:  # a multi-byte character cut off at the end: keep the rest
             text = data[: e.start].decode("utf-8")
         else:
-            best = charset_normalizer.from_bytes(data).best()
-            if best is None:
-                raise LoadError("cannot tell its text encoding; save it as UTF-8 and add it again") from None
-            text = str(best)
+            text = _utf16_without_bom(data)
+            if text is None:
+                best = charset_normalizer.from_bytes(data).best()
+                text = str(best) if best is not None else None
+            if text is None or _control_ratio(text) > 0.05:
+                lossy = data.decode("utf-8", errors="replace")
+                replaced = lossy.count("\ufffd")
+                if replaced <= 0.01 * len(lossy):
+                    text = lossy
+                    warnings.append(f"{replaced} places that are not valid UTF-8 replaced with U+FFFD")
+                elif text is None:
+                    raise LoadError("cannot tell its text encoding; save it as UTF-8 and add it again") from None
     if text and _control_ratio(text) > 0.05:
         raise LoadError("looks like binary data, not text; check the file or its extension")
-    return text
+    return text, warnings
+
+
+def _utf16_without_bom(data: bytes) -> str | None:
+    """Text saved as UTF-16 without a byte-order mark: mostly-Latin text has a zero byte in every other place."""
+    sample = data[:4096]
+    if len(sample) < 4:
+        return None
+    for zeros_at, encoding in ((1, "utf-16-le"), (0, "utf-16-be")):
+        if sample[zeros_at::2].count(0) > 0.4 * len(sample) / 2 and sample[1 - zeros_at::2].count(0) == 0:
+            try:
+                return data[: len(data) // 2 * 2].decode(encoding)
+            except UnicodeDecodeError:
+                return None
+    return None
 
 
 def _control_ratio(text: str) -> float:
@@ -100,21 +124,23 @@ def _control_ratio(text: str) -> float:
 
 
 def load_text(path: Path, data: bytes) -> Document:
-    text = decode_text(data, path.name)
+    text, warnings = decode_text(data)
     heading = re.search(r"^# +(.+)$", text, re.MULTILINE) if path.suffix.lower() in (".md", ".markdown") else None
-    return Document(path, "text", [Section(text)], title=heading.group(1).strip() if heading else path.name)
+    return Document(path, "text", [Section(text)], title=heading.group(1).strip() if heading else path.name,
+                    warnings=warnings)
 
 
 def load_html(path: Path, data: bytes) -> Document:
     from bs4 import BeautifulSoup
 
-    soup = BeautifulSoup(decode_text(data, path.name), "html.parser")
+    text, warnings = decode_text(data)
+    soup = BeautifulSoup(text, "html.parser")
     for tag in soup(["script", "style", "noscript", "template"]):
         tag.decompose()
     title = soup.title.get_text(strip=True) if soup.title else path.name
     lines = (line.strip() for line in soup.get_text("\n").splitlines())
     text = "\n".join(line for line in lines if line)
-    return Document(path, "html", [Section(text)], title=title or path.name)
+    return Document(path, "html", [Section(text)], title=title or path.name, warnings=warnings)
 
 
 def load_pdf(path: Path, data: bytes) -> Document:
@@ -174,7 +200,7 @@ def load_docx(path: Path, data: bytes) -> Document:
 
 
 def load_csv(path: Path, data: bytes) -> Document:
-    text = decode_text(data, path.name)
+    text, warnings = decode_text(data)
     try:
         dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t|")
     except csv.Error:
@@ -187,7 +213,7 @@ def load_csv(path: Path, data: bytes) -> Document:
         raise LoadError(f"the CSV cannot be parsed ({e}); check its quoting") from None
     if not rows:
         return Document(path, "csv", [Section("")], title=path.name)
-    header, lines, warnings = rows[0], [], []
+    header, lines = rows[0], []
     for number, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
@@ -227,8 +253,9 @@ _TOO_DEEP = (f"nested more deeply than about {sys.getrecursionlimit()} levels, m
 
 def load_json(path: Path, data: bytes) -> Document:
     try:
-        return Document(path, "json", [Section(_record_text(json.loads(decode_text(data, path.name))))],
-                        title=path.name)
+        text, warnings = decode_text(data)
+        return Document(path, "json", [Section(_record_text(json.loads(text)))], title=path.name,
+                        warnings=warnings)
     except json.JSONDecodeError as e:
         raise LoadError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except RecursionError:
@@ -236,19 +263,20 @@ def load_json(path: Path, data: bytes) -> Document:
 
 
 def load_jsonl(path: Path, data: bytes) -> Document:
-    records, warnings = [], []
-    for number, line in enumerate(decode_text(data, path.name).splitlines(), start=1):
+    text, warnings = decode_text(data)
+    records, bad_lines = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             records.append(_record_text(json.loads(line)))
         except json.JSONDecodeError as e:
-            warnings.append(f"line {number}: invalid JSON ({e.msg}); left out")
+            bad_lines.append(f"line {number}: invalid JSON ({e.msg}); left out")
         except RecursionError:
-            warnings.append(f"line {number}: {_TOO_DEEP}; left out")
-    if not records and warnings:
-        raise LoadError(f"no line is valid JSON ({warnings[0]})")
-    return Document(path, "jsonl", [Section("\n\n".join(records))], title=path.name, warnings=warnings)
+            bad_lines.append(f"line {number}: {_TOO_DEEP}; left out")
+    if not records and bad_lines:
+        raise LoadError(f"no line is valid JSON ({bad_lines[0]})")
+    return Document(path, "jsonl", [Section("\n\n".join(records))], title=path.name, warnings=warnings + bad_lines)
 
 
 LOADERS = {

@@ -156,3 +156,18 @@ def test_a_csv_field_over_128_kb_loads(tmp_path):
     path = tmp_path / "big.csv"
     path.write_text("name,notes\nlong," + "word " * 40_000 + "\nshort,fine\n")
     assert load_file(path).text.endswith("name: short; notes: fine")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_text_without_a_byte_order_mark(tmp_path, encoding):
+    path = tmp_path / "windows.txt"
+    path.write_bytes("Notes exported from an old tool: café, naïve.\n".encode(encoding))
+    assert load_file(path).text == "Notes exported from an old tool: café, naïve.\n"
+
+
+def test_utf8_text_with_a_few_broken_bytes_keeps_the_rest_and_says_so(tmp_path):
+    path = tmp_path / "log.txt"  # no encoding fits it whole: before, the whole file was refused
+    path.write_bytes((JA + "\n").encode() * 20 + b"\xff\xfe broken \xc3 here\n" + (JA + "\n").encode() * 20)
+    document = load_file(path)
+    assert document.text.count(JA) == 40 and "\ufffd\ufffd broken \ufffd here" in document.text
+    assert document.warnings == ["3 places that are not valid UTF-8 replaced with U+FFFD"]
