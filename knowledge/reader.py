@@ -58,13 +58,15 @@ class FileReader:
         """Parse and chunk ``data``, the content of ``path``."""
         s = self.settings
         request = (str(path), data, s.chunk_size, s.chunk_overlap, s.max_unzipped_mb)
-        connection = self._worker()
-        try:
-            connection.send(request)
-        except OSError:  # the worker died between files: one more try on a fresh one
-            self.close()
+        for attempt in (1, 2):  # a worker that died between files gets one successor
             connection = self._worker()
-            connection.send(request)
+            try:
+                connection.send(request)
+                break
+            except OSError:
+                how = self._end()
+                if attempt == 2:
+                    raise LoadError(f"the process reading it {how}") from None
         if not connection.poll(s.read_timeout_s):
             self.close()
             raise LoadError(f"took longer than {s.read_timeout_s:g} s to read, and was stopped "
@@ -92,15 +94,18 @@ class FileReader:
             code = (f"import sys; sys.path.insert(0, {str(_ROOT)!r}); from knowledge.reader import serve; "
                     f"serve({theirs.fileno()}, {os.getpid()}, {self.settings.read_memory_mb!r})")
             with theirs:
+                # Its stdout is not ours: the CLI's --json output must stay clean. Warnings go to stderr.
                 self._process = subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()],
-                                                 stdin=subprocess.DEVNULL, env={**os.environ, **limits})
+                                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                 env={**os.environ, **limits})
             self._connection = Connection(ours.detach())
-            if not self._connection.poll(_START_TIMEOUT_S):
-                raise LoadError(f"the process that reads files did not start: it {self._end()}")
             try:
+                if not self._connection.poll(_START_TIMEOUT_S):
+                    raise EOFError
                 self._connection.recv()  # "ready"
             except (EOFError, OSError):
-                raise LoadError(f"the process that reads files did not start: it {self._end()}") from None
+                raise LoadError(f"the process that reads files did not start: it {self._end()} (is "
+                                f"READ_MEMORY_MB={self.settings.read_memory_mb:g} too small?)") from None
         return self._connection
 
     def _end(self) -> str:
@@ -111,10 +116,10 @@ class FileReader:
         if process.poll() is None:
             process.kill()
         code = process.wait()
-        if code < 0 and code != -signal.SIGKILL:
-            return f"crashed ({signal.Signals(-code).name})"
         if code == -signal.SIGKILL:
             return "was killed (SIGKILL; the system may have run out of memory)"
+        if code < 0:
+            return f"crashed (signal {-code}, {signal.strsignal(-code)})"
         return f"ended unexpectedly (exit status {code})"
 
 
