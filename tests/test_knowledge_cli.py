@@ -249,3 +249,16 @@ def test_add_killed_in_chromas_write_window_leaves_complete_documents(env, tmp_p
     assert _assert_every_listed_document_is_complete(store) == {str(p) for p in folder.iterdir()}
     hits = store.search("Crate 7-31 brass lanterns", k=1, mode="lexical")
     assert hits[0].source == str(folder / "aisle07.txt") and hits[0].text.startswith("Crate 7-31 ")
+
+
+def test_add_names_a_named_pipe_and_a_deep_json_and_keeps_the_rest(env, folder):
+    os.mkfifo(folder / "x.txt")  # before, `add` waited on it for ever
+    (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    result = subprocess.run([sys.executable, "-m", "knowledge", "add", str(folder)], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert f"added    {folder / 'ferry.txt'} (1 chunks)" in lines and f"added    {folder / 'tea.md'} (1 chunks)" in lines
+    assert f"FAILED   {folder / 'x.txt'}: is a named pipe (FIFO), not a regular file; only regular files are read" in lines
+    assert any(line.startswith(f"FAILED   {folder / 'deep.json'}: the JSON is nested more deeply") for line in lines)
+    assert lines[-1] == "2 added, 0 skipped, 2 failed"
