@@ -59,6 +59,18 @@ class Settings:
         200, "CHUNK_OVERLAP", "Characters of whole sentences repeated from the end of the previous chunk.")
     max_file_mb: float = _setting(
         50.0, "MAX_FILE_MB", "Files larger than this are refused by name, and the rest are still added.")
+    max_unzipped_mb: float = _setting(
+        256.0, "MAX_UNZIPPED_MB",
+        "ZIP-based files (DOCX) that would expand to more than this are refused by name before they are opened "
+        "(a zip bomb).")
+    read_timeout_s: float = _setting(
+        120.0, "READ_TIMEOUT_S",
+        "Longest time reading one file may take (parsing and chunking, in a separate process); a file that takes "
+        "longer is refused by name, and the rest are still added.")
+    read_memory_mb: float = _setting(
+        2048.0, "READ_MEMORY_MB",
+        "Most memory (address space) the process that reads files may use; a file that needs more is refused by "
+        "name, and the rest are still added.")
 
     # Model
     chat_model: str = _setting(

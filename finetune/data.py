@@ -51,6 +51,13 @@ class RejectedRow:
     file: str | None = None
 
 
+@dataclass(frozen=True)
+class UnreadableLine:
+    """A line of a JSONL file that is not a JSON value: it stands in the rows where it was, to be refused."""
+
+    reason: str
+
+
 @dataclass
 class PreparedData:
     pairs: list[PreferencePair]
@@ -75,7 +82,7 @@ class PreparedData:
 
 # ---------------------------------------------------------------- loading
 
-def load_rows(source: str | Path, split: str = "train") -> list[tuple[str | None, dict]]:
+def load_rows(source: str | Path, split: str = "train") -> list[tuple[str | None, dict | UnreadableLine]]:
     """Rows of a local file, a folder of files, or a hub dataset, each with the file it came from."""
     path = Path(source)
     from finetune.pairs_store import PairsStore, is_pairs_store
@@ -101,18 +108,11 @@ def load_rows(source: str | Path, split: str = "train") -> list[tuple[str | None
     return [(None, row) for row in _load_hub_dataset(str(source), split)]
 
 
-def _read_file(path: Path) -> list[dict]:
+def _read_file(path: Path) -> list[dict | UnreadableLine]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
-            rows = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove it") from None
-            return rows
+            return _read_jsonl(path)
         if suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
@@ -129,6 +129,25 @@ def _read_file(path: Path) -> list[dict]:
         return pq.read_table(path).to_pylist()
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path} cannot be read as {suffix[1:].upper()}: {e}") from None
+
+
+def _read_jsonl(path: Path) -> list[dict | UnreadableLine]:
+    """Each line's value; a line that is not JSON (or not UTF-8) is left out by name, and the rest go on."""
+    rows: list[dict | UnreadableLine] = []
+    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rows.append(json.loads(raw.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            rows.append(UnreadableLine(f"{path.name} line {n} is not valid UTF-8 ({e.reason}); fix or remove it"))
+        except json.JSONDecodeError as e:
+            rows.append(UnreadableLine(f"{path.name} line {n} is not valid JSON ({e.msg}); fix or remove it"))
+        except RecursionError:
+            rows.append(UnreadableLine(f"{path.name} line {n} is JSON nested too deeply to read; flatten it"))
+    if rows and all(isinstance(row, UnreadableLine) for row in rows):
+        raise DataError(f"no line of {path} can be read: {rows[0].reason}")
+    return rows
 
 
 def _load_hub_dataset(name: str, split: str) -> list[dict]:
@@ -323,6 +342,9 @@ def prepare_pairs(
         def refuse(reason: str) -> None:
             prepared.rejected.append(RejectedRow(row=index, reason=reason, file=file))  # noqa: B023
 
+        if isinstance(row, UnreadableLine):
+            refuse(row.reason)
+            continue
         if not isinstance(row, dict):
             refuse(f"row is {type(row).__name__}, expected an object with named fields")
             continue

@@ -1,8 +1,13 @@
-"""Which files a list of paths names: folders walked recursively, symlinks kept inside their folder."""
+"""Which files a list of paths names: folders walked recursively, symlinks kept inside their folder.
+
+Only regular files are taken: reading a named pipe waits for a writer for ever, and devices and sockets hold
+no document.
+"""
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +25,18 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+_NOT_REGULAR = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory")]
+
+
+def not_a_regular_file(mode: int) -> str | None:
+    """Why a file of this ``st_mode`` is not read, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    what = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+    return f"is {what}, not a regular file; only regular files are read"
+
+
 def discover(paths: list[str | Path]) -> Discovery:
     """Files to load, in a stable order, each once; hidden files and folders are left alone."""
     found = Discovery()
@@ -32,11 +49,17 @@ def discover(paths: list[str | Path]) -> Discovery:
             found.files.append(real)
 
     for given in map(Path, paths):
-        if not given.exists():
+        try:
+            mode = given.stat().st_mode  # of the target, for a symlink
+        except OSError:
             what = "broken symlink" if given.is_symlink() else "no such file or folder"
             found.failed.append((str(given), what))
-        elif given.is_file():
-            take(given)
+            continue
+        if not stat.S_ISDIR(mode):
+            if reason := not_a_regular_file(mode):
+                found.failed.append((str(given), reason))
+            else:
+                take(given)
         else:
             root = given.resolve()
             for folder, dirs, names in os.walk(root, followlinks=False):
@@ -56,6 +79,13 @@ def discover(paths: list[str | Path]) -> Discovery:
                         if not _inside(target, root):
                             found.failed.append((str(path), f"symlink points outside {root} (to {target})"))
                             continue
+                    try:
+                        reason = not_a_regular_file(path.stat().st_mode)
+                    except OSError as e:
+                        reason = f"cannot be read ({e.strerror or e})"
+                    if reason:
+                        found.failed.append((str(path), reason))
+                        continue
                     if path.suffix.lower() not in LOADERS:
                         found.skipped.append((str(path), f"unsupported file type {path.suffix or '(none)'}"))
                         continue

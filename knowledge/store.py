@@ -19,6 +19,7 @@ we reopen the client.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 import uuid
@@ -30,11 +31,12 @@ import numpy as np
 from filelock import FileLock
 
 from errors import UserError
-from knowledge.chunking import Chunk, chunk_document
-from knowledge.embeddings import Embedder
-from knowledge.files import discover
+from knowledge.chunking import Chunk
+from knowledge.embeddings import Embedder, EmbeddingModelError
+from knowledge.files import discover, not_a_regular_file
 from knowledge.lexical import LexicalIndex
-from knowledge.loaders import LoadError, load_file
+from knowledge.loaders import LoadError
+from knowledge.reader import FileReader
 from settings import Settings
 
 _REVISION_ID = "__revision__"
@@ -44,6 +46,10 @@ VECTOR_WEIGHT = 0.5  # share of the vector leg in the fused score; the lexical l
 
 class StoreError(UserError):
     """The store cannot do what was asked; the message says why and what to do."""
+
+
+class _StageError(Exception):
+    """One file (or group of files) could not be embedded or written; the message says at which stage."""
 
 
 @dataclass
@@ -221,6 +227,11 @@ class KnowledgeStore:
 
         ``progress(source, total)`` is called once per file found, when its outcome is known.
 
+        A failure that belongs to one file, at any stage (reading, parsing, chunking, embedding, writing),
+        fails that file alone, with its reason, and the rest go on. Files are parsed and chunked in a
+        worker process bounded in time and memory (``knowledge.reader``). Errors of the whole store (the
+        embedding model cannot load, the store cannot be opened) still end the add.
+
         Chunks of several files are embedded together (``EMBED_GROUP`` at a time): the encoder sorts a
         call's texts by length, so large mixed calls waste less on padding than one call per file.
         """
@@ -231,61 +242,109 @@ class KnowledgeStore:
         )
         pending: list[_LoadedFile] = []
 
+        def done(source: str) -> None:
+            if progress:
+                progress(source, len(found.files))
+
         def flush() -> None:
-            if not pending:
-                return
-            vectors = self.embedder.embed_passages([indexed_text(item.title, c.text)
-                                                    for item in pending for c in item.chunks])
-            with self._write_lock():
-                self._reopen_if_changed_elsewhere()
-                self._replace(pending, vectors)
-            for item in pending:
-                added = {"source": item.source, "chunks": len(item.chunks)}
-                report.added.append(added | ({"warnings": item.warnings} if item.warnings else {}))
-                if progress:
-                    progress(item.source, len(found.files))
+            for item, error in self._store(pending):
+                if error:
+                    report.failed.append({"source": item.source, "error": error})
+                else:
+                    added = {"source": item.source, "chunks": len(item.chunks)}
+                    report.added.append(added | ({"warnings": item.warnings} if item.warnings else {}))
+                done(item.source)
             pending.clear()
 
-        for path in found.files:
-            try:
-                loaded = self._load(path)
-            except LoadError as e:
-                report.failed.append({"source": str(path), "error": str(e)})
-            else:
-                if loaded is not None:
-                    pending.append(loaded)
-                    if sum(len(item.chunks) for item in pending) >= EMBED_GROUP:
-                        flush()
-                    continue
-                report.skipped.append({"source": str(path), "reason": "unchanged since it was added"})
-            if progress:
-                progress(str(path), len(found.files))
+        with FileReader(self.settings) as reader:
+            for path in found.files:
+                try:
+                    loaded = self._load(path, reader)
+                except LoadError as e:
+                    report.failed.append({"source": str(path), "error": str(e)})
+                else:
+                    if loaded is not None:
+                        pending.append(loaded)
+                        if sum(len(item.chunks) for item in pending) >= EMBED_GROUP:
+                            flush()
+                        continue
+                    report.skipped.append({"source": str(path), "reason": "unchanged since it was added"})
+                done(str(path))
         flush()
         return report
 
-    def _load(self, path: Path) -> _LoadedFile | None:
+    def _load(self, path: Path, reader: FileReader) -> _LoadedFile | None:
         """The file's chunks, or None when the store already holds this very version of it."""
         source = str(path)
-        limit = self.settings.max_file_mb * 1024 * 1024
+        data = self._read_bytes(path)
+        version = hashlib.sha256(data).hexdigest()[:16]
+        if self._current([source]).get(source) == version:
+            return None
+        read = reader.read(path, data)
+        return _LoadedFile(source, version, read.title, read.chunks, read.warnings)
+
+    def _read_bytes(self, path: Path) -> bytes:
+        """The content of a regular file of at most MAX_FILE_MB; the bytes that are hashed are the ones parsed."""
+        limit = int(self.settings.max_file_mb * 1024 * 1024)
+        too_big = (f"over the {self.settings.max_file_mb:g} MB limit (raise MAX_FILE_MB to add it)")
         try:
-            size = path.stat().st_size
-            if size > limit:
-                raise LoadError(
-                    f"the file is {size / 1048576:.1f} MB, over the {self.settings.max_file_mb:g} MB limit "
-                    "(raise MAX_FILE_MB to add it)")
-            data = path.read_bytes()
+            # Non-blocking, so that opening a named pipe that took the file's place returns at once.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                status = os.fstat(f.fileno())
+                if reason := not_a_regular_file(status.st_mode):
+                    raise LoadError(reason)
+                if status.st_size > limit:
+                    raise LoadError(f"the file is {status.st_size / 1048576:.1f} MB, {too_big}")
+                data = f.read(limit + 1)  # it may have grown since
         except PermissionError:
             raise LoadError("permission denied; make the file readable") from None
         except OSError as e:
             raise LoadError(f"cannot be read ({e.strerror or e})") from None
-        version = hashlib.sha256(data).hexdigest()[:16]
-        if self._current([source]).get(source) == version:
-            return None
-        document = load_file(path)
-        chunks = chunk_document(document, self.settings.chunk_size, self.settings.chunk_overlap)
-        if not chunks:
-            raise LoadError("no text found: the file is empty")
-        return _LoadedFile(source, version, document.title, chunks, document.warnings)
+        if len(data) > limit:
+            raise LoadError(f"the file is {too_big}")
+        return data
+
+    def _store(self, items: list[_LoadedFile]) -> list[tuple[_LoadedFile, str | None]]:
+        """Embed and write ``items`` together; (item, None) for each stored, (item, reason) for each not.
+
+        When the group fails, its files are tried one at a time, so that only the file that fails is
+        reported, with the stage and the error; ``_replace`` leaves nothing of a failed write behind.
+        """
+        if not items:
+            return []
+        try:
+            self._embed_and_write(items)
+            return [(item, None) for item in items]
+        except _StageError as e:
+            if len(items) == 1:
+                return [(items[0], str(e))]
+        outcomes = []
+        for item in items:
+            try:
+                self._embed_and_write([item])
+            except _StageError as e:
+                outcomes.append((item, str(e)))
+            else:
+                outcomes.append((item, None))
+        return outcomes
+
+    def _embed_and_write(self, items: list[_LoadedFile]) -> None:
+        try:
+            vectors = self.embedder.embed_passages([indexed_text(item.title, c.text)
+                                                    for item in items for c in item.chunks])
+        except EmbeddingModelError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the reason names the error's type and message
+            raise _StageError(f"could not be embedded ({type(e).__name__}: {e})") from e
+        try:
+            with self._write_lock():
+                self._reopen_if_changed_elsewhere()
+                self._replace(items, vectors)
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise _StageError(f"could not be written to the store ({type(e).__name__}: {e})") from e
 
     def _replace(self, items: list[_LoadedFile], embeddings: np.ndarray) -> None:
         """Make ``items`` the current version of their files, all in a few writes.

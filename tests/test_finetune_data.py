@@ -162,3 +162,24 @@ def test_prepare_cli_reports_an_unreadable_file_plainly(tmp_path, tiny_model_dir
     bad.write_text("{not json\n")
     assert main(["prepare", str(bad), "--model", str(tiny_model_dir)]) == 2
     assert "bad.jsonl line 1 is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_jsonl_line_that_is_not_json_is_a_rejected_row_and_the_rest_go_on(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [seed_row(0), seed_row(1)])
+    first, second = path.read_text().splitlines()
+    path.write_text("\n".join([first, '{"instruction": "cut off', "", second]) + "\n")
+    prepared = prepare_data(path, tiny_tokenizer)
+    assert len(prepared.pairs) == 2
+    assert prepared.report()["rejected"] == [
+        {"row": 1, "reason": "pairs.jsonl line 2 is not valid JSON (Unterminated string starting at); fix or remove it"}]
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_a_rejected_row_naming_its_file(tmp_path, tiny_tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", [seed_row(0)])
+    path = write_jsonl(tmp_path / "b.jsonl", [seed_row(1)])
+    path.write_bytes(b'{"instruction": "caf\xe9"}\n' + path.read_bytes())
+    prepared = prepare_data(tmp_path, tiny_tokenizer)
+    assert len(prepared.pairs) == 2
+    assert prepared.report()["rejected"] == [
+        {"row": 1, "reason": "b.jsonl line 1 is not valid UTF-8 (invalid continuation byte); fix or remove it",
+         "file": "b.jsonl"}]

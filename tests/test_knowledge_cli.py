@@ -171,3 +171,94 @@ def test_unreachable_server_says_what_to_do(env):
     env = {**env, "CHROMA_HOST": "127.0.0.1", "CHROMA_PORT": str(free_port())}
     result = run(env, "list", check=False)
     assert result.returncode == 2 and "cannot reach the Chroma server" in result.stderr and "unset CHROMA_HOST" in result.stderr
+
+
+def _store_size(folder: Path) -> int:
+    """Bytes in Chroma's SQLite file and its write-ahead log: they grow when chunks are written."""
+    total = 0
+    for name in ("chroma.sqlite3", "chroma.sqlite3-wal"):
+        try:
+            total += (folder / name).stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def _kill_when(env, folder, ready) -> int | None:
+    """Start `add` and SIGKILL it as soon as ``ready()``; its exit status if it ended first."""
+    process = subprocess.Popen([sys.executable, "-m", "knowledge", "add", str(folder), "--json"], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while process.poll() is None and not ready() and time.time() < deadline:
+        time.sleep(0.002)
+    if process.poll() is not None:
+        return process.returncode
+    process.kill()  # SIGKILL: no cleanup of any kind runs
+    process.wait()
+    return None
+
+
+def _assert_every_listed_document_is_complete(store) -> set[str]:
+    listed = set()
+    for document in store.documents():
+        got = store.chunks.get(where={"$and": [{"source": document.source}, {"version": document.version}]},
+                               include=["metadatas"])
+        positions = sorted(m["position"] for m in got["metadatas"])
+        lines = Path(document.source).read_text().splitlines()
+        assert positions == list(range(document.chunks)) and document.chunks == len(lines), document.source
+        listed.add(document.source)
+    hits = store.search("which crate holds brass lanterns", k=5)
+    assert {h.source for h in hits} <= listed
+    return listed
+
+
+@pytest.mark.slow
+def test_add_killed_in_chromas_write_window_leaves_complete_documents(env, tmp_path, embedder):
+    """kill -9 of `add` as Chroma writes, at several points: what is listed is whole, searches work, and
+    re-adding finishes the rest."""
+    from knowledge import KnowledgeStore
+    from settings import Settings
+
+    folder = tmp_path / "crates"
+    folder.mkdir()
+    for f in range(22):  # 1,100 one-sentence chunks: two groups embedded and written together
+        (folder / f"aisle{f:02d}.txt").write_text(
+            "\n".join(f"Crate {f}-{n} in aisle {n % 9} holds {n} brass lanterns." for n in range(50)))
+    env = {**env, "CHUNK_SIZE": "80", "CHUNK_OVERLAP": "0"}
+    run(env, "list")  # creates the store's tables, so that what grows below is chunks being written
+    store = KnowledgeStore(Settings.from_env(env), embedder=embedder)
+    store_dir = Path(env["KNOWLEDGE_DIR"])
+
+    def writing(after: float = 0.0):
+        before, seen = _store_size(store_dir), []
+
+        def ready() -> bool:
+            if not seen and _store_size(store_dir) > before + 32768:  # a page or two is not a write of chunks
+                seen.append(time.time())
+            return bool(seen) and time.time() >= seen[0] + after
+
+        return ready
+
+    listed_at_kill = []
+    for ready in (writing(), writing(after=0.1), lambda: bool(store.documents())):
+        assert _kill_when(env, folder, ready) in (None, 0)
+        listed_at_kill.append(len(_assert_every_listed_document_is_complete(store)))
+    assert listed_at_kill[-1] > 0  # the last kill came after some documents were complete, before the rest
+    again = run(env, "add", str(folder), "--json")
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert _assert_every_listed_document_is_complete(store) == {str(p) for p in folder.iterdir()}
+    hits = store.search("Crate 7-31 brass lanterns", k=1, mode="lexical")
+    assert hits[0].source == str(folder / "aisle07.txt") and hits[0].text.startswith("Crate 7-31 ")
+
+
+def test_add_names_a_named_pipe_and_a_deep_json_and_keeps_the_rest(env, folder):
+    os.mkfifo(folder / "x.txt")  # before, `add` waited on it for ever
+    (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    result = subprocess.run([sys.executable, "-m", "knowledge", "add", str(folder)], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert f"added    {folder / 'ferry.txt'} (1 chunks)" in lines and f"added    {folder / 'tea.md'} (1 chunks)" in lines
+    assert f"FAILED   {folder / 'x.txt'}: is a named pipe (FIFO), not a regular file; only regular files are read" in lines
+    assert any(line.startswith(f"FAILED   {folder / 'deep.json'}: the JSON is nested more deeply") for line in lines)
+    assert lines[-1] == "2 added, 0 skipped, 2 failed"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 
 import pytest
 
@@ -115,3 +117,57 @@ def test_truncated_file_is_refused(tmp_path, name):
     with pytest.raises(LoadError, match="damaged or truncated"):
         load_file(path)
 
+
+
+def test_a_docx_with_broken_xml_is_refused_with_a_reason(tmp_path):
+    path = write_docx(tmp_path / "a.docx", ["some paragraph"])
+    rewritten = io.BytesIO()
+    with zipfile.ZipFile(path) as whole, zipfile.ZipFile(rewritten, "w") as broken:
+        for item in whole.infolist():
+            broken.writestr(item, b"garbage<<" if item.filename == "_rels/.rels" else whole.read(item))
+    path.write_bytes(rewritten.getvalue())
+    with pytest.raises(LoadError, match="damaged"):
+        load_file(path)
+
+
+def test_a_zip_bomb_is_refused_before_it_is_opened(tmp_path):
+    path = tmp_path / "bomb.docx"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bomb:
+        bomb.writestr("word/document.xml", b"\0" * (3 * 1024 * 1024))
+    with pytest.raises(LoadError, match=r"expands to 3\.0 MB, over the 2 MB limit"):
+        load_file(path, max_unzipped_mb=2)
+
+
+@pytest.mark.parametrize("name", ["deep.json", "deep.jsonl"])
+def test_deeply_nested_json_is_refused_with_a_reason(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(LoadError, match="nested more deeply than"):
+        load_file(path)
+
+
+def test_json_nested_just_under_the_limit_loads(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text('{"a": ' * 200 + '"bottom"' + "}" * 200)
+    assert load_file(path).text.endswith(": bottom")
+
+
+def test_a_csv_field_over_128_kb_loads(tmp_path):
+    path = tmp_path / "big.csv"
+    path.write_text("name,notes\nlong," + "word " * 40_000 + "\nshort,fine\n")
+    assert load_file(path).text.endswith("name: short; notes: fine")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_text_without_a_byte_order_mark(tmp_path, encoding):
+    path = tmp_path / "windows.txt"
+    path.write_bytes("Notes exported from an old tool: café, naïve.\n".encode(encoding))
+    assert load_file(path).text == "Notes exported from an old tool: café, naïve.\n"
+
+
+def test_utf8_text_with_a_few_broken_bytes_keeps_the_rest_and_says_so(tmp_path):
+    path = tmp_path / "log.txt"  # no encoding fits it whole: before, the whole file was refused
+    path.write_bytes((JA + "\n").encode() * 20 + b"\xff\xfe broken \xc3 here\n" + (JA + "\n").encode() * 20)
+    document = load_file(path)
+    assert document.text.count(JA) == 40 and "\ufffd\ufffd broken \ufffd here" in document.text
+    assert document.warnings == ["3 places that are not valid UTF-8 replaced with U+FFFD"]

@@ -257,14 +257,16 @@ def test_store_refuses_a_different_embedding_model(settings, store):
         KnowledgeStore(settings.__class__.from_env(knowledge_dir=settings.knowledge_dir, embedding_model="other"))
 
 
-def test_a_failed_write_leaves_no_chunks_behind_and_the_store_as_it_was(store, tmp_path, monkeypatch):
+def test_a_failed_write_fails_the_file_and_leaves_the_store_as_it_was(store, tmp_path, monkeypatch):
     (tmp_path / "a.txt").write_text("The ferry to Varna leaves at noon.")
     store.add([tmp_path / "a.txt"])
     (tmp_path / "b.txt").write_text("The lighthouse keeper is Ingrid Holm.")
     # Vectors of the wrong size make Chroma refuse the write halfway through the add.
     monkeypatch.setattr(store.embedder, "embed_passages", lambda texts: np.ones((len(texts), 3), dtype=np.float32))
-    with pytest.raises(Exception, match="dimension"):
-        store.add([tmp_path / "b.txt"])
+    report = store.add([tmp_path / "b.txt"])
+    assert report.added == [] and [f["source"] for f in report.failed] == [str(tmp_path / "b.txt")]
+    assert "could not be written to the store" in report.failed[0]["error"]
+    assert "dimension" in report.failed[0]["error"]
     assert store.chunks.count() == 1
     assert [d.source for d in store.documents()] == [str(tmp_path / "a.txt")]
 
