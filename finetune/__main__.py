@@ -106,7 +106,8 @@ def _pairs_generate(args: argparse.Namespace) -> int:
     config = PairGenerationConfig(samples=args.samples, temperature=args.temperature,
                                   max_new_tokens=args.max_new_tokens, rules=tuple(args.rules.split(",")),
                                   min_answer_chars=args.min_chars, max_answer_chars=args.max_chars,
-                                  margin=args.margin, retrieval=not args.no_retrieval)
+                                  margin=args.margin, retrieval=not args.no_retrieval,
+                                  questions_per_batch=args.batch)
     questions = read_questions(args.questions)
     with tqdm(total=len(questions), unit="question", file=sys.stderr) as bar:
         report = generate_pairs(Assistant(settings), questions, args.out, config, progress=lambda _: bar.update())
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--min-chars", type=int, default=1, help="the length rule's shortest answer")
     g.add_argument("--max-chars", type=int, default=2000, help="the length rule's longest answer")
     g.add_argument("--no-retrieval", action="store_true", help="answer without the knowledge store")
+    g.add_argument("--batch", type=int, default=8, help="questions answered together (default 8)")
     g.add_argument("--json", action="store_true")
     g.set_defaults(run=_pairs_generate)
 

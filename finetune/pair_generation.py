@@ -40,6 +40,7 @@ class PairGenerationConfig:
     max_answer_chars: int = 2000
     margin: float = 0.5  # the best answer's score must beat the worst's by this much
     retrieval: bool = True
+    questions_per_batch: int = 8  # answered together: samples x this many sequences in one generate call
 
     def __post_init__(self):
         unknown = [r for r in self.rules if r not in RULES]
@@ -118,50 +119,71 @@ class _StoreSink:
         self.store.add_pair(self.store.add_answer(chosen), self.store.add_answer(rejected), "generated")
 
 
-def sample_answers(assistant: Assistant, prompt: str, config: PairGenerationConfig) -> list[str]:
-    """``config.samples`` completions of ``prompt``: in one batch when the model runs in this process."""
+def sample_answers(assistant: Assistant, prompts: list[str], config: PairGenerationConfig) -> list[list[str]]:
+    """``config.samples`` completions of each prompt: all in one batch when the model runs in this process
+    (a GPU answers many sequences at once for little more than the time of one), else one at a time."""
     runtime = assistant.runtime
     if hasattr(runtime, "model") and hasattr(runtime, "tokenizer"):
         from finetune.evaluation import GenerationConfig, generate
 
-        return generate(runtime.model, runtime.tokenizer, [prompt] * config.samples,
-                        GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                         batch_size=config.samples))
+        batch = [p for p in prompts for _ in range(config.samples)]
+        texts = generate(runtime.model, runtime.tokenizer, batch,
+                         GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                          batch_size=len(batch)))
+        return [texts[i:i + config.samples] for i in range(0, len(texts), config.samples)]
     params = GenerationParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
-    return ["".join(runtime.stream(prompt, params)) for _ in range(config.samples)]
+    return [["".join(runtime.stream(p, params)) for _ in range(config.samples)] for p in prompts]
 
 
 def generate_pairs(assistant: Assistant, questions: Iterable[str], out: str | Path,
                    config: PairGenerationConfig | None = None,
                    progress: Callable[[str], None] | None = None) -> GenerationReport:
-    """Answer each question ``config.samples`` times and keep clear best/worst pairs in ``out``."""
+    """Answer each question ``config.samples`` times and keep clear best/worst pairs in ``out``.
+
+    Questions are answered ``config.questions_per_batch`` at a time; each batch's pairs are stored when it
+    ends, so a stopped run loses at most one batch of work.
+    """
     config = config or PairGenerationConfig()
     out = Path(out)
     sink = _StoreSink(out) if is_pairs_store(out) else _JsonlSink(out)
-    runtime = assistant.runtime
     report = GenerationReport()
+    todo = []
     for question in questions:
         if question in sink.done:
             report.skipped += 1
+            if progress:
+                progress(question)
         else:
-            messages = [{"role": "user", "content": question}]
-            hits = assistant.retrieve(question) if config.retrieval else None
-            instruction, context = answer_parts(messages, hits)
-            prompt = build_prompt(instruction, context, runtime.prompt_format, runtime.render_chat)
-            scored = []
-            for text in sample_answers(assistant, prompt, config):
-                reasoning, answer, closed = split_completion(prompt, text)
-                scored.append((penalty(score_completion(prompt, text), config), Completion(
-                    prompt, reasoning, answer, instruction, context, runtime.prompt_format, runtime.model_name,
-                    runtime.adapter, question, thinking_closed=closed)))
-            scored.sort(key=lambda item: item[0])
-            (best, chosen), (worst, rejected) = scored[0], scored[-1]
-            if worst - best >= config.margin:
-                sink.add(chosen, rejected)
-                sink.done.add(question)
-                report.pairs += 1
-            else:
-                report.no_clear_winner.append(question)
+            todo.append(question)
+    for i in range(0, len(todo), config.questions_per_batch):
+        _answer_batch(assistant, todo[i:i + config.questions_per_batch], sink, config, report, progress)
+    return report
+
+
+def _answer_batch(assistant: Assistant, questions: list[str], sink, config: PairGenerationConfig,
+                  report: GenerationReport, progress: Callable[[str], None] | None) -> None:
+    runtime = assistant.runtime
+    prompts = []
+    for question in questions:
+        hits = assistant.retrieve(question) if config.retrieval else None
+        instruction, context = answer_parts([{"role": "user", "content": question}], hits)
+        prompts.append((build_prompt(instruction, context, runtime.prompt_format, runtime.render_chat),
+                        instruction, context))
+    for question, (prompt, instruction, context), texts in zip(
+            questions, prompts, sample_answers(assistant, [p[0] for p in prompts], config), strict=True):
+        scored = []
+        for text in texts:
+            reasoning, answer, closed = split_completion(prompt, text)
+            scored.append((penalty(score_completion(prompt, text), config), Completion(
+                prompt, reasoning, answer, instruction, context, runtime.prompt_format, runtime.model_name,
+                runtime.adapter, question, thinking_closed=closed)))
+        scored.sort(key=lambda item: item[0])
+        (best, chosen), (worst, rejected) = scored[0], scored[-1]
+        if worst - best >= config.margin:
+            sink.add(chosen, rejected)
+            sink.done.add(question)
+            report.pairs += 1
+        else:
+            report.no_clear_winner.append(question)
         if progress:
             progress(question)
-    return report
