@@ -9,8 +9,8 @@ Here a small model gets that defect on purpose and ORPO takes it away, with noth
    add two small numbers. The training answers repeat their reasoning three times in four, as R1-Distill's
    do in the recipe's example; the fourth answer is short. Prompts are the app's own (``answer_prompt``).
 2. A Qwen2-architecture model trained from scratch on that text (``train_base``): greedy, it repeats.
-3. ``python -m finetune pairs generate`` on the training questions, rules ``duplication`` and ``think``: four
-   sampled answers per question, the best and worst kept as a pair when they differ clearly.
+3. ``python -m finetune pairs generate`` on the training questions, rule ``duplication``: four sampled answers
+   per question, the least and most repetitive kept as a pair when they differ clearly.
 4. ``python -m finetune train``: ORPO with LoRA on those pairs.
 5. ``python -m finetune eval`` on held-out questions: base against adapter; JSON, table and chart in --out.
 
@@ -148,12 +148,15 @@ def run(*args: str, env: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/orpo-proof"))
-    parser.add_argument("--base-steps", type=int, default=3000)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=3)
-    parser.add_argument("--questions", type=int, default=160, help="training questions for pairs generate")
+    parser.add_argument("--base-steps", type=int, default=4000)
+    parser.add_argument("--hidden", type=int, default=192)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--questions", type=int, default=200, help="training questions for pairs generate")
     parser.add_argument("--held-out", type=int, default=120)
-    parser.add_argument("--orpo-steps", type=int, default=60)
+    parser.add_argument("--orpo-steps", type=int, default=40)
+    parser.add_argument("--orpo-lr", type=float, default=5e-4)
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling for pairs generate")
+    parser.add_argument("--rules", default="duplication", help="pairs generate's rules")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -175,12 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     pairs = args.out / "pairs.sqlite"
     pairs.unlink(missing_ok=True)
     generated = json.loads(run("-m", "finetune", "pairs", "generate", str(questions), "--out", str(pairs),
-                               "--samples", "4", "--temperature", "1.0", "--max-new-tokens", "160",
-                               "--rules", "duplication,think", "--margin", "0.5", "--no-retrieval", "--json",
-                               env=env))
+                               "--samples", "4", "--temperature", str(args.temperature), "--max-new-tokens",
+                               "160", "--rules", args.rules, "--margin", "0.5", "--no-retrieval", "--json", env=env))
     adapter = args.out / "adapter"
     run("-m", "finetune", "train", "--config", "finetune/configs/tiny-smoke.yaml", f"model_name={model_dir}",
-        f"data={pairs}", f"output_dir={adapter}", f"max_steps={args.orpo_steps}", "learning_rate=1e-3",
+        f"data={pairs}", f"output_dir={adapter}", f"max_steps={args.orpo_steps}", f"learning_rate={args.orpo_lr}",
         "lora_r=16", "lora_alpha=32", "per_device_train_batch_size=8", "max_length=512",
         "max_prompt_length=400", "save_steps=100000", "logging_steps=10", env=env)
     report = json.loads(run("-m", "finetune", "eval", "--model", str(model_dir), "--adapter", str(adapter),

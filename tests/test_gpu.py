@@ -14,6 +14,7 @@ if torch.cuda.is_available():
     import unsloth  # noqa: F401 - before transformers, as Unsloth requires
 
 from assistant.runtime import GenerationParams, LocalRuntime  # noqa: E402
+from finetune.prompts import prompt_token_ids  # noqa: E402
 from finetune.train import train  # noqa: E402
 from settings import Settings  # noqa: E402
 from tests.finetune_fixtures import repeat_task_rows, tiny_config, write_jsonl
@@ -39,6 +40,14 @@ def test_runtime_streams_on_cuda_with_a_trained_adapter(engine, tiny_model_dir, 
     settings = Settings.from_env(chat_model=str(tiny_model_dir), adapter_dir=tmp_path / "adapters",
                                  local_engine=engine, load_in_4bit=False)
     runtime = LocalRuntime(settings)
-    text = "".join(runtime.stream("### Response:\n<think>", GenerationParams(max_new_tokens=16, temperature=0.0)))
+    prompt = "### Response:\n<think>"
+    text = "".join(runtime.stream(prompt, GenerationParams(max_new_tokens=16, temperature=0.0)))
     assert (runtime.engine, runtime.adapter, runtime.device.type) == (engine, "orpo-gpu", "cuda")
-    assert runtime.last_usage["completion_tokens"] > 0 and isinstance(text, str)
+    # What streamed is what the same model writes greedily in one call, up to its end-of-text token.
+    ids = prompt_token_ids(runtime.tokenizer, prompt)
+    out = runtime.model.generate(input_ids=torch.tensor([ids], device="cuda"), max_new_tokens=16, do_sample=False,
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device="cuda"),
+                                 pad_token_id=runtime.tokenizer.pad_token_id or runtime.tokenizer.eos_token_id)
+    written = runtime.tokenizer.decode(out[0, len(ids):], skip_special_tokens=False)
+    assert text == written.split(runtime.tokenizer.eos_token)[0] != ""
+    assert runtime.last_usage["completion_tokens"] == out.shape[1] - len(ids)
