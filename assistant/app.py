@@ -88,7 +88,10 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab, 
             with gr.Tab("Pairs", id="pairs", elem_id="tab-pairs"):
                 pairs.build(demo)
         # Poll the model's status until loading ends; outside the queue, so polls never take a place in line.
-        timer = gr.Timer(2.0, active=loader.state == LOADING)
+        # The timer starts on every page, whatever the state was when the page was built: the status text above
+        # is read before it, so a model that finished loading in between left the page showing "loading" with
+        # only the load event below to correct it. The first tick after loading stops the timer.
+        timer = gr.Timer(2.0, active=True)
         timer.tick(lambda: (loader.status_markdown(), gr.Timer(active=loader.state == LOADING)), None,
                    [status, timer], queue=False, api_visibility="private")
         demo.load(loader.status_markdown, None, status, queue=False, api_visibility="private")
