@@ -120,14 +120,31 @@ def write_notes(folder: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_app(tmp_path_factory, minilm_path, embedder, tiny_model_dir, app_adapter_dir) -> Iterator[str]:
-    """The app with the tiny model, the chat-smoke adapter and one document; its URL, model loaded."""
-    base = tmp_path_factory.mktemp("app")
+@contextlib.contextmanager
+def tiny_app_running(base: Path, minilm_path: str, embedder, tiny_model_dir: Path, app_adapter_dir: Path
+                     ) -> Iterator[tuple[str, object]]:
+    """The app with the tiny model, the chat-smoke adapter and one document, model loaded: (URL, settings)."""
     settings = app_settings(base, minilm_path, tiny_model_dir, app_adapter_dir)
     with running_app(settings, embedder, documents=[write_notes(base / "docs")]) as url:
         assert wait_for_model(url)["model_status"] == "ready"
+        yield url, settings
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tmp_path_factory, minilm_path, embedder, tiny_model_dir, app_adapter_dir) -> Iterator[str]:
+    """The URL of `tiny_app_running`, one app per test module."""
+    with tiny_app_running(tmp_path_factory.mktemp("app"), minilm_path, embedder, tiny_model_dir,
+                          app_adapter_dir) as (url, _):
         yield url
+
+
+@pytest.fixture
+def pump_store(store, tmp_path):
+    """The test store holding one document, docs/pump.txt: the Borealis pump moves 40 litres per minute."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "pump.txt").write_text("The Borealis pump moves 40 litres per minute.", encoding="utf-8")
+    assert store.add([tmp_path / "docs"]).ok
+    return store
 
 
 class ScriptedRuntime:

@@ -19,14 +19,6 @@ GOOD = "</think>40 litres a minute [1]."
 
 
 @pytest.fixture
-def pump_store(store, tmp_path):
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "pump.txt").write_text("The Borealis pump moves 40 litres per minute.", encoding="utf-8")
-    assert store.add([tmp_path / "docs"]).ok
-    return store
-
-
-@pytest.fixture
 def feedback(tmp_path) -> FeedbackStore:
     return FeedbackStore(PairsStore(tmp_path / "pairs.sqlite"))
 

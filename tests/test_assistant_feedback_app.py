@@ -10,15 +10,14 @@ from gradio_client import Client
 
 from finetune.data import prepare_data
 from finetune.pairs_store import PairsStore
-from tests.assistant_fixtures import app_settings, running_app, wait_for_model, write_notes
+from tests.assistant_fixtures import tiny_app_running
 
 
 @pytest.fixture(scope="module")
 def feedback_app(tmp_path_factory, minilm_path, embedder, tiny_model_dir, app_adapter_dir) -> Iterator[tuple]:
-    base = tmp_path_factory.mktemp("feedback-app")
-    settings = app_settings(base, minilm_path, tiny_model_dir, app_adapter_dir)
-    with running_app(settings, embedder, documents=[write_notes(base / "docs")]) as url:
-        assert wait_for_model(url)["model_status"] == "ready"
+    """The app's URL and its pairs store."""
+    with tiny_app_running(tmp_path_factory.mktemp("feedback-app"), minilm_path, embedder, tiny_model_dir,
+                          app_adapter_dir) as (url, settings):
         yield url, settings.pairs_db
 
 

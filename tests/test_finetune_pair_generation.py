@@ -36,14 +36,6 @@ class CyclingRuntime:
         yield self.outputs[(self.calls - 1) % len(self.outputs)]
 
 
-@pytest.fixture
-def pump_store(store, tmp_path):
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "pump.txt").write_text("The Borealis pump moves forty litres per minute.", encoding="utf-8")
-    assert store.add([tmp_path / "docs"]).ok
-    return store
-
-
 def test_the_answer_that_repeats_its_reasoning_is_rejected(settings, pump_store, tmp_path):
     runtime = CyclingRuntime(f"{REASONING}</think>{REASONING}", f"{REASONING}</think>Forty litres a minute [1].")
     assistant = Assistant(settings, runtime=runtime, store=pump_store)
