@@ -76,3 +76,16 @@ def test_an_edit_and_a_corrected_verdict_are_pairs_that_train(feedback_app, tiny
     assert f"**{len(pairs_in(db))} pairs**" in summary and rows["data"][0][1] == "edit"
     client.predict(rows["data"][0][0], api_name="/delete_pair")
     assert len(pairs_in(db)) == len(rows["data"]) - 1
+
+
+def test_with_logins_on_a_pair_records_who_made_it(tmp_path, minilm_path, embedder, tiny_model_dir, app_adapter_dir):
+    from tests.assistant_fixtures import app_settings, running_app, wait_for_model, write_notes
+
+    settings = app_settings(tmp_path, minilm_path, tiny_model_dir, app_adapter_dir)
+    with running_app(settings, embedder, auth=[("ann", "s3cret")], documents=[write_notes(tmp_path / "docs")]) as url:
+        assert wait_for_model(url)["model_status"] == "ready"
+        client = Client(url, auth=("ann", "s3cret"), verbose=False)
+        client.predict("Who keeps the lighthouse?", 0.0, 12, True, api_name="/chat")
+        client.predict(-1, "The notes say so.", "Ada Lovelock [1].", api_name="/edit_answer")
+    [pair] = pairs_in(settings.pairs_db)
+    assert pair.user == "ann" and pair.origin == "edit"
