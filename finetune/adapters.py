@@ -102,11 +102,11 @@ def read_adapter(folder: Path, base_model: str) -> AdapterEntry:
 def _unusable(folder: Path, info: dict, entry: AdapterEntry, base_model: str) -> str | None:
     if (folder / CONFIG_NAME).exists() and not info:
         return f"incomplete: training is still writing it (no {INFO_NAME} yet)"
-    if not (folder / "adapter_config.json").exists() or not any((folder / n).exists() for n in WEIGHT_NAMES):
-        return "incomplete: no adapter_config.json and adapter weights"
     if entry.base_model and not same_model(entry.base_model, base_model):
         return f"trained on {entry.base_model}, not on CHAT_MODEL={base_model}"
-    return None
+    missing = [n for n in ("adapter_config.json", " or ".join(WEIGHT_NAMES)) if not any(
+        (folder / name).exists() for name in n.split(" or "))]
+    return f"incomplete: no {' and no '.join(missing)}" if missing else None
 
 
 def eval_summary(path: Path, name: str) -> str | None:

@@ -104,25 +104,27 @@ def test_swapping_to_the_base_and_back_changes_the_next_answer_and_records_it(ad
     assert said(on_base) == base_text != said(with_adapter) == said(again)
 
 
-def test_a_generation_in_flight_finishes_on_the_adapter_it_started_with(adapter_dir, tiny_model_dir, base_text):
+def test_a_request_in_flight_finishes_on_the_adapter_it_started_with(adapter_dir, tiny_model_dir, base_text):
+    """The request is held just before its generation starts (its prompt built, its adapter recorded) while a
+    swap is asked for: the swap waits for it."""
     assistant = Assistant(swap_settings(tiny_model_dir, adapter_dir))
     runtime = assistant.runtime
     assistant.adapters.use_base()
-    started, release, generate = threading.Event(), threading.Event(), runtime.model.generate
+    started, release, stream = threading.Event(), threading.Event(), runtime.stream
 
-    def gated(**kwargs):
+    def held(*args, **kwargs):
         started.set()
         release.wait(60)
-        return generate(**kwargs)
+        yield from stream(*args, **kwargs)
 
-    runtime.model.generate = gated
+    runtime.stream = held
     answers = []
     asking = threading.Thread(target=lambda: answers.append(ask(assistant)))
     asking.start()
     assert started.wait(60)
     swapping = threading.Thread(target=assistant.adapters.use_adapter, args=("first",))
     swapping.start()
-    while not assistant.adapters.gate.swaps_waiting:  # the swap has been asked for and waits
+    while not assistant.adapters.gate.swaps_waiting and swapping.is_alive():  # until the swap waits (or is done)
         time.sleep(0.01)
     in_use_meanwhile = runtime.adapter
     release.set()
