@@ -39,8 +39,7 @@ class AdapterChoice:
     adapter: str | None = None  # the pinned adapter's folder name
 
     def describe(self) -> str:
-        return {FOLLOW: "following the newest adapter", BASE: "the base model, chosen",
-                PINNED: f"adapter {self.adapter}, pinned"}[self.mode]
+        return {FOLLOW: "following the newest", BASE: "chosen", PINNED: "pinned"}[self.mode]
 
 
 def choice_path(settings: Settings) -> Path:
