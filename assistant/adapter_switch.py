@@ -139,7 +139,18 @@ class AdapterSwitch:
         self._follower: threading.Thread | None = None
 
     def attach(self, runtime) -> None:
+        """Start switching ``runtime``. One that loaded without an adapter (an OpenAI-compatible server starts
+        on OPENAI_MODEL) gets the saved choice's adapter now."""
         self.runtime = runtime
+        if not hasattr(runtime, "activate") or runtime.active_adapter is not None or self.choice.mode == BASE:
+            return
+        wanted = chosen_adapter(self.settings, self.choice)
+        if wanted is not None:
+            try:
+                with self._swapping:
+                    self._swap(wanted)
+            except AdapterError as e:
+                print(f"error: cannot load adapter {wanted.name}; answering without it: {e}", file=sys.stderr)
 
     def adapters(self) -> list[AdapterEntry]:
         return list_adapters(self.settings.adapter_dir, self.settings.chat_model)

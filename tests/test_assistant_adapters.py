@@ -236,6 +236,21 @@ def test_with_an_openai_server_a_swap_loads_the_lora_and_requests_name_it(adapte
     assert (on_base.adapter, on_base.answer) == (None, "Answered by r1-base.")
 
 
+def test_with_an_openai_server_the_saved_choice_is_loaded_at_start(adapter_dir, tiny_model_dir):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _LoraServer)
+    server.calls = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = swap_settings(tiny_model_dir, adapter_dir, model_backend="openai", openai_model="r1-base",
+                             openai_base_url=f"http://127.0.0.1:{server.server_port}/v1")
+    try:
+        (adapter_dir / CHOICE_NAME).write_text(json.dumps({"mode": "pinned", "adapter": "first"}))
+        answer = Assistant(settings).ask(QUESTION, GREEDY, use_retrieval=False)
+    finally:
+        server.shutdown()
+    assert [path for path, _ in server.calls] == ["/v1/load_lora_adapter", "/v1/completions"]
+    assert (answer.adapter, answer.answer) == ("first", "Answered by first.")
+
+
 # -- the app ------------------------------------------------------------------------------------------------
 
 
