@@ -78,7 +78,12 @@ class Settings:
         "Base chat model: a hub name or a local folder (e.g. one built by `python -m finetune tiny-model`).")
     adapter_dir: Path = _setting(
         Path("data/adapters"), "ADAPTER_DIR",
-        "Folder of trained LoRA adapters (or one adapter); the newest one trained on CHAT_MODEL is loaded.")
+        "Folder of trained LoRA adapters (or one adapter). The app answers with the newest one trained on "
+        "CHAT_MODEL, or the one chosen in its Adapters tab (kept in ADAPTER_DIR/app_adapter_choice.json).")
+    adapter_poll_s: float = _setting(
+        3.0, "ADAPTER_POLL_S",
+        "Seconds between the app's looks at ADAPTER_DIR for a newer adapter while it follows the newest "
+        "(0: never look; the adapter chosen at start stays).")
     pairs_db: Path = _setting(
         Path("data/pairs.sqlite"), "PAIRS_DB",
         "The preference pairs store (SQLite): the app records votes, picks, edits and corrected verdicts in it; "
@@ -164,6 +169,8 @@ def _problems(s: Settings) -> Iterator[str]:
     if not 0 <= s.chunk_overlap < s.chunk_size:
         yield (f"CHUNK_OVERLAP={s.chunk_overlap} must be at least 0 and smaller than CHUNK_SIZE={s.chunk_size}; "
                "lower CHUNK_OVERLAP (a fifth of CHUNK_SIZE is usual) or raise CHUNK_SIZE")
+    if not s.adapter_poll_s >= 0:
+        yield f"{_env(s, 'adapter_poll_s')}: must be 0 (never look) or above"
     if not s.temperature >= 0:
         yield f"{_env(s, 'temperature')}: must be 0 (greedy) or above"
     if not 1 <= s.chroma_port <= 65535:

@@ -1,4 +1,4 @@
-"""The web app: chat, debate verification and the knowledge store, on Gradio mounted in FastAPI.
+"""The web app: chat, debate verification, the knowledge store, pairs and adapters, on Gradio in FastAPI.
 
     python -m assistant serve                      # http://127.0.0.1:7860, this machine only
     APP_AUTH=me:secret python -m assistant serve --host 0.0.0.0
@@ -28,6 +28,7 @@ from starlette.routing import Mount
 
 from assistant.chat import Assistant
 from assistant.feedback import FeedbackStore
+from assistant.ui_adapters import AdaptersTab
 from assistant.ui_chat import ChatTab
 from assistant.ui_feedback import ChatFeedback, VerdictCorrection
 from assistant.ui_knowledge import KnowledgeTab
@@ -62,6 +63,7 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab, 
         store_error = str(e)
         print(f"error: the knowledge store is unavailable: {e}", file=sys.stderr, flush=True)
     loader = ModelLoader(assistant).start()
+    assistant.adapters.start_following()  # looks only once the model has loaded
     chat, verify, knowledge = ChatTab(assistant, loader), VerifyTab(assistant, loader), \
         KnowledgeTab(store, settings, store_error)
     feedback, feedback_error = None, None
@@ -87,6 +89,8 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab, 
                 knowledge.build(settings, demo)
             with gr.Tab("Pairs", id="pairs", elem_id="tab-pairs"):
                 pairs.build(demo)
+            with gr.Tab("Adapters", id="adapters", elem_id="tab-adapters"):
+                AdaptersTab(assistant.adapters, loader).build(demo, status)
         # Poll the model's status until loading ends; outside the queue, so polls never take a place in line.
         # The timer starts on every page, whatever the state was when the page was built: the status text above
         # is read before it, so a model that finished loading in between left the page showing "loading" with
@@ -107,6 +111,7 @@ def create_server(assistant: Assistant, auth: list[tuple[str, str]] | None = Non
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        assistant.adapters.stop()
         chat.exports.close()
 
     app = FastAPI(title=TITLE, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from assistant.adapter_switch import AdapterSwitch
 from assistant.citation_support import SentenceSupport, citation_support, cited_numbers
 from assistant.prompting import answer_parts, build_prompt, retrieval_query
 from assistant.runtime import GenerationParams, ModelRuntime, load_runtime
@@ -82,19 +83,26 @@ def as_citations(hits: list[Hit]) -> list[Citation]:
 
 
 class Assistant:
-    """The chat model over the knowledge store. The store and model load on first use."""
+    """The chat model over the knowledge store. The store and model load on first use.
+
+    Each answer holds ``adapters.gate`` from reading which adapter answers until its generation ends, so a swap
+    (``adapters``: choose, follow) happens between answers.
+    """
 
     def __init__(self, settings: Settings | None = None, runtime: ModelRuntime | None = None,
                  store: KnowledgeStore | None = None):
         self.settings = settings or Settings.from_env()
         self._runtime, self._store = runtime, store
         self._runtime_lock, self._store_lock = threading.Lock(), threading.Lock()
+        self.adapters = AdapterSwitch(self.settings)
 
     @property
     def runtime(self) -> ModelRuntime:
         with self._runtime_lock:
             if self._runtime is None:
                 self._runtime = load_runtime(self.settings)
+            if self.adapters.runtime is None:
+                self.adapters.attach(self._runtime)
         return self._runtime
 
     @property
@@ -113,6 +121,11 @@ class Assistant:
     def generate(self, prompt: str, params: GenerationParams | None = None,
                  stop: threading.Event | None = None) -> Iterator[tuple[str, str, bool]]:
         """Stream (reasoning, answer, thinking_done) for a prompt that ends inside a think block."""
+        with self.adapters.gate.request():
+            yield from self._generate(prompt, params, stop)
+
+    def _generate(self, prompt: str, params: GenerationParams | None, stop: threading.Event | None
+                  ) -> Iterator[tuple[str, str, bool]]:
         text = ""
         for piece in self.runtime.stream(prompt, params or self.default_params(), stop):
             text += piece
@@ -124,25 +137,27 @@ class Assistant:
         hits = self.retrieve(retrieval_query(messages)) if use_retrieval else None
         runtime = self.runtime
         instruction, context = answer_parts(messages, hits)
-        answer = Answer(passages=as_citations(hits or []), adapter=runtime.adapter, model=runtime.model_name,
-                        prompt=PromptRecord(build_prompt(instruction, context, runtime.prompt_format,
-                                                         runtime.render_chat), instruction, context,
-                                            runtime.prompt_format, str(messages[-1]["content"])))
-        yield from self._stream(answer, params, stop)
+        with self.adapters.gate.request():
+            answer = Answer(passages=as_citations(hits or []), adapter=runtime.adapter, model=runtime.model_name,
+                            prompt=PromptRecord(build_prompt(instruction, context, runtime.prompt_format,
+                                                             runtime.render_chat), instruction, context,
+                                                runtime.prompt_format, str(messages[-1]["content"])))
+            yield from self._stream(answer, params, stop)
 
     def stream_again(self, previous: Answer, params: GenerationParams | None = None,
                      stop: threading.Event | None = None) -> Iterator[Answer]:
         """Another answer to exactly the prompt ``previous`` answered (same passages), to compare the two."""
         runtime = self.runtime
-        answer = Answer(passages=previous.passages, adapter=runtime.adapter, model=runtime.model_name,
-                        prompt=previous.prompt)
-        yield from self._stream(answer, params, stop)
+        with self.adapters.gate.request():
+            answer = Answer(passages=previous.passages, adapter=runtime.adapter, model=runtime.model_name,
+                            prompt=previous.prompt)
+            yield from self._stream(answer, params, stop)
 
     def _stream(self, answer: Answer, params: GenerationParams | None, stop: threading.Event | None
                 ) -> Iterator[Answer]:
         yield answer
         prompt = answer.prompt.text
-        for answer.reasoning, answer.answer, answer.thinking_done in self.generate(prompt, params, stop):
+        for answer.reasoning, answer.answer, answer.thinking_done in self._generate(prompt, params, stop):
             yield answer
         answer.check_citations()
         answer.done = True

@@ -6,16 +6,18 @@ CLI never care which one runs. Each knows which adapter (if any) is answering, s
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
+from assistant.adapter_switch import AdapterError, chosen_adapter
 from errors import ModelUnavailable
+from finetune.adapters import AdapterEntry
 from finetune.prompts import prompt_token_ids
 from settings import Settings
 
@@ -42,49 +44,7 @@ class ModelRuntime(Protocol):
     def stream(self, prompt: str, params: GenerationParams, stop: threading.Event | None = None) -> Iterator[str]: ...
 
 
-@dataclass
-class AdapterInfo:
-    path: Path
-    base_model: str | None
-    prompt_format: str | None
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-
-def find_adapter(adapter_dir: Path, base_model: str) -> AdapterInfo | None:
-    """The newest adapter in ``adapter_dir`` (or ``adapter_dir`` itself) trained on ``base_model``."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        return None
-    folders = [adapter_dir] if (adapter_dir / "adapter_config.json").exists() else [
-        p for p in adapter_dir.iterdir() if (p / "adapter_config.json").exists()]
-    for folder in sorted(folders, key=lambda p: (p / "adapter_config.json").stat().st_mtime, reverse=True):
-        info = _read_json(folder / "training_info.json")
-        config = _read_json(folder / "adapter_config.json")
-        base = info.get("base_model") or config.get("base_model_name_or_path")
-        if base is None or _same_model(base, base_model):
-            return AdapterInfo(folder, base, info.get("prompt_format"))
-        print(f"note: adapter {folder} was trained on {base}, not CHAT_MODEL={base_model}; not loaded",
-              file=sys.stderr)
-    return None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _same_model(a: str, b: str) -> bool:
-    if Path(a).exists() and Path(b).exists():
-        return Path(a).resolve() == Path(b).resolve()
-    return a.rstrip("/").split("/")[-1].lower() == b.rstrip("/").split("/")[-1].lower()
-
-
-def _prompt_format(settings: Settings, adapter: AdapterInfo | None) -> str:
+def _prompt_format(settings: Settings, adapter: AdapterEntry | None) -> str:
     if settings.prompt_format != "auto":
         return settings.prompt_format
     return (adapter.prompt_format if adapter and adapter.prompt_format else None) or "alpaca"
@@ -94,18 +54,25 @@ class LocalRuntime:
     """transformers + PEFT in this process; 4-bit on CUDA; Unsloth's inference path when installed.
 
     Every answer is generated on one long-lived thread, one at a time: with a new thread for each answer, decode
-    on CUDA ran at a quarter to a half of the speed (docs/benchmarks.md, "One generating thread").
+    on CUDA ran at a quarter to a half of the speed (docs/benchmarks.md, "One generating thread"). Adapters are
+    swapped on that thread too, between answers, through PEFT's multi-adapter API: the one in use and the one
+    before it stay loaded (going back is instant), older ones are unloaded.
     """
+
+    KEEP_LOADED = 2
 
     def __init__(self, settings: Settings):
         import torch
 
         from finetune.hf_backend import model_load_failure
 
+        self.settings = settings
         self.model_name = settings.chat_model
-        adapter = find_adapter(settings.adapter_dir, settings.chat_model)
-        self.adapter = adapter.name if adapter else None
-        self.prompt_format = _prompt_format(settings, adapter)
+        self.adapter: str | None = None
+        self.active_adapter: AdapterEntry | None = None
+        self.prompt_format = _prompt_format(settings, None)
+        self._loaded: dict[str, tuple[tuple, str]] = {}  # folder name -> (its version, its PEFT adapter name)
+        self._peft_names = (f"adapter_{n}" for n in itertools.count())  # folder names may hold dots; PEFT's may not
         self._generator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self.last_usage: dict[str, int] = {}  # token counts of the last finished generation
         cuda = torch.cuda.is_available()
@@ -114,16 +81,53 @@ class LocalRuntime:
         except OSError as e:
             message = model_load_failure("CHAT_MODEL", self.model_name, e)
             raise ModelUnavailable(f"{message}\n{TINY_MODEL_HINT}") from None
-        if adapter:
-            from peft import PeftModel
-
-            try:
-                self.model = PeftModel.from_pretrained(self.model, str(adapter.path))
-            except OSError as e:
-                raise ModelUnavailable(f"cannot load the adapter {adapter.path} ({str(e).splitlines()[0]}): train "
-                                       "it again, or move it out of ADAPTER_DIR") from None
         self.model.eval()
         self.device = next(self.model.parameters()).device
+        adapter = chosen_adapter(settings)
+        if adapter:
+            try:
+                self._activate(adapter)
+            except AdapterError as e:
+                raise ModelUnavailable(str(e)) from None
+
+    def activate(self, adapter: AdapterEntry | None) -> None:
+        """Answer with ``adapter`` (None: the base model) from the next generation on; runs on the generating
+        thread, after the generations already started."""
+        self._generator.submit(self._activate, adapter).result()
+
+    def _activate(self, adapter: AdapterEntry | None) -> None:
+        stale = []
+        if adapter is not None:
+            name, stale = self._load_adapter(adapter)
+            self.model.set_adapter(name)
+        self.adapter, self.active_adapter = (adapter.name if adapter else None), adapter
+        self.prompt_format = _prompt_format(self.settings, adapter)
+        # The one in use is the last of _loaded; the oldest beyond KEEP_LOADED go.
+        stale += [self._loaded.pop(folder)[1] for folder in list(self._loaded)[:-self.KEEP_LOADED]]
+        for name in stale:
+            self.model.delete_adapter(name)
+
+    def _load_adapter(self, adapter: AdapterEntry) -> tuple[str, list[str]]:
+        """The PEFT name of ``adapter``, loaded now unless this version of it already is, and the PEFT name of
+        an earlier version of the same folder to unload once the new one is in use."""
+        from peft import PeftModel
+
+        loaded = self._loaded.pop(adapter.name, None)
+        if loaded and loaded[0] == adapter.version:
+            self._loaded[adapter.name] = loaded  # now the most recently used
+            return loaded[1], []
+        name = next(self._peft_names)
+        try:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(adapter.path), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(adapter.path), adapter_name=name)
+                self.model.eval()
+        except (OSError, ValueError) as e:
+            raise AdapterError(f"cannot load the adapter {adapter.path} ({str(e).splitlines()[0]}): train it "
+                               "again, or move it out of ADAPTER_DIR") from None
+        self._loaded[adapter.name] = (adapter.version, name)
+        return name, [loaded[1]] if loaded else []
 
     def render_chat(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -148,8 +152,11 @@ class LocalRuntime:
         prompt_tokens = input_ids.shape[1]
 
         def run():
+            # With adapters loaded, the base model answers with them switched off.
+            base_only = self.active_adapter is None and hasattr(self.model, "disable_adapter")
             try:
-                output = self.model.generate(**kwargs)
+                with self.model.disable_adapter() if base_only else contextlib.nullcontext():
+                    output = self.model.generate(**kwargs)
             except BaseException:
                 streamer.end()  # let the loop below end; the error is raised by result()
                 raise
@@ -208,14 +215,23 @@ def model_kwargs(settings: Settings, cuda: bool) -> dict:
 
 
 class OpenAIRuntime:
-    """An OpenAI-compatible server's /v1/completions endpoint, streamed (server-sent events)."""
+    """An OpenAI-compatible server's /v1/completions endpoint, streamed (server-sent events).
+
+    Adapters are swapped with vLLM's runtime LoRA API (a server started with ``--enable-lora`` and
+    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``): ``POST /v1/load_lora_adapter`` with the adapter's folder, which
+    must be the same path on the server (a shared volume), then requests name it as their ``model``.
+    """
 
     def __init__(self, settings: Settings):
         import httpx
 
+        self.settings = settings
         self.model_name = settings.openai_model or settings.chat_model
         self.adapter = settings.openai_model if settings.openai_model != settings.chat_model else None
+        self.active_adapter: AdapterEntry | None = None
         self.prompt_format = _prompt_format(settings, None)
+        self._request_model = self.model_name  # the name requests ask for: the base, or a LoRA loaded into it
+        self._loaded: dict[str, tuple] = {}  # adapters this runtime loaded into the server: name -> version
         self.base_url = settings.openai_base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {settings.openai_api_key}"} if settings.openai_api_key else {}
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=httpx.Timeout(600, connect=10))
@@ -242,7 +258,7 @@ class OpenAIRuntime:
     def stream(self, prompt: str, params: GenerationParams, stop: threading.Event | None = None) -> Iterator[str]:
         import httpx
 
-        body = {"model": self.model_name, "prompt": prompt, "max_tokens": params.max_new_tokens,
+        body = {"model": self._request_model, "prompt": prompt, "max_tokens": params.max_new_tokens,
                 "temperature": params.temperature, "top_p": params.top_p, "stream": True,
                 "stream_options": {"include_usage": True}}
         try:
@@ -267,6 +283,41 @@ class OpenAIRuntime:
         except httpx.TransportError as e:
             raise ModelUnavailable(f"cannot reach the model server at {self.base_url} ({e}); start it or set "
                                    "MODEL_BACKEND=local") from None
+
+    def activate(self, adapter: AdapterEntry | None) -> None:
+        """Ask for ``adapter`` (None: the base model, OPENAI_MODEL or CHAT_MODEL) from the next request on;
+        adapters this runtime loaded before are unloaded from the server."""
+        if adapter is not None and self._loaded.get(adapter.name) != adapter.version:
+            if adapter.name in self._loaded:  # trained again since: the server holds the old weights
+                self._lora_call("unload_lora_adapter", {"lora_name": adapter.name})
+            self._lora_call("load_lora_adapter", {"lora_name": adapter.name, "lora_path": str(adapter.path.resolve())},
+                            reload=True)
+            self._loaded[adapter.name] = adapter.version
+        self._request_model = adapter.name if adapter else self.model_name
+        self.adapter = adapter.name if adapter else None
+        self.active_adapter = adapter
+        self.prompt_format = _prompt_format(self.settings, adapter)
+        for name in [n for n in self._loaded if n != self.adapter]:
+            self._loaded.pop(name)
+            self._lora_call("unload_lora_adapter", {"lora_name": name})
+
+    def _lora_call(self, endpoint: str, body: dict, reload: bool = False) -> None:
+        import httpx
+
+        url = f"{self.base_url}/{endpoint}"
+        try:
+            response = self._client.post(f"/{endpoint}", json=body)
+            if reload and response.status_code == 400 and "already" in response.text:
+                # Loaded by an earlier run of the app: the server may hold older weights under the name.
+                self._client.post("/unload_lora_adapter", json={"lora_name": body["lora_name"]})
+                response = self._client.post(f"/{endpoint}", json=body)
+        except httpx.TransportError as e:
+            raise AdapterError(f"cannot reach the model server at {url} ({e}); start it, or choose again") from None
+        if response.status_code != 200:
+            raise AdapterError(
+                f"{url} answered {response.status_code}: {response.text[:300]}. Swapping adapters needs vLLM "
+                "started with --enable-lora (and --max-lora-rank at least the adapter's rank) and "
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, and ADAPTER_DIR at the same path on the server.")
 
 
 def import_unsloth_if_used(settings: Settings) -> None:

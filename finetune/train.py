@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,11 +15,9 @@ from pathlib import Path
 import torch
 
 from errors import UserError
+from finetune.adapters import CONFIG_NAME, INFO_NAME, write_json
 from finetune.config import TrainConfig, save_config
 from finetune.data import DataError, PreparedData, prepare_data
-
-INFO_NAME = "training_info.json"
-CONFIG_NAME = "train_config.yaml"
 
 
 class TrainingError(UserError):
@@ -155,6 +152,9 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list | None = No
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / CONFIG_NAME)
+        # The app takes the folder for a finished adapter once this file is there: a run into the folder of an
+        # earlier one removes it first, and writes it again last (finetune/adapters.py).
+        (output_dir / INFO_NAME).unlink(missing_ok=True)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except torch.OutOfMemoryError as e:
@@ -171,7 +171,7 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list | None = No
     info = {"base_model": config.model_name, "backend": backend, "prompt_format": prepared.prompt_format,
             "global_step": trainer.state.global_step, "processes": world_size(), "data_report": prepared.report()}
     if main:
-        (output_dir / INFO_NAME).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+        write_json(output_dir / INFO_NAME, info)
     if config.merge_16bit and main:
         merged_dir = output_dir / "merged-16bit"
         if backend == "unsloth":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.assistant_fixtures import ADAPTER_NAME, NOTES, app_settings, serving, wait_for_model
+from tests.assistant_fixtures import ADAPTER_NAME, NOTES, app_settings, get_json, serving, wait_for_model
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -235,3 +235,36 @@ def test_thumbs_down_try_again_and_a_pick_leave_pairs(browser, tmp_path, minilm_
         context.close()
     [pair] = PairsStore(settings.pairs_db).pairs()
     assert pair.origin == "pick" and PairsStore(settings.pairs_db).unpaired_down_votes() == 0
+
+
+def test_the_adapters_tab_swaps_to_the_base_model_and_back(browser, tmp_path, minilm_path, embedder,
+                                                           tiny_model_dir, app_adapter_dir, screenshots_dir):
+    from playwright.sync_api import expect
+
+    from assistant.app import create_server
+    from assistant.chat import Assistant
+    from knowledge import KnowledgeStore
+
+    adapters = tmp_path / "adapters"
+    shutil.copytree(app_adapter_dir, adapters)  # the choice is saved there; the shared folder stays as it was
+    settings = app_settings(tmp_path, minilm_path, tiny_model_dir, adapters)
+    server = create_server(Assistant(settings, store=KnowledgeStore(settings, embedder=embedder)))
+    with serving(server) as url:
+        assert wait_for_model(url)["model_status"] == "ready"
+        expect.set_options(timeout=TIMEOUT_MS)
+        context = browser.new_context(viewport={"width": 1400, "height": 900})
+        page = context.new_page()
+        page.goto(url)
+        page.get_by_role("tab", name="Adapters").click()
+        expect(page.locator("#adapters-table")).to_contain_text("in use")
+        page.locator("#adapter-base").click()
+        expect(page.locator("#model-status")).to_contain_text("adapter none — ready")
+        expect(page.locator("#adapters-summary")).to_contain_text("In use: the base model (chosen)")
+        page.locator("#adapter-picker input").click()
+        page.get_by_role("option", name=ADAPTER_NAME).click()
+        page.locator("#adapter-use").click()
+        expect(page.locator("#adapters-note")).to_contain_text(f"Now answering with {ADAPTER_NAME}")
+        expect(page.locator("#model-status")).to_contain_text(f"adapter {ADAPTER_NAME} — ready")
+        screenshot(page, screenshots_dir / "adapters.png")
+        context.close()
+        assert get_json(f"{url}/health")["adapter"] == ADAPTER_NAME

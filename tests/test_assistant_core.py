@@ -18,11 +18,13 @@ import pytest
 
 from assistant.chat import Assistant
 from assistant.prompting import answer_prompt, retrieval_query
-from assistant.runtime import GenerationParams, LocalRuntime, ModelUnavailable, OpenAIRuntime, find_adapter
+from assistant.runtime import GenerationParams, LocalRuntime, ModelUnavailable, OpenAIRuntime
 from assistant.verify import parse_judgement, stream_verification, verify
+from finetune.adapters import newest_usable
 from finetune.prompts import prompt_token_ids
 from knowledge import Hit
 from settings import Settings
+from tests.assistant_fixtures import save_adapter
 from tests.loopback import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,19 +35,6 @@ SHORT = GenerationParams(max_new_tokens=12, temperature=0.0)
 def chat_settings(settings, tiny_model_dir, tmp_path) -> Settings:
     return Settings.from_env(knowledge_dir=settings.knowledge_dir, embedding_model=settings.embedding_model,
                              chat_model=str(tiny_model_dir), adapter_dir=tmp_path / "adapters", max_new_tokens=12)
-
-
-def save_adapter(tiny_model_dir: Path, folder: Path, base_model: str, prompt_format: str = "alpaca") -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    model.save_pretrained(folder)
-    (folder / "training_info.json").write_text(json.dumps({"base_model": base_model, "prompt_format": prompt_format}))
-    return folder
 
 
 def hit(text: str, source: str = "/docs/a.txt", page: int | None = None) -> Hit:
@@ -156,7 +145,7 @@ def test_answer_records_the_adapter_that_produced_it(chat_settings, store, tiny_
 
 def test_adapter_for_another_base_model_is_not_loaded(chat_settings, tiny_model_dir):
     save_adapter(tiny_model_dir, chat_settings.adapter_dir / "other", "someone/other-model")
-    assert find_adapter(chat_settings.adapter_dir, str(tiny_model_dir)) is None
+    assert newest_usable(chat_settings.adapter_dir, str(tiny_model_dir)) is None
 
 
 def test_prompt_format_follows_the_adapter(chat_settings, tiny_model_dir):

@@ -1,0 +1,81 @@
+"""The adapters tab: the adapters in ADAPTER_DIR, and which one answers (a pinned one, the base, the newest)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from assistant.adapter_switch import FOLLOW, AdapterSwitch
+from assistant.ui_model import READY, ModelLoader
+from errors import UserError
+
+COLUMNS = ["adapter", "base model", "written", "pairs", "steps", "eval", "status"]
+
+
+class AdaptersTab:
+    def __init__(self, switch: AdapterSwitch, loader: ModelLoader):
+        self.switch, self.loader = switch, loader
+
+    def state(self) -> dict:
+        """What the API returns: the choice, the adapter in use, and every adapter with why it cannot be used."""
+        active = self.switch.active
+        return {"mode": self.switch.choice.mode, "pinned": self.switch.choice.adapter,
+                "active": active.name if active else None, "model_status": self.loader.state,
+                "adapters": [a.to_dict() for a in self.switch.adapters()]}
+
+    def listing(self):
+        """(summary, table rows, the adapter picker, state as JSON)."""
+        state = self.state()
+        in_use = state["active"] if self.loader.state == READY else None
+        rows = [[a["name"], a["base_model"] or "unknown", a["created"], a["data_size"], a["steps"], a["eval"] or "",
+                 "in use" if a["name"] == in_use else ("usable" if a["usable"] else f"not usable: {a['reason']}")]
+                for a in state["adapters"]]
+        if self.loader.state != READY:
+            summary = f"**Model {self.loader.state}**: adapters can be chosen once it is ready."
+        else:
+            summary = (f"**In use:** {in_use or 'the base model'} ({self.switch.choice.describe()}). "
+                       + ("A newer adapter written to the folder is swapped in between answers."
+                          if state["mode"] == FOLLOW else "Follow the newest to pick up new adapters again."))
+        summary += f" Folder: `{self.switch.settings.adapter_dir}`."
+        usable = [a["name"] for a in state["adapters"] if a["usable"]]
+        picker = gr.Dropdown(choices=usable, value=in_use if in_use in usable else None)
+        return summary, rows, picker, state
+
+    def _do(self, action, *args):
+        if self.loader.state != READY:
+            raise gr.Error(f"The model is {self.loader.state}: adapters can be chosen once it is ready.")
+        try:
+            note = action(*args)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        return *self.listing(), note, self.loader.status_markdown()
+
+    def use_adapter(self, name: str | None):
+        if not name:
+            raise gr.Error("Pick an adapter from the list first.")
+        return self._do(self.switch.use_adapter, name)
+
+    def use_base(self):
+        return self._do(self.switch.use_base)
+
+    def follow_newest(self):
+        return self._do(self.switch.follow_newest)
+
+    def build(self, demo: gr.Blocks, model_status: gr.Markdown) -> None:
+        summary = gr.Markdown(elem_id="adapters-summary")
+        table = gr.Dataframe(headers=COLUMNS, datatype=["str", "str", "str", "number", "number", "str", "str"],
+                             interactive=False, value=[], wrap=True, elem_id="adapters-table")
+        with gr.Row():
+            picker = gr.Dropdown(label="Adapter", choices=[], elem_id="adapter-picker")
+            use = gr.Button("Use this adapter", variant="primary", elem_id="adapter-use")
+            base = gr.Button("Use the base model", elem_id="adapter-base")
+            follow = gr.Button("Follow the newest", elem_id="adapter-follow")
+            refresh = gr.Button("Refresh", elem_id="adapters-refresh")
+        note = gr.Markdown(elem_id="adapters-note")
+        state = gr.JSON(visible=False)
+        listed = [summary, table, picker, state]
+        changed = [*listed, note, model_status]
+        refresh.click(self.listing, None, listed, api_name="list_adapters")
+        use.click(self.use_adapter, picker, changed, api_name="use_adapter")
+        base.click(self.use_base, None, changed, api_name="use_base_model")
+        follow.click(self.follow_newest, None, changed, api_name="follow_newest")
+        demo.load(self.listing, None, listed, api_visibility="private")

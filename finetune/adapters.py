@@ -1,0 +1,138 @@
+"""The adapter folder: what training hands to the app. Training writes it; the app lists and loads from it.
+
+One adapter is one folder in ADAPTER_DIR (or ADAPTER_DIR itself) holding PEFT's ``adapter_config.json`` and
+weights. ``python -m finetune train`` also writes ``train_config.yaml`` when it starts and ``training_info.json``
+(base model, prompt format, steps, data report) as its last file, after the weights: a folder with the first
+and not yet the second is a run still going, so it is listed as incomplete and never loaded. An optional
+``eval.json`` (``python -m finetune eval ... --json > ADAPTER/eval.json``) gives the list its eval summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+INFO_NAME = "training_info.json"
+CONFIG_NAME = "train_config.yaml"
+EVAL_NAME = "eval.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+EVAL_KEYS = ("think_rate", "duplication_rate", "accuracy", "preference_accuracy")
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """One adapter as the app sees it. ``reason`` says why it cannot be used (None: it can)."""
+
+    path: Path
+    base_model: str | None
+    prompt_format: str | None
+    created: float  # when its files were written (seconds since the epoch)
+    steps: int | None = None
+    data_size: int | None = None  # preference pairs it was trained on
+    eval_summary: str | None = None
+    reason: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def usable(self) -> bool:
+        return self.reason is None
+
+    @property
+    def version(self) -> tuple[str, float]:
+        """Changes when the folder is trained again, so a loaded copy is known to be stale."""
+        return str(self.path.resolve()), self.created
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "base_model": self.base_model, "prompt_format": self.prompt_format,
+                "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.created)), "steps": self.steps,
+                "data_size": self.data_size, "eval": self.eval_summary, "usable": self.usable, "reason": self.reason}
+
+
+def read_json(path: Path) -> dict:
+    """The file's JSON object; {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Written whole or not at all: a reader polling the folder never sees half a file."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(partial, path)
+
+
+def same_model(a: str, b: str) -> bool:
+    """Two model names for the same model: one folder, or the same hub name's last part."""
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a.rstrip("/").split("/")[-1].lower() == b.rstrip("/").split("/")[-1].lower()
+
+
+def adapter_folders(adapter_dir: Path) -> list[Path]:
+    """``adapter_dir`` itself when it is one adapter, else its subfolders that hold an adapter or a run."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        return []
+    if (adapter_dir / "adapter_config.json").exists():
+        return [adapter_dir]
+    return sorted(p for p in adapter_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and (
+        (p / "adapter_config.json").exists() or (p / CONFIG_NAME).exists()))
+
+
+def read_adapter(folder: Path, base_model: str) -> AdapterEntry:
+    info, config = read_json(folder / INFO_NAME), read_json(folder / "adapter_config.json")
+    base = info.get("base_model") or config.get("base_model_name_or_path")
+    files = [folder / n for n in (INFO_NAME, "adapter_config.json", *WEIGHT_NAMES) if (folder / n).exists()]
+    created = max((f.stat().st_mtime for f in files), default=folder.stat().st_mtime)
+    report = info.get("data_report") or {}
+    entry = AdapterEntry(folder, base, info.get("prompt_format"), created, info.get("global_step"),
+                         report.get("ok"), eval_summary(folder / EVAL_NAME, folder.name))
+    return replace(entry, reason=_unusable(folder, info, entry, base_model))
+
+
+def _unusable(folder: Path, info: dict, entry: AdapterEntry, base_model: str) -> str | None:
+    if (folder / CONFIG_NAME).exists() and not info:
+        return f"incomplete: training is still writing it (no {INFO_NAME} yet)"
+    if entry.base_model and not same_model(entry.base_model, base_model):
+        return f"trained on {entry.base_model}, not on CHAT_MODEL={base_model}"
+    missing = [n for n in ("adapter_config.json", " or ".join(WEIGHT_NAMES)) if not any(
+        (folder / name).exists() for name in n.split(" or "))]
+    return f"incomplete: no {' and no '.join(missing)}" if missing else None
+
+
+def eval_summary(path: Path, name: str) -> str | None:
+    """'think_rate 0.80 (base 0.20), ...' from a `finetune eval --json` report, when the folder has one."""
+    models = read_json(path).get("models")
+    if not isinstance(models, list):
+        return None
+    rows = {m.get("name"): m for m in models if isinstance(m, dict)}
+    mine = rows.get(name) or next((m for n, m in rows.items() if n != "base"), None)
+    if mine is None:
+        return None
+    base = rows.get("base", {})
+    parts = []
+    for key in EVAL_KEYS:
+        if isinstance(mine.get(key), int | float):
+            was = f" (base {base[key]:.2f})" if isinstance(base.get(key), int | float) else ""
+            parts.append(f"{key} {mine[key]:.2f}{was}")
+    return ", ".join(parts) or None
+
+
+def list_adapters(adapter_dir: Path, base_model: str) -> list[AdapterEntry]:
+    """Every adapter in ``adapter_dir``, newest first; those that cannot be used say why."""
+    entries = [read_adapter(f, base_model) for f in adapter_folders(adapter_dir)]
+    return sorted(entries, key=lambda e: e.created, reverse=True)
+
+
+def newest_usable(adapter_dir: Path, base_model: str) -> AdapterEntry | None:
+    """The newest complete adapter trained on ``base_model``."""
+    return next((e for e in list_adapters(adapter_dir, base_model) if e.usable), None)
