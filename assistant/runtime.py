@@ -132,6 +132,25 @@ class LocalRuntime:
     def render_chat(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def _answering_model(self):
+        """The context in which ``self.model`` answers as the model in use: with adapters loaded, the base
+        model answers with them switched off."""
+        base_only = self.active_adapter is None and hasattr(self.model, "disable_adapter")
+        return self.model.disable_adapter() if base_only else contextlib.nullcontext()
+
+    def complete(self, prompts: list[str], params: GenerationParams, batch_size: int = 32) -> list[str]:
+        """Whole completions of many prompts at once (batched, not streamed), on the generating thread."""
+        from finetune.evaluation import GenerationConfig, generate
+
+        config = GenerationConfig(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                                  top_p=params.top_p, batch_size=batch_size)
+
+        def run() -> list[str]:
+            with self._answering_model():
+                return generate(self.model, self.tokenizer, prompts, config)
+
+        return self._generator.submit(run).result()
+
     def stream(self, prompt: str, params: GenerationParams, stop: threading.Event | None = None) -> Iterator[str]:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -152,10 +171,8 @@ class LocalRuntime:
         prompt_tokens = input_ids.shape[1]
 
         def run():
-            # With adapters loaded, the base model answers with them switched off.
-            base_only = self.active_adapter is None and hasattr(self.model, "disable_adapter")
             try:
-                with self.model.disable_adapter() if base_only else contextlib.nullcontext():
+                with self._answering_model():
                     output = self.model.generate(**kwargs)
             except BaseException:
                 streamer.end()  # let the loop below end; the error is raised by result()

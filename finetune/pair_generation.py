@@ -123,15 +123,11 @@ def sample_answers(assistant: Assistant, prompts: list[str], config: PairGenerat
     """``config.samples`` completions of each prompt: all in one batch when the model runs in this process
     (a GPU answers many sequences at once for little more than the time of one), else one at a time."""
     runtime = assistant.runtime
-    if hasattr(runtime, "model") and hasattr(runtime, "tokenizer"):
-        from finetune.evaluation import GenerationConfig, generate
-
-        batch = [p for p in prompts for _ in range(config.samples)]
-        texts = generate(runtime.model, runtime.tokenizer, batch,
-                         GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                          batch_size=len(batch)))
-        return [texts[i:i + config.samples] for i in range(0, len(texts), config.samples)]
     params = GenerationParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+    if hasattr(runtime, "complete"):
+        batch = [p for p in prompts for _ in range(config.samples)]
+        texts = runtime.complete(batch, params, batch_size=len(batch))
+        return [texts[i:i + config.samples] for i in range(0, len(texts), config.samples)]
     return [["".join(runtime.stream(p, params)) for _ in range(config.samples)] for p in prompts]
 
 

@@ -359,3 +359,15 @@ def test_every_answer_is_generated_on_one_long_lived_thread(chat_settings):
     gc.collect()
     worker.join(timeout=10)
     assert not worker.is_alive()  # and it ends with its runtime
+
+
+def test_batched_completions_answer_with_the_model_in_use(chat_settings, tiny_model_dir):
+    """`complete` (what `pairs generate` samples with) answers as `stream` does, adapter or base alike."""
+    save_adapter(tiny_model_dir, chat_settings.adapter_dir / "orpo-1", str(tiny_model_dir))
+    runtime = LocalRuntime(chat_settings)
+    prompts = ["### Response:\n<think>", "Question: two plus three?\n<think>"]
+    with_adapter = runtime.complete(prompts, SHORT)
+    assert runtime.adapter == "orpo-1" and with_adapter == ["".join(runtime.stream(p, SHORT)) for p in prompts]
+    runtime.activate(None)
+    base = runtime.complete(prompts, SHORT)
+    assert base == ["".join(runtime.stream(p, SHORT)) for p in prompts] and base != with_adapter
