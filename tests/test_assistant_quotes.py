@@ -13,6 +13,7 @@ from assistant.runtime import GenerationParams
 from assistant.ui_verify import quote_markdown
 from assistant.verify import verify
 from knowledge import KnowledgeStore
+from knowledge.store import _source_key
 from settings import Settings
 from tests.assistant_fixtures import ScriptedRuntime
 from tests.documents import write_pdf
@@ -23,7 +24,11 @@ CHRONICLE = (
     "The Chronicle of Port Wren\n\n"
     "Captain Mirela Voss commanded the schooner Tern for thirty years. At the launch of the new pier she "
     "told the crowd: \"Courage is the quiet work of every day,\nnot the loud cry of one hour.\" The harbour "
-    "master, Gregor Pike, answered with a line of his own: \"A harbour is only as safe as its weakest rope.\"\n"
+    "master, Gregor Pike, answered with a line of his own: \"A harbour is only as safe as its weakest rope.\"\n\n"
+    "The pier itself was built of larch from the northern valleys, floated down the river in the spring of that "
+    "year. Forty men worked on it through the summer, and the town paid them in salt fish and silver. The "
+    "lanterns along its length were lit for the first time on the night of the launch, and the schooner Tern "
+    "was the first ship to tie up there. The old wooden jetty beside it was taken down in the autumn.\n"
 )
 KIROKU = (
     "ポート・レンの記録\n\n"
@@ -148,12 +153,14 @@ def test_words_split_across_two_chunks_are_found(tmp_path, minilm_path, embedder
     assert not any("owes nothing to those" in " ".join(c.split()) for c in chunks)  # no one chunk holds it
     match = store.find_phrase("the sea owes nothing to those who fear it")
     assert match is not None and match.exact
+    # Read with the chunks on either side even when only the best chunk is a candidate.
+    assert store.find_phrase("the sea owes nothing to those who fear it", candidates=1).exact
 
 
 def test_only_the_current_version_of_a_document_counts(chronicles, tmp_path):
     source = str(tmp_path / "docs" / "chronicle.txt")
     # Chunks of another version of the file, as a crashed or half-done replace leaves them.
-    chronicles.chunks.upsert(ids=["leftover"], embeddings=np.ones((1, 384), dtype=np.float32),
+    chronicles.chunks.upsert(ids=[f"{_source_key(source)}:dead:0"], embeddings=np.ones((1, 384), dtype=np.float32),
                              documents=["Gregor Pike said: the tide forgives no idle oar."],
                              metadatas=[{"source": source, "version": "dead", "position": 0, "start": 0}])
     chronicles._bump_revision()
@@ -186,6 +193,7 @@ def test_a_quote_the_documents_give_to_someone_else_puts_that_passage_first(sett
     result = verify(Assistant(settings, runtime=runtime, store=chronicles), claim, SHORT)
     first = result.evidence[0]
     assert first.number == 1 and first.source.endswith("chronicle.txt") and "Captain Mirela Voss" in first.text
+    assert first.text == result.quote.match.passage  # the located passage, not a retrieved chunk
     out = result.to_dict()["quote"]
     assert set(out) >= {"text", "speaker", "found", "exact", "source", "page", "passage", "differences",
                         "attribution"}
