@@ -20,6 +20,7 @@ import difflib
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,8 +35,7 @@ _JOINING = {"\uff9e", "\uff9f"}  # half-width (han)dakuten: NFKC joins them with
 _BREAK = re.compile(r"\n|[。！？]|[.!?](?=\s)")
 
 
-@dataclass(frozen=True)
-class Unit:
+class Unit(NamedTuple):  # a tuple: a look-up makes hundreds of thousands of them
     key: str  # the folded word or character that is compared
     start: int  # its span in the original text
     end: int
@@ -43,10 +43,7 @@ class Unit:
 
 def units(text: str) -> list[Unit]:
     """The words (Latin and the like) and characters (Japanese) of ``text``, folded, with their spans."""
-    if text.isascii():
-        folded, origin = text.lower().replace("`", "'"), None
-    else:
-        folded, origin = _fold(text)
+    folded, origin = _fold(text)
     out = []
     for m in _UNIT.finditer(folded):
         if origin is None:
@@ -56,8 +53,12 @@ def units(text: str) -> list[Unit]:
     return out
 
 
-def _fold(text: str) -> tuple[str, list[tuple[int, int]]]:
-    """NFKC, casefold and one apostrophe, with the span in ``text`` of each folded character."""
+def _fold(text: str) -> tuple[str, list[tuple[int, int]] | None]:
+    """NFKC, casefold and one apostrophe, with the span in ``text`` of each folded character (None: its own)."""
+    if unicodedata.is_normalized("NFKC", text):  # most text: fold it whole, character for character
+        folded = text.casefold()
+        if len(folded) == len(text):
+            return folded.translate(_APOSTROPHES), None
     pieces, origin, i = [], [], 0
     while i < len(text):
         j = i + 1

@@ -43,6 +43,9 @@ from settings import Settings
 _REVISION_ID = "__revision__"
 EMBED_GROUP = 1024  # chunks embedded in one call when adding many files
 VECTOR_WEIGHT = 0.5  # share of the vector leg in the fused score; the lexical leg has the rest
+# A chunk is read for a phrase when it holds at least this share of the phrase's terms (idf-weighted): low
+# enough for a half of words split across two chunks, or for words with a few changed.
+MIN_PHRASE_SHARE = 0.3
 
 
 class StoreError(UserError):
@@ -506,7 +509,8 @@ class KnowledgeStore:
     def _find_phrase_once(self, phrase: str, candidates: int, revision: str) -> PhraseMatch | None:
         with self._lexical_lock:
             self._sync_lexical(revision)
-            ranked = self._lexical.containing(phrase, 4 * candidates)
+            ranked = [(cid, share) for cid, share in self._lexical.containing(phrase, 4 * candidates)
+                      if share >= MIN_PHRASE_SHARE]
             metas = {cid: self._lexical_meta[cid] for cid, _ in ranked}
         current = self._current(m["source"] for m in metas.values())
         live = [cid for cid, _ in ranked if current.get(metas[cid]["source"]) == metas[cid]["version"]]
