@@ -251,6 +251,14 @@ def test_verify_endpoint_returns_a_verdict_with_both_cases(tiny_app):
     assert quote == "" and result["quote"] is None  # the claim quotes no one
 
 
+def test_verify_shows_a_quoted_claims_words_marked_in_their_passage(tiny_app):
+    _, quote, evidence, *_, result = Client(tiny_app, verbose=False).predict(
+        'Ada Lovelock said "She lights the lamp every night at dusk."', api_name="/verify")
+    assert result["quote"]["words"] == "altered" and result["quote"]["speaker"] == "Ada Lovelock"
+    assert "<mark>She lights the lamp </mark><del>night</del><ins>evening</ins><mark> at dusk</mark>" in quote
+    assert evidence.startswith("<details><summary>[1] lighthouse-notes.txt")
+
+
 def test_oversized_upload_is_refused_by_name_while_the_others_are_added(tiny_app, tmp_path):
     small = tmp_path / "harbour.md"
     small.write_text("# Harbour\nThe harbour master is Tom Quay.\n", encoding="utf-8")
