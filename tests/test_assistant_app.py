@@ -255,7 +255,7 @@ def test_verify_shows_a_quoted_claims_words_marked_in_their_passage(tiny_app):
     _, quote, evidence, *_, result = Client(tiny_app, verbose=False).predict(
         'Ada Lovelock said "She lights the lamp every night at dusk."', api_name="/verify")
     assert result["quote"]["words"] == "altered" and result["quote"]["speaker"] == "Ada Lovelock"
-    assert "<mark>She lights the lamp </mark><del>night</del><ins>evening</ins><mark> at dusk</mark>" in quote
+    assert "<mark>She lights the lamp every </mark><del>night</del><ins>evening</ins><mark> at dusk</mark>" in quote
     assert evidence.startswith("<details><summary>[1] lighthouse-notes.txt")
 
 
