@@ -7,6 +7,7 @@ import json
 import sys
 
 from assistant.chat import Assistant
+from assistant.quotes import QuoteCheck
 from assistant.runtime import import_unsloth_if_used
 from errors import UserError
 from settings import Settings
@@ -86,7 +87,7 @@ def run_verify(assistant: Assistant, args) -> int:
     return 0
 
 
-def print_quote(check) -> None:
+def print_quote(check: QuoteCheck) -> None:
     """The quote's two answers: are the words in the documents, and is the attribution supported."""
     quote, match = check.quote, check.match
     print(f"\nQuote: \"{quote.text}\" (speaker: {quote.speaker or 'not named'})")
