@@ -7,6 +7,7 @@ import json
 import sys
 
 from assistant.chat import Assistant
+from assistant.quotes import QuoteCheck
 from assistant.runtime import import_unsloth_if_used
 from errors import UserError
 from settings import Settings
@@ -74,6 +75,8 @@ def run_verify(assistant: Assistant, args) -> int:
     print(f"Claim: {result.claim}\nVerdict: {result.verdict} (confidence {result.confidence:.2f})")
     if result.reason:
         print(f"Why: {result.reason}")
+    if result.quote is not None:
+        print_quote(result.quote)
     print(f"\nCase for:\n{result.case_for}\n\nCase against:\n{result.case_against}")
     cited = {c.number for c in result.citations}
     if result.evidence and not cited:
@@ -82,6 +85,23 @@ def run_verify(assistant: Assistant, args) -> int:
         mark = " (cited by the verdict)" if citation.number in cited else ""
         print(f"\n{citation.label}{mark}\n  " + citation.text[:300].replace("\n", "\n  "))
     return 0
+
+
+def print_quote(check: QuoteCheck) -> None:
+    """The quote's two answers: are the words in the documents, and is the attribution supported."""
+    quote, match = check.quote, check.match
+    print(f"\nQuote: \"{quote.text}\" (speaker: {quote.speaker or 'not named'})")
+    if match is None:
+        print("Words: not found in any document")
+    else:
+        where = match.source + (f", page {match.page}" if match.page is not None else "")
+        print(f"Words: {'found word for word' if match.exact else 'found with differences'} in {where} "
+              "(evidence [1])")
+        if not match.exact:
+            print(f"  the document has: \"{match.words}\"")
+        for d in match.differences:
+            print(f"  {d.change}: quoted \"{d.quoted}\", document \"{d.document}\"")
+    print(f"Attribution: {check.attribution}")
 
 
 if __name__ == "__main__":

@@ -75,8 +75,10 @@ class FeedbackStore:
             raise PairsStoreError(f"the verdict already is {verdict!r}; pick the one it should have been")
         reasoning, reply, closed = result.judgement
         judged = completion(result.judge_prompt, reasoning, reply, closed, result.model, result.adapter)
-        right = json.dumps({"verdict": verdict, "confidence": 1.0, "citations": result.cited,
-                            "reason": "corrected by a person"})
+        right = {"verdict": verdict, "confidence": 1.0, "citations": result.cited}
+        if result.quote is not None:  # the quote's prompt asks for the attribution too; the person left it be
+            right["attribution"] = result.quote.attribution
+        right = json.dumps(right | {"reason": "corrected by a person"}, ensure_ascii=False)
         corrected = completion(result.judge_prompt, reasoning if closed else "", right, True, None, None)
         return self.store.add_pair(self.store.add_answer(corrected, user), self.answer_id(key, judged, user),
                                    "edit", user)

@@ -93,6 +93,31 @@ class LexicalIndex:
         counts.data = (idf[counts.indices] * tf * (self.k1 + 1) / (tf + norm[row_of])).astype(np.float32)
         self.weights = counts.tocsc()
 
+    def containing(self, text: str, n: int) -> list[tuple[str, float]]:
+        """The ``n`` chunks holding the largest share of ``text``'s distinct terms, as (chunk id, share).
+
+        Each term counts by its rarity (idf), so a chunk with the quote's rare words outranks one with its
+        "the" and "of"; a term no chunk holds still counts in the whole, so the share says how much of the
+        text a chunk could contain. Reads only the weight matrix's columns of those terms.
+        """
+        terms = set(tokenize(text))
+        if not terms or not self.ids:
+            return []
+        n_docs = len(self.ids)
+        columns = [self.vocab[t] for t in terms if t in self.vocab]
+        present = self.weights[:, columns]
+        doc_freq = np.diff(present.indptr)
+        idf = np.log1p((n_docs - doc_freq + 0.5) / (doc_freq + 0.5))
+        total = idf.sum() + (len(terms) - len(columns)) * np.log1p((n_docs + 0.5) / 0.5)
+        present.data = np.ones_like(present.data)
+        shares = np.asarray(present @ idf).ravel() / total
+        n = min(n, int((shares > 0).sum()))
+        if n == 0:
+            return []
+        top = np.argpartition(-shares, n - 1)[:n]
+        top = top[np.argsort(-shares[top], kind="stable")]
+        return [(self.ids[i], float(shares[i])) for i in top]
+
     def search(self, query: str, n: int, allowed: np.ndarray | None = None) -> list[tuple[str, float]]:
         """The ``n`` best (chunk id, score) pairs with a score above zero; ``allowed`` masks rows."""
         columns = [self.vocab[t] for t in tokenize(query) if t in self.vocab]

@@ -36,12 +36,16 @@ from knowledge.embeddings import Embedder, EmbeddingModelError
 from knowledge.files import discover, not_a_regular_file
 from knowledge.lexical import LexicalIndex
 from knowledge.loaders import LoadError
+from knowledge.phrases import PhraseMatch, join_chunks, match_in
 from knowledge.reader import FileReader
 from settings import Settings
 
 _REVISION_ID = "__revision__"
 EMBED_GROUP = 1024  # chunks embedded in one call when adding many files
 VECTOR_WEIGHT = 0.5  # share of the vector leg in the fused score; the lexical leg has the rest
+# A chunk is read for a phrase when it holds at least this share of the phrase's terms (idf-weighted): low
+# enough for a half of words split across two chunks, or for words with a few changed.
+MIN_PHRASE_SHARE = 0.3
 
 
 class StoreError(UserError):
@@ -483,6 +487,59 @@ class KnowledgeStore:
             hits.append(Hit(meta["source"], meta.get("page"), cid, float(score), candidates[cid]["text"]))
         return hits
 
+    def find_phrase(self, phrase: str, candidates: int = 20) -> PhraseMatch | None:
+        """Where the store's current documents hold ``phrase``, exactly or nearly (``knowledge.phrases``).
+
+        Every chunk is considered, not only a search's top k, and none is read as text to choose: the
+        lexical index ranks chunks by the share of the phrase's terms they hold (``LexicalIndex.containing``);
+        the ``candidates`` best of the current versions are read with their neighbours on either side, so
+        words split across two chunks (or a PDF page break) are whole in one window. The best match wins:
+        exact before near-exact, then the fewest differences, then the higher share.
+        """
+        if not phrase.strip():
+            return None
+        match = None
+        for _ in range(5):  # a write between the two revision reads means: look again
+            revision = self._reopen_if_changed_elsewhere()
+            match = self._find_phrase_once(phrase, candidates, revision)
+            if self._revision() == revision:
+                break
+        return match
+
+    def _find_phrase_once(self, phrase: str, candidates: int, revision: str) -> PhraseMatch | None:
+        with self._lexical_lock:
+            self._sync_lexical(revision)
+            ranked = [(cid, share) for cid, share in self._lexical.containing(phrase, 4 * candidates)
+                      if share >= MIN_PHRASE_SHARE]
+            metas = {cid: self._lexical_meta[cid] for cid, _ in ranked}
+        current = self._current(m["source"] for m in metas.values())
+        live = [cid for cid, _ in ranked if current.get(metas[cid]["source"]) == metas[cid]["version"]]
+        # Each candidate with the chunk before and after it, runs of one document merged into one window.
+        windows: dict[tuple[str, str], set[int]] = {}
+        for cid in live[:candidates]:
+            meta = metas[cid]
+            position = int(meta["position"])
+            windows.setdefault((meta["source"], meta["version"]), set()).update(
+                range(max(0, position - 1), position + 2))
+        ids = [f"{_source_key(source)}:{version}:{p}" for (source, version), positions in windows.items()
+               for p in sorted(positions)]
+        if not ids:
+            return None
+        got = self.chunks.get(ids=ids, include=["documents", "metadatas"])
+        stored = {cid: (text, meta) for cid, text, meta in zip(got["ids"], got["documents"], got["metadatas"],
+                                                                strict=True)}
+        best: tuple[tuple, PhraseMatch] | None = None
+        rank = {cid: i for i, cid in enumerate(live)}
+        for run in _runs([cid for cid in ids if cid in stored]):
+            text, starts = join_chunks([stored[cid] for cid in run])
+            match = match_in(phrase, text, starts, run)
+            if match is None:
+                continue
+            order = (match.distance, min(rank.get(cid, len(rank)) for cid in run))
+            if best is None or order < best[0]:
+                best = (order, match)
+        return best[1] if best else None
+
     def _sync_lexical(self, revision: str) -> None:
         """Bring the BM25 index up to the store's revision, tokenizing only chunks it has not seen."""
         if revision == self._lexical_revision:
@@ -510,6 +567,20 @@ def indexed_text(title: str, text: str) -> str:
     the one that answers it, in BM25 and in the embedding alike. Hits still return the chunk's own text.
     """
     return f"{title}\n{text}" if title else text
+
+
+def _runs(chunk_ids: list[str]) -> list[list[str]]:
+    """Chunk ids (``key:version:position``, in order) cut into runs of consecutive positions of one version."""
+    runs: list[list[str]] = []
+    for cid in chunk_ids:
+        prefix, _, position = cid.rpartition(":")
+        if runs:
+            last_prefix, _, last_position = runs[-1][-1].rpartition(":")
+            if last_prefix == prefix and int(last_position) + 1 == int(position):
+                runs[-1].append(cid)
+                continue
+        runs.append([cid])
+    return runs
 
 
 def fuse(vector: dict[str, float], lexical: dict[str, float]) -> list[tuple[str, float]]:

@@ -237,7 +237,7 @@ def test_chat_keeps_the_history_of_a_session(tiny_app):
 
 
 def test_verify_endpoint_returns_a_verdict_with_both_cases(tiny_app):
-    stage, evidence, case_for, case_against, verdict, result = Client(tiny_app, verbose=False).predict(
+    stage, quote, evidence, case_for, case_against, verdict, result = Client(tiny_app, verbose=False).predict(
         "The lighthouse is red and white.", api_name="/verify")
     # The tiny random model writes no parseable judgement: the verdict falls back and says why.
     assert (result["verdict"], result["confidence"]) == ("not enough evidence", 0.0)
@@ -248,6 +248,15 @@ def test_verify_endpoint_returns_a_verdict_with_both_cases(tiny_app):
     for shown, written in ((case_for, result["for"]), (case_against, result["against"])):
         assert shown == (written or NO_CASE)
     assert verdict.startswith("## Verdict: not enough evidence") and "falling back" in verdict
+    assert quote == "" and result["quote"] is None  # the claim quotes no one
+
+
+def test_verify_shows_a_quoted_claims_words_marked_in_their_passage(tiny_app):
+    _, quote, evidence, *_, result = Client(tiny_app, verbose=False).predict(
+        'Ada Lovelock said "She lights the lamp every night at dusk."', api_name="/verify")
+    assert result["quote"]["words"] == "altered" and result["quote"]["speaker"] == "Ada Lovelock"
+    assert "<mark>She lights the lamp every </mark><del>night</del><ins>evening</ins><mark> at dusk</mark>" in quote
+    assert evidence.startswith("<details><summary>[1] lighthouse-notes.txt")
 
 
 def test_oversized_upload_is_refused_by_name_while_the_others_are_added(tiny_app, tmp_path):

@@ -196,6 +196,20 @@ def test_verification_shows_evidence_both_cases_and_the_verdict(page, screenshot
     screenshot(page, screenshots_dir / "verify.png")
 
 
+def test_a_quoted_claim_shows_its_words_marked_in_the_passage(page, screenshots_dir):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Verify a claim").click()
+    page.locator("#claim textarea").fill('Ada Lovelock said "She lights the lamp every night at dusk."')
+    page.locator("#verify").click()
+    expect(page.locator("#verdict")).to_contain_text("Attribution:")
+    # The marks are rendered as marks (the Markdown sanitizer keeps them), not shown as text.
+    expect(page.locator("#quote blockquote mark").first).to_have_text("She lights the lamp every ")
+    expect(page.locator("#quote blockquote del")).to_have_text("night")
+    expect(page.locator("#quote blockquote ins").first).to_have_text("evening")
+    screenshot(page, screenshots_dir / "verify-quote.png")
+
+
 def test_thumbs_down_try_again_and_a_pick_leave_pairs(browser, tmp_path, minilm_path, embedder, tiny_model_dir,
                                                       app_adapter_dir, screenshots_dir):
     from playwright.sync_api import expect

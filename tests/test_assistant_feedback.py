@@ -75,3 +75,14 @@ def test_a_corrected_verdict_is_a_pair_for_the_judges_prompt(settings, pump_stor
     assert pair.chosen.prompt == runtime.prompts[2] and "Case for:" in pair.chosen.prompt
     with pytest.raises(PairsStoreError, match="already is"):
         feedback.correct_verdict("v0", result, "refuted")
+
+
+def test_a_corrected_verdict_on_a_quote_answers_the_attribution_as_the_prompt_asks(settings, pump_store, feedback):
+    judge_reply = '{"verdict": "supported", "confidence": 0.9, "citations": [1], "attribution": "refuted"}'
+    runtime = ScriptedRuntime("</think>For [1].", "</think>Against.", "</think>" + judge_reply)
+    result = verify(Assistant(settings, runtime=runtime, store=pump_store),
+                    'The engineer said "The Borealis pump moves 40 litres per minute."')
+    feedback.correct_verdict("v0", result, "refuted")
+    [pair] = feedback.store.pairs()
+    assert json.loads(pair.chosen.answer) == {"verdict": "refuted", "confidence": 1.0, "citations": [1],
+                                              "attribution": "refuted", "reason": "corrected by a person"}
