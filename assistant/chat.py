@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -119,10 +120,23 @@ class Assistant:
         return self.store.search(query, k=self.settings.retrieval_k)
 
     def generate(self, prompt: str, params: GenerationParams | None = None,
-                 stop: threading.Event | None = None) -> Iterator[tuple[str, str, bool]]:
-        """Stream (reasoning, answer, thinking_done) for a prompt that ends inside a think block."""
+                 stop: threading.Event | None = None, held: bool = False) -> Iterator[tuple[str, str, bool]]:
+        """Stream (reasoning, answer, thinking_done) for a prompt that ends inside a think block.
+
+        ``held``: the caller holds the model already (``model_held``), for several generations in a row."""
+        if held:
+            yield from self._generate(prompt, params, stop)
+            return
         with self.adapters.gate.request():
             yield from self._generate(prompt, params, stop)
+
+    @contextlib.contextmanager
+    def model_held(self) -> Iterator[ModelRuntime]:
+        """The runtime, kept on the adapter it has now until the block ends (a swap waits): the generations of
+        one result, such as a verification's three, all run on the adapter that result records."""
+        runtime = self.runtime
+        with self.adapters.gate.request():
+            yield runtime
 
     def _generate(self, prompt: str, params: GenerationParams | None, stop: threading.Event | None
                   ) -> Iterator[tuple[str, str, bool]]:

@@ -154,55 +154,59 @@ def quote_note(check: QuoteCheck) -> str:
 
 def stream_verification(assistant: Assistant, claim: str, params: GenerationParams | None = None,
                         stop: threading.Event | None = None) -> Iterator[Verification]:
-    """Yield the verification as it grows: evidence, the case for, the case against, the verdict."""
+    """Yield the verification as it grows: evidence, the case for, the case against, the verdict.
+
+    The model is held for the whole debate, so its three generations run on the adapter the result records.
+    """
     check = check_quote(assistant, claim)
     hits = assistant.retrieve(claim)
     if check is not None and (m := check.match) is not None:
         hits = [Hit(m.source, m.page, m.chunk_id, 1.0, m.passage)] + [h for h in hits if h.chunk_id != m.chunk_id]
-    result = Verification(claim=claim.strip(), evidence=as_citations(hits), adapter=assistant.runtime.adapter,
-                          model=assistant.runtime.model_name, quote=check)
-    yield result
-    runtime = assistant.runtime
-    evidence = quote_passages(hits)
-    note = f"\n\n{quote_note(check)}" if check else ""
-    judge_rules = QUOTE_JUDGE_RULES if check else JUDGE_RULES
+    with assistant.model_held() as runtime:
+        result = Verification(claim=claim.strip(), evidence=as_citations(hits), adapter=runtime.adapter,
+                              model=runtime.model_name, quote=check)
+        yield result
+        evidence = quote_passages(hits)
+        note = f"\n\n{quote_note(check)}" if check else ""
+        judge_rules = QUOTE_JUDGE_RULES if check else JUDGE_RULES
 
-    def parts(rules: str, extra: str = "") -> tuple[str, str]:
-        return f"{rules}\n\nClaim: {neutralize(result.claim)}{note}", evidence + extra
+        def parts(rules: str, extra: str = "") -> tuple[str, str]:
+            return f"{rules}\n\nClaim: {neutralize(result.claim)}{note}", evidence + extra
 
-    def prompt(rules: str, extra: str = "") -> str:
-        return build_prompt(*parts(rules, extra), runtime.prompt_format, runtime.render_chat)
+        def prompt(rules: str, extra: str = "") -> str:
+            return build_prompt(*parts(rules, extra), runtime.prompt_format, runtime.render_chat)
 
-    for stage, side in (("for", FOR_SIDE), ("against", AGAINST_SIDE)):
-        result.stage = stage
-        for _, answer, _ in assistant.generate(prompt(CASE_RULES.format(side=side)), params, stop):
-            setattr(result, "case_for" if stage == "for" else "case_against", answer)
-            yield result
-    result.stage = "judge"
-    yield result
-    # The cases are the model's words, but made from untrusted passages: they enter the prompt the same way.
-    cases = f"\n\nCase for:\n{neutralize(result.case_for)}\n\nCase against:\n{neutralize(result.case_against)}"
-    result.judge_prompt = PromptRecord(prompt(judge_rules, cases), *parts(judge_rules, cases), runtime.prompt_format,
-                                       result.claim)
-    judge_prompt = result.judge_prompt.text
-    for result.judgement in assistant.generate(judge_prompt, params, stop):
-        pass
-    judgement = result.judgement[1]
-    if not hits:
-        result.verdict, result.reason = "not enough evidence", "no passages in the store bear on this claim"
-    else:
-        try:
-            result.verdict, result.confidence, result.cited, result.reason = parse_judgement(judgement, len(hits))
-        except ValueError as e:
-            result.verdict, result.confidence, result.cited = "not enough evidence", 0.0, []
-            result.reason = f"{e}; falling back to 'not enough evidence'"
+        for stage, side in (("for", FOR_SIDE), ("against", AGAINST_SIDE)):
+            result.stage = stage
+            for _, answer, _ in assistant.generate(prompt(CASE_RULES.format(side=side)), params, stop,
+                                                     held=True):
+                setattr(result, "case_for" if stage == "for" else "case_against", answer)
+                yield result
+        result.stage = "judge"
+        yield result
+        # The cases are the model's words, but made from untrusted passages: they enter the prompt the same way.
+        cases = f"\n\nCase for:\n{neutralize(result.case_for)}\n\nCase against:\n{neutralize(result.case_against)}"
+        result.judge_prompt = PromptRecord(prompt(judge_rules, cases), *parts(judge_rules, cases),
+                                           runtime.prompt_format, result.claim)
+        judge_prompt = result.judge_prompt.text
+        for result.judgement in assistant.generate(judge_prompt, params, stop, held=True):
+            pass
+        judgement = result.judgement[1]
+        if not hits:
+            result.verdict, result.reason = "not enough evidence", "no passages in the store bear on this claim"
         else:
-            if check is not None:
-                check.attribution = parse_attribution(judgement)
-    if check is not None and check.match is None:
-        overrule_unfound_quote(result, check)
-    result.stage = "done"
-    yield result
+            try:
+                result.verdict, result.confidence, result.cited, result.reason = parse_judgement(judgement, len(hits))
+            except ValueError as e:
+                result.verdict, result.confidence, result.cited = "not enough evidence", 0.0, []
+                result.reason = f"{e}; falling back to 'not enough evidence'"
+            else:
+                if check is not None:
+                    check.attribution = parse_attribution(judgement)
+        if check is not None and check.match is None:
+            overrule_unfound_quote(result, check)
+        result.stage = "done"
+        yield result
 
 
 def overrule_unfound_quote(result: Verification, check: QuoteCheck) -> None:

@@ -295,3 +295,29 @@ def test_the_adapters_tab_lists_swaps_and_follows_an_adapter_trained_outside_the
     assert followed == "outside" and final["active"] == "outside" and final["mode"] == "follow"
     status_of = {row[0]: row[-1] for row in table["data"]}
     assert status_of["outside"] == "in use" and status_of["other-base"].startswith("not usable: trained on")
+
+
+def test_a_verification_runs_its_three_generations_on_one_adapter(adapter_dir, tiny_model_dir, pump_store):
+    """A swap asked for after the case for has been argued waits until the judge has spoken."""
+    from assistant.verify import stream_verification
+
+    assistant = Assistant(swap_settings(tiny_model_dir, adapter_dir, retrieval_k=1), store=pump_store)
+    runtime = assistant.runtime
+    assistant.adapters.use_base()
+    adapters_used, stream = [], runtime.stream
+
+    def recording(*args, **kwargs):
+        adapters_used.append(runtime.adapter)
+        yield from stream(*args, **kwargs)
+
+    runtime.stream = recording
+    swapping = None
+    for result in stream_verification(assistant, "The pump moves 40 litres.", GenerationParams(8, 0.0)):
+        if result.stage == "against" and swapping is None:  # the case for is done: ask for a swap now
+            swapping = threading.Thread(target=assistant.adapters.use_adapter, args=("first",))
+            swapping.start()
+            while not assistant.adapters.gate.swaps_waiting and swapping.is_alive():
+                time.sleep(0.01)
+    swapping.join(60)
+    assert adapters_used == [None, None, None] and result.adapter is None
+    assert runtime.adapter == "first"  # and then the swap happened
