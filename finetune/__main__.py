@@ -108,9 +108,19 @@ def _pairs_generate(args: argparse.Namespace) -> int:
                                   min_answer_chars=args.min_chars, max_answer_chars=args.max_chars,
                                   margin=args.margin, retrieval=not args.no_retrieval,
                                   questions_per_batch=args.batch)
-    questions = read_questions(args.questions)
+    if not args.questions and not args.from_store:
+        raise DataError("give a file of questions, or --from-store N to have the model draft N from your documents")
+    assistant = Assistant(settings)
+    questions = read_questions(args.questions) if args.questions else []
+    if args.from_store:
+        from finetune.pair_generation import draft_questions
+
+        drafted = draft_questions(assistant, args.from_store, config)
+        print(f"drafted {len(drafted)} questions from {args.from_store} passages of the knowledge store",
+              file=sys.stderr)
+        questions += drafted
     with tqdm(total=len(questions), unit="question", file=sys.stderr) as bar:
-        report = generate_pairs(Assistant(settings), questions, args.out, config, progress=lambda _: bar.update())
+        report = generate_pairs(assistant, questions, args.out, config, progress=lambda _: bar.update())
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
     else:
@@ -182,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             a.add_argument("--json", action="store_true", help="as JSON")
         a.set_defaults(run=_pairs)
     g = pairs.add_parser("generate", help="pairs from questions alone: sample answers, keep clear best/worst")
-    g.add_argument("questions", help="questions: a text file (one per line) or JSONL with a question field")
+    g.add_argument("questions", nargs="?", help="questions: a text file (one per line) or JSONL with a question field")
+    g.add_argument("--from-store", type=int, metavar="N",
+                   help="also have the model draft questions from N passages drawn from the knowledge store")
     g.add_argument("--out", default="data/pairs.sqlite", help="a pairs store (.sqlite) or a JSONL file")
     g.add_argument("--samples", type=int, default=4, help="answers per question (default 4)")
     g.add_argument("--rules", default="duplication,think", help="comma-separated: duplication, think, citation, "

@@ -1,5 +1,8 @@
 """`finetune pairs generate`: preference pairs without a person, from questions alone.
 
+The questions come from a file, or the model drafts them from passages drawn at random from the knowledge store
+(``draft_questions``).
+
 For each question the current model answers several times (sampled, retrieval on), each answer is scored by
 rules the user picks, and the best and worst become a pair when the best is clearly better (their scores
 differ by at least ``margin``). The rules are the habits ORPO is meant to teach (``finetune.metrics``):
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from assistant.chat import Assistant
-from assistant.prompting import answer_parts, build_prompt
+from assistant.prompting import answer_parts, build_prompt, quote_passages
 from assistant.runtime import GenerationParams
 from finetune.data import DataError
 from finetune.metrics import CompletionScore, score_completion, split_completion
@@ -90,6 +93,31 @@ def read_questions(path: str | Path) -> list[str]:
         questions = [q for q in questions if q]
     if not questions:
         raise DataError(f"{path} holds no questions")
+    return questions
+
+
+DRAFT_RULES = ("Write one question that the passage below answers, as a user of these documents would ask it. "
+               "Reply with the question only, on one line.")
+
+
+def draft_questions(assistant: Assistant, count: int, config: PairGenerationConfig, seed: int = 0) -> list[str]:
+    """Questions the model drafts from ``count`` passages drawn at random from the knowledge store.
+
+    A draft that is not one line ending in a question mark is left out, so the result may be shorter.
+    """
+    runtime = assistant.runtime
+    passages = assistant.store.sample(count, seed)
+    prompts = [build_prompt(DRAFT_RULES, quote_passages([hit]), runtime.prompt_format, runtime.render_chat)
+               for hit in passages]
+    drafts = sample_answers(assistant, prompts, PairGenerationConfig(
+        samples=2, temperature=config.temperature, max_new_tokens=config.max_new_tokens, rules=config.rules))
+    questions = []
+    for prompt, texts in zip(prompts, drafts, strict=True):
+        for text in texts:
+            line = split_completion(prompt, text)[1].strip().splitlines()[:1]
+            if line and line[0].rstrip().endswith(("?", "？")) and line[0] not in questions:
+                questions.append(line[0].strip())
+                break
     return questions
 
 

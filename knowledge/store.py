@@ -219,6 +219,19 @@ class KnowledgeStore:
                 for m in got["metadatas"]]
         return sorted(docs, key=lambda d: d.source)
 
+    def sample(self, n: int, seed: int = 0) -> list[Hit]:
+        """``n`` passages drawn at random from the current documents (all of them when the store holds fewer)."""
+        import random
+
+        slots = [(d, position) for d in self.documents() for position in range(d.chunks)]
+        picked = random.Random(seed).sample(slots, min(n, len(slots)))
+        ids = [f"{_source_key(d.source)}:{d.version}:{position}" for d, position in picked]
+        got = self.chunks.get(ids=ids, include=["documents", "metadatas"]) if ids else {"ids": []}
+        found = {cid: Hit(meta["source"], meta.get("page"), cid, 0.0, text)
+                 for cid, text, meta in zip(got["ids"], got.get("documents") or [], got.get("metadatas") or [],
+                                            strict=True)}
+        return [found[cid] for cid in ids if cid in found]
+
     def _current(self, sources: Iterable[str]) -> dict[str, str]:
         sources = list(set(sources))
         if not sources:

@@ -107,3 +107,35 @@ def test_the_cli_runs_on_the_tiny_model(tmp_path, tiny_model_dir, minilm_path):
     # The random model rarely closes its reasoning, so most answers are empty: a pair only where one is not.
     assert report["pairs"] + len(report["no_clear_winner"]) == 2
     assert PairsStore(tmp_path / "pairs.sqlite").count() == report["pairs"]
+
+
+def test_the_model_drafts_questions_from_passages_of_the_store(settings, pump_store):
+    from finetune.pair_generation import draft_questions
+
+    runtime = CyclingRuntime("I read it.</think>How fast does the Borealis pump move?\nMore text.",
+                             "</think>Not a question.")
+    questions = draft_questions(Assistant(settings, runtime=runtime, store=pump_store), 3, PairGenerationConfig())
+    assert questions == ["How fast does the Borealis pump move?"]
+    assert "The Borealis pump moves 40 litres per minute." in runtime.prompts[0]
+    assert "Write one question" in runtime.prompts[0]
+
+
+def test_passages_are_sampled_from_current_documents_only(store, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in ("a", "b", "c"):
+        (docs / f"{name}.txt").write_text(f"Document {name} says something about {name}.", encoding="utf-8")
+    assert store.add([docs]).ok
+    (docs / "a.txt").write_text("Document a now says something new.", encoding="utf-8")
+    assert store.add([docs]).ok
+    texts = sorted(hit.text for hit in store.sample(10, seed=1))
+    assert texts == ["Document a now says something new.", "Document b says something about b.",
+                     "Document c says something about c."]
+    assert len(store.sample(2, seed=1)) == 2 and store.sample(2, seed=1) == store.sample(2, seed=1)
+
+
+def test_without_questions_or_passages_the_cli_says_what_to_give(capsys):
+    from finetune.__main__ import main
+
+    assert main(["pairs", "generate"]) == 2
+    assert "--from-store N" in capsys.readouterr().err
