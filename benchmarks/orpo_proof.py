@@ -95,8 +95,11 @@ def train_base(out: Path, items: list[dict], steps: int, seed: int, hidden: int,
     tokenizer = build_tokenizer(vocab_size=2048, corpus=[p + c for p, c in texts[:2000]])
     model_dir = build_tiny_model(out / "base-model", hidden_size=hidden, num_layers=layers, seed=seed,
                                  tokenizer=tokenizer)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # Train with the tokenizer as saved, which is what every later step loads: reloaded, it splits numbers
+    # into digits where the one built in memory kept " 16" whole.
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     examples = []
     for prompt, completion in texts:
@@ -153,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--questions", type=int, default=200, help="training questions for pairs generate")
     parser.add_argument("--held-out", type=int, default=120)
-    parser.add_argument("--orpo-steps", type=int, default=40)
-    parser.add_argument("--orpo-lr", type=float, default=5e-4)
+    parser.add_argument("--orpo-steps", type=int, default=60)
+    parser.add_argument("--orpo-lr", type=float, default=1e-3)
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling for pairs generate")
     parser.add_argument("--rules", default="duplication", help="pairs generate's rules")
     parser.add_argument("--seed", type=int, default=0)
