@@ -42,7 +42,11 @@ Tokyo is the capital of Japan. Paris is the capital of France. Water boils at 10
 
 
 def build_tokenizer(vocab_size: int = 1024, corpus: list[str] | None = None):
-    """The tiny BPE tokenizer, trained on a built-in sample, or also on ``corpus`` (e.g. a synthetic task)."""
+    """The tiny BPE tokenizer, trained on a built-in sample, or also on ``corpus`` (e.g. a synthetic task).
+
+    Use it as saved and loaded again (``build_tiny_model`` saves it): transformers 5.17 loads it with numbers
+    split into digits, where this object keeps " 16" whole, so the two give different ids for the same text.
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
