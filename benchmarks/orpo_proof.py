@@ -1,6 +1,6 @@
 """The proof that ORPO removes the defect it exists for, reproduced from scratch on a CPU.
 
-    python -m benchmarks.orpo_proof --out outputs/orpo-proof        # about 25 minutes on 2 cores
+    python -m benchmarks.orpo_proof --out outputs/orpo-proof        # about 20 minutes on 2 quiet cores
 
 The recipe ORPO-trains DeepSeek-R1-Distill so that it stops repeating its <think> reasoning as its answer.
 Here a small model gets that defect on purpose and ORPO takes it away, with nothing written by hand:
@@ -154,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-steps", type=int, default=4000)
     parser.add_argument("--hidden", type=int, default=192)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--questions", type=int, default=200, help="training questions for pairs generate")
+    parser.add_argument("--questions", type=int, default=400, help="training questions for pairs generate")
     parser.add_argument("--held-out", type=int, default=120)
-    parser.add_argument("--orpo-steps", type=int, default=60)
-    parser.add_argument("--orpo-lr", type=float, default=1e-3)
+    parser.add_argument("--orpo-steps", type=int, default=300)
+    parser.add_argument("--orpo-lr", type=float, default=3e-4)
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling for pairs generate")
     parser.add_argument("--rules", default="duplication", help="pairs generate's rules")
     parser.add_argument("--seed", type=int, default=0)
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     adapter = args.out / "adapter"
     run("-m", "finetune", "train", "--config", "finetune/configs/tiny-smoke.yaml", f"model_name={model_dir}",
         f"data={pairs}", f"output_dir={adapter}", f"max_steps={args.orpo_steps}", f"learning_rate={args.orpo_lr}",
-        "lora_r=16", "lora_alpha=32", "per_device_train_batch_size=8", "max_length=512",
+        "beta=0.1", "lora_r=16", "lora_alpha=32", "per_device_train_batch_size=8", "max_length=512",
         "max_prompt_length=400", "save_steps=100000", "logging_steps=10", env=env)
     report = json.loads(run("-m", "finetune", "eval", "--model", str(model_dir), "--adapter", str(adapter),
                             "--prompts", str(prompts), "--max-new-tokens", "160", "--batch-size", "16",
