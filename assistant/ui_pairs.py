@@ -40,7 +40,8 @@ class PairsTab:
         rows = [[p.id, p.origin, _preview(p.chosen.question or p.chosen.prompt),
                  _preview(p.chosen.answer or p.chosen.reasoning), _preview(p.rejected.answer or p.rejected.reasoning),
                  p.user or "", time.strftime("%Y-%m-%d %H:%M", time.localtime(p.created_at))] for p in store.pairs()]
-        summary = (f"**{len(rows)} pairs** in `{store.path}`; {store.unpaired_down_votes()} thumbs-down answers "
+        summary = (f"**{len(rows)} pair{'' if len(rows) == 1 else 's'}** in `{store.path}`; "
+                   f"{store.unpaired_down_votes()} thumbs-down answers "
                    "wait for a better answer to the same question. Train on them with "
                    f"`python -m finetune train ... data={store.path}`.")
         return summary, rows

@@ -243,7 +243,7 @@ def test_thumbs_down_try_again_and_a_pick_leave_pairs(browser, tmp_path, minilm_
         expect(page.locator("#feedback-status")).to_contain_text("your pick is a training pair")
         page.get_by_role("tab", name="Pairs").click()
         page.locator("#pairs-refresh").click()
-        expect(page.locator("#pairs-summary")).to_contain_text("1 pairs")
+        expect(page.locator("#pairs-summary")).to_contain_text("1 pair in")
         expect(page.locator("#pairs-table")).to_contain_text("Who keeps the lighthouse?")
         screenshot(page, screenshots_dir / "pairs.png")
         context.close()
