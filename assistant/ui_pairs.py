@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -56,13 +58,23 @@ class PairsTab:
         return *self.listing(), f"Deleted pair {int(pair_id)}."
 
     def export(self, layout: str) -> str:
-        """The pairs as a JSONL file to download: TRL's rows ("trl") or the recipe's columns ("recipe")."""
+        """The pairs as a JSONL file to download: TRL's rows ("trl") or the recipe's columns ("recipe").
+
+        One file per layout, replaced whole each time (Gradio serves a copy it takes when the value is set)."""
         self.exports_folder.mkdir(parents=True, exist_ok=True)
-        path = self.exports_folder / f"pairs-{layout}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-        for earlier in self.exports_folder.glob(f"pairs-{layout}-*.jsonl"):
-            earlier.unlink()
-        write_export(self._need().store, layout, path)
+        path = self.exports_folder / f"pairs-{layout}.jsonl"
+        partial = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.part")
+        write_export(self._need().store, layout, partial)
+        os.replace(partial, path)
         return str(path)
+
+    def downloads(self):
+        """The two export buttons, each holding the pairs as they are now: a download button hands out the
+        file it holds when clicked, so the file is written before, whenever the list is shown."""
+        if self.feedback is None:
+            return gr.DownloadButton(value=None, interactive=False), gr.DownloadButton(value=None, interactive=False)
+        return (gr.DownloadButton(value=self.export("trl"), interactive=True),
+                gr.DownloadButton(value=self.export("recipe"), interactive=True))
 
     def build(self, demo: gr.Blocks) -> None:
         summary = gr.Markdown(elem_id="pairs-summary")
@@ -74,10 +86,16 @@ class PairsTab:
             delete = gr.Button("Delete pair", variant="stop", elem_id="pair-delete")
         note = gr.Markdown(elem_id="pairs-note")
         with gr.Row():
-            trl = gr.DownloadButton("Export as TRL preference JSONL", elem_id="export-trl")
-            recipe = gr.DownloadButton("Export in the recipe's columns (JSONL)", elem_id="export-recipe")
-        refresh.click(self.listing, None, [summary, table], api_name="list_pairs")
-        delete.click(self.delete, pair_id, [summary, table, note], api_name="delete_pair")
-        trl.click(lambda: self.export("trl"), None, trl, api_name="export_pairs_trl")
-        recipe.click(lambda: self.export("recipe"), None, recipe, api_name="export_pairs_recipe")
-        demo.load(self.listing, None, [summary, table], api_visibility="private")
+            trl = gr.DownloadButton("Export as TRL preference JSONL", elem_id="export-trl", interactive=False)
+            recipe = gr.DownloadButton("Export in the recipe's columns (JSONL)", elem_id="export-recipe",
+                                       interactive=False)
+        refresh.click(self.listing, None, [summary, table], api_name="list_pairs").then(
+            self.downloads, None, [trl, recipe], api_visibility="private")
+        delete.click(self.delete, pair_id, [summary, table, note], api_name="delete_pair").then(
+            self.downloads, None, [trl, recipe], api_visibility="private")
+        demo.load(self.listing, None, [summary, table], api_visibility="private").then(
+            self.downloads, None, [trl, recipe], api_visibility="private")
+        # The exports as named endpoints, for scripts.
+        exported, api = gr.File(visible=False), gr.Button(visible=False)
+        api.click(lambda: self.export("trl"), None, exported, api_name="export_pairs_trl")
+        api.click(lambda: self.export("recipe"), None, exported, api_name="export_pairs_recipe")

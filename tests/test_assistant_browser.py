@@ -226,7 +226,7 @@ def test_thumbs_down_try_again_and_a_pick_leave_pairs(browser, tmp_path, minilm_
     with serving(create_server(Assistant(settings, store=store))) as url:
         assert wait_for_model(url)["model_status"] == "ready"
         expect.set_options(timeout=TIMEOUT_MS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1100})
+        context = browser.new_context(viewport={"width": 1400, "height": 1100}, accept_downloads=True)
         page = context.new_page()
         page.goto(url)
         page.locator("#question textarea").fill("Who keeps the lighthouse?")
@@ -246,6 +246,11 @@ def test_thumbs_down_try_again_and_a_pick_leave_pairs(browser, tmp_path, minilm_
         expect(page.locator("#pairs-summary")).to_contain_text("1 pair in")
         expect(page.locator("#pairs-table")).to_contain_text("Who keeps the lighthouse?")
         screenshot(page, screenshots_dir / "pairs.png")
+        expect(page.locator("#export-trl")).to_be_enabled()
+        with page.expect_download() as download:
+            page.locator("#export-trl").click()
+        [row] = [json.loads(line) for line in Path(download.value.path()).read_text(encoding="utf-8").splitlines()]
+        assert set(row) == {"prompt", "chosen", "rejected"} and row["prompt"].endswith("<think>")
         context.close()
     [pair] = PairsStore(settings.pairs_db).pairs()
     assert pair.origin == "pick" and PairsStore(settings.pairs_db).unpaired_down_votes() == 0
