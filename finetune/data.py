@@ -108,6 +108,33 @@ def load_rows(source: str | Path, split: str = "train") -> list[tuple[str | None
     return [(None, row) for row in _load_hub_dataset(str(source), split)]
 
 
+def read_json_rows(path: str | Path, what: str = "rows") -> list:
+    """The rows of a JSON list file (.json) or a JSONL file (anything else); a broken line stops with its number.
+
+    For small files a person writes by hand (held-out prompts, questions), where a bad line is a typo to fix,
+    not a row to skip as ``prepare`` does with training data."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; give a JSON or JSONL file of {what}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); fix it") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path} must hold a JSON list of {what}")
+        return rows
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {number} is not valid JSON ({e.msg}); fix or remove it") from None
+    return rows
+
+
 def _read_file(path: Path) -> list[dict | UnreadableLine]:
     suffix = path.suffix.lower()
     try:

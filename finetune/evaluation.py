@@ -17,11 +17,10 @@ or ``{"instruction", "input"}`` (the recipe's Alpaca template, opened with <thin
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.data import DataError, PreferencePair
+from finetune.data import DataError, PreferencePair, read_json_rows
 from finetune.metrics import CompletionScore, score_completion, summarize
 from finetune.prompts import THINK_OPEN, alpaca_prompt, prompt_token_ids
 
@@ -61,29 +60,9 @@ class GenerationConfig:
 
 # ---------------------------------------------------------------- reading
 
-def _rows(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; give a JSONL file of prompts or completions")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        rows = json.loads(text)
-        if not isinstance(rows, list):
-            raise DataError(f"{path} must hold a JSON list of rows")
-        return rows
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {number} is not valid JSON ({e.msg}); fix or remove it") from None
-    return rows
-
-
 def load_prompts(path: str | Path) -> list[EvalPrompt]:
     prompts = []
-    for number, row in enumerate(_rows(path), start=1):
+    for number, row in enumerate(read_json_rows(path, "prompts or completions"), start=1):
         if not isinstance(row, dict):
             raise DataError(f"{path} row {number} is not an object")
         expected = None if row.get("expected") is None else str(row["expected"])
@@ -101,7 +80,7 @@ def load_prompts(path: str | Path) -> list[EvalPrompt]:
 def score_completions_file(path: str | Path) -> list[ModelReport]:
     """Reports per ``model`` name of the rows (one report, "completions", when rows name none)."""
     grouped: dict[str, list[tuple[dict, CompletionScore]]] = {}
-    for number, row in enumerate(_rows(path), start=1):
+    for number, row in enumerate(read_json_rows(path, "prompts or completions"), start=1):
         if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
             raise DataError(f"{path} row {number} has no \"completion\" text")
         score = score_completion(row.get("prompt") or "", row["completion"], row.get("expected"))

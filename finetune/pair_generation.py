@@ -26,7 +26,7 @@ from pathlib import Path
 from assistant.chat import Assistant
 from assistant.prompting import answer_parts, build_prompt, quote_passages
 from assistant.runtime import GenerationParams
-from finetune.data import DataError
+from finetune.data import DataError, read_json_rows
 from finetune.metrics import CompletionScore, score_completion, split_completion
 from finetune.pairs_store import Completion, PairsStore, is_pairs_store
 
@@ -80,17 +80,15 @@ def penalty(score: CompletionScore, config: PairGenerationConfig) -> float:
 def read_questions(path: str | Path) -> list[str]:
     """Questions from a text file (one per line) or JSONL/JSON rows with a "question" (or "prompt") field."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; give a file of questions, one per line")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        questions = [line.strip() for line in text.splitlines() if line.strip()]
-    else:
-        rows = json.loads(text) if path.suffix.lower() == ".json" else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
+    if path.suffix.lower() in (".jsonl", ".json"):
+        rows = read_json_rows(path, "questions")
         questions = [str(r.get("question") or r.get("prompt") or "").strip() if isinstance(r, dict) else str(r)
                      for r in rows]
         questions = [q for q in questions if q]
+    elif path.is_file():
+        questions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        raise DataError(f"{path} does not exist; give a file of questions, one per line")
     if not questions:
         raise DataError(f"{path} holds no questions")
     return questions

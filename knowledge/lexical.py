@@ -110,13 +110,7 @@ class LexicalIndex:
         idf = np.log1p((n_docs - doc_freq + 0.5) / (doc_freq + 0.5))
         total = idf.sum() + (len(terms) - len(columns)) * np.log1p((n_docs + 0.5) / 0.5)
         present.data = np.ones_like(present.data)
-        shares = np.asarray(present @ idf).ravel() / total
-        n = min(n, int((shares > 0).sum()))
-        if n == 0:
-            return []
-        top = np.argpartition(-shares, n - 1)[:n]
-        top = top[np.argsort(-shares[top], kind="stable")]
-        return [(self.ids[i], float(shares[i])) for i in top]
+        return self._best(np.asarray(present @ idf).ravel() / total, n)
 
     def search(self, query: str, n: int, allowed: np.ndarray | None = None) -> list[tuple[str, float]]:
         """The ``n`` best (chunk id, score) pairs with a score above zero; ``allowed`` masks rows."""
@@ -127,6 +121,10 @@ class LexicalIndex:
         scores = np.asarray(self.weights[:, columns].sum(axis=1)).ravel()
         if allowed is not None:
             scores = np.where(allowed, scores, 0.0)
+        return self._best(scores, n)
+
+    def _best(self, scores: np.ndarray, n: int) -> list[tuple[str, float]]:
+        """The ``n`` highest (chunk id, score) pairs with a score above zero, best first."""
         n = min(n, int((scores > 0).sum()))
         if n == 0:
             return []
