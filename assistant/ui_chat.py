@@ -20,7 +20,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from assistant.chat import Assistant, Citation
+from assistant.chat import Answer, Assistant, Citation
 from assistant.runtime import GenerationParams
 from assistant.ui_model import ModelLoader, public_model_name, short_model_name, with_hint
 from errors import ModelUnavailable, UserError
@@ -66,6 +66,18 @@ def new_turn(question: str, params: GenerationParams, use_retrieval: bool) -> di
 
 def citation_dict(citation: Citation) -> dict:
     return {**citation.to_dict(), "label": citation.label}
+
+
+def record_answer(turn: dict, answer: Answer, stop: threading.Event) -> None:
+    """Copy the answer so far into its turn; once it is done, also its prompt, what it cites and the checks."""
+    turn.update(reasoning=answer.reasoning, answer=answer.answer, thinking_done=answer.thinking_done,
+                model=answer.model, adapter=answer.adapter)
+    if answer.done:
+        turn.update(done=True, stopped=stop.is_set(), prompt=asdict(answer.prompt),
+                    citations=[citation_dict(c) for c in answer.citations],
+                    passages=[citation_dict(c) for c in answer.uncited],
+                    support=[check.to_dict() for check in answer.support])
+    turn["seconds"] = time.time() - turn["started_at"] if answer.done else None
 
 
 def model_history(turns: list[dict]) -> list[dict]:
@@ -209,14 +221,7 @@ class ChatTab:
         try:
             for answer in self.assistant.stream_answer([*history, {"role": "user", "content": question}], params,
                                                        use_retrieval=bool(use_retrieval), stop=stop):
-                turn.update(reasoning=answer.reasoning, answer=answer.answer, thinking_done=answer.thinking_done,
-                            model=answer.model, adapter=answer.adapter)
-                if answer.done:
-                    turn.update(done=True, stopped=stop.is_set(), prompt=asdict(answer.prompt),
-                                citations=[citation_dict(c) for c in answer.citations],
-                                passages=[citation_dict(c) for c in answer.uncited],
-                                support=[check.to_dict() for check in answer.support])
-                turn["seconds"] = time.time() - turn["started_at"] if answer.done else None
+                record_answer(turn, answer, stop)
                 yield chat_messages(turns), turns, ""
         except ModelUnavailable as e:
             turn["error"] = with_hint(str(e))

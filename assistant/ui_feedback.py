@@ -8,6 +8,7 @@ buttons (like, retry) and the controls below it, and as named API endpoints (``/
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import gradio as gr
@@ -15,7 +16,7 @@ import gradio as gr
 from assistant.chat import Answer, Citation, PromptRecord
 from assistant.feedback import FeedbackStore, completion
 from assistant.runtime import GenerationParams
-from assistant.ui_chat import ChatTab, chat_messages, citation_dict, turn_messages
+from assistant.ui_chat import ChatTab, chat_messages, record_answer, turn_messages
 from assistant.ui_verify import VerifyTab
 from assistant.verify import VERDICTS
 from errors import UserError
@@ -41,14 +42,17 @@ def turn_completion(turn: dict) -> tuple[str, object]:
     """(the answer's key, the answer as the pairs store keeps it) of a finished turn."""
     if not turn.get("done") or turn.get("error") or not turn.get("prompt"):
         raise gr.Error("Only a finished answer can be judged.")
-    return turn["key"], completion(PromptRecord(**turn["prompt"]), turn["reasoning"], turn["answer"],
-                                   turn["thinking_done"], turn["model"], turn["adapter"])
+    return _keyed_completion(turn["prompt"], turn)
 
 
 def earlier_completion(turn: dict) -> tuple[str, object]:
-    earlier = turn["earlier"][-1]
-    return earlier["key"], completion(PromptRecord(**turn["prompt"]), earlier["reasoning"], earlier["answer"],
-                                      earlier["thinking_done"], earlier["model"], earlier["adapter"])
+    """The same for the answer "try again" replaced last."""
+    return _keyed_completion(turn["prompt"], turn["earlier"][-1])
+
+
+def _keyed_completion(prompt: dict, answer: dict) -> tuple[str, object]:
+    return answer["key"], completion(PromptRecord(**prompt), answer["reasoning"], answer["answer"],
+                                     answer["thinking_done"], answer["model"], answer["adapter"])
 
 
 class ChatFeedback:
@@ -98,18 +102,13 @@ class ChatFeedback:
         keep = ("key", "reasoning", "answer", "thinking_done", "model", "adapter", "citations", "passages", "support")
         turn["earlier"] = [*turn.get("earlier", []), {k: turn[k] for k in keep}]
         turn.update(key=uuid.uuid4().hex, reasoning="", answer="", thinking_done=False, done=False, picked=None,
-                    citations=[], passages=[], support=[])
+                    citations=[], passages=[], support=[], started_at=time.time(), seconds=None)
         params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature))
         stop = self.chat.switches.new(getattr(request, "session_hash", None) or "")
         yield chat_messages(turns), turns, gr.update(visible=False)
         try:
             for answer in self.chat.assistant.stream_again(previous, params, stop):
-                turn.update(reasoning=answer.reasoning, answer=answer.answer, thinking_done=answer.thinking_done,
-                            model=answer.model, adapter=answer.adapter)
-                if answer.done:
-                    turn.update(citations=[citation_dict(c) for c in answer.citations],
-                                passages=[citation_dict(c) for c in answer.uncited],
-                                support=[check.to_dict() for check in answer.support], stopped=stop.is_set())
+                record_answer(turn, answer, stop)
                 yield chat_messages(turns), turns, gr.update(visible=False)
         except UserError as e:
             turn["error"] = str(e)
