@@ -87,8 +87,8 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab, 
                 VerdictCorrection(verify, feedback, feedback_error).build()
             with gr.Tab("Knowledge", id="knowledge", elem_id="tab-knowledge"):
                 knowledge.build(settings, demo)
-            with gr.Tab("Pairs", id="pairs", elem_id="tab-pairs"):
-                pairs.build(demo)
+            with gr.Tab("Pairs", id="pairs", elem_id="tab-pairs") as pairs_tab:
+                pairs.build(pairs_tab)
             with gr.Tab("Adapters", id="adapters", elem_id="tab-adapters"):
                 AdaptersTab(assistant.adapters, loader).build(demo, status)
         # Poll the model's status until loading ends; outside the queue, so polls never take a place in line.

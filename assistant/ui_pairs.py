@@ -76,7 +76,7 @@ class PairsTab:
         return (gr.DownloadButton(value=self.export("trl"), interactive=True),
                 gr.DownloadButton(value=self.export("recipe"), interactive=True))
 
-    def build(self, demo: gr.Blocks) -> None:
+    def build(self, tab: gr.Tab) -> None:
         summary = gr.Markdown(elem_id="pairs-summary")
         table = gr.Dataframe(headers=COLUMNS, datatype=["number", "str", "str", "str", "str", "str", "str"],
                              interactive=False, value=[], wrap=True, elem_id="pairs-table")
@@ -93,7 +93,8 @@ class PairsTab:
             self.downloads, None, [trl, recipe], api_visibility="private")
         delete.click(self.delete, pair_id, [summary, table, note], api_name="delete_pair").then(
             self.downloads, None, [trl, recipe], api_visibility="private")
-        demo.load(self.listing, None, [summary, table], api_visibility="private").then(
+        # Listed, and the exports written, when the tab is opened: not on every page load of the app.
+        tab.select(self.listing, None, [summary, table], api_visibility="private").then(
             self.downloads, None, [trl, recipe], api_visibility="private")
         # The exports as named endpoints, for scripts.
         exported, api = gr.File(visible=False), gr.Button(visible=False)
