@@ -88,6 +88,15 @@ class Settings:
         Path("data/pairs.sqlite"), "PAIRS_DB",
         "The preference pairs store (SQLite): the app records votes, picks, edits and corrected verdicts in it; "
         "`python -m finetune train data=...` reads it.")
+    train_config: Path = _setting(
+        Path("finetune/configs/recipe-r1-qwen14b.yaml"), "TRAIN_CONFIG",
+        "The training config the Train tab starts from (steps, learning rate, beta and LoRA rank are in the "
+        "form; the rest comes from this YAML).")
+    train_memory_cap_gb: float = _setting(
+        0.0, "TRAIN_MEMORY_CAP_GB",
+        "Memory the chat model and a training run started from the app may use together, in GiB. 0: the GPU's "
+        "free memory decides. When the run's estimate does not fit beside the chat model, the model is "
+        "unloaded for the run and reloaded after it (on CPU only when this is set).")
     model_backend: str = _setting(
         "local", "MODEL_BACKEND",
         "local: generate in this process (transformers + PEFT; Unsloth's fast path on CUDA when installed). "
@@ -169,6 +178,8 @@ def _problems(s: Settings) -> Iterator[str]:
     if not 0 <= s.chunk_overlap < s.chunk_size:
         yield (f"CHUNK_OVERLAP={s.chunk_overlap} must be at least 0 and smaller than CHUNK_SIZE={s.chunk_size}; "
                "lower CHUNK_OVERLAP (a fifth of CHUNK_SIZE is usual) or raise CHUNK_SIZE")
+    if not s.train_memory_cap_gb >= 0:
+        yield f"{_env(s, 'train_memory_cap_gb')}: must be 0 (no cap) or above"
     if not s.adapter_poll_s >= 0:
         yield f"{_env(s, 'adapter_poll_s')}: must be 0 (never look) or above"
     if not s.temperature >= 0:

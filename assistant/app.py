@@ -1,4 +1,5 @@
-"""The web app: chat, debate verification, the knowledge store, pairs and adapters, on Gradio in FastAPI.
+"""The web app: chat, debate verification, the knowledge store, pairs, training and adapters, on Gradio in
+FastAPI.
 
     python -m assistant serve                      # http://127.0.0.1:7860, this machine only
     APP_AUTH=me:secret python -m assistant serve --host 0.0.0.0
@@ -28,12 +29,14 @@ from starlette.routing import Mount
 
 from assistant.chat import Assistant
 from assistant.feedback import FeedbackStore
+from assistant.training import TrainingControl
 from assistant.ui_adapters import AdaptersTab
 from assistant.ui_chat import ChatTab
 from assistant.ui_feedback import ChatFeedback, VerdictCorrection
 from assistant.ui_knowledge import KnowledgeTab
 from assistant.ui_model import LOADING, ModelLoader
 from assistant.ui_pairs import PairsTab
+from assistant.ui_train import TrainTab
 from assistant.ui_verify import VerifyTab
 from errors import UserError
 from finetune.pairs_store import PairsStore
@@ -89,6 +92,8 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab, 
                 knowledge.build(settings, demo)
             with gr.Tab("Pairs", id="pairs", elem_id="tab-pairs") as pairs_tab:
                 pairs.build(pairs_tab)
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                TrainTab(TrainingControl(loader), loader).build(demo, status)
             with gr.Tab("Adapters", id="adapters", elem_id="tab-adapters"):
                 AdaptersTab(assistant.adapters, loader).build(demo, status)
         # Poll the model's status until loading ends; outside the queue, so polls never take a place in line.

@@ -11,6 +11,7 @@ from assistant.adapter_switch import AdapterSwitch
 from assistant.citation_support import SentenceSupport, citation_support, cited_numbers
 from assistant.prompting import answer_parts, build_prompt, retrieval_query
 from assistant.runtime import GenerationParams, ModelRuntime, load_runtime
+from errors import ModelUnavailable
 from finetune.prompts import split_reasoning
 from knowledge import Hit, KnowledgeStore
 from settings import Settings
@@ -96,15 +97,31 @@ class Assistant:
         self._runtime, self._store = runtime, store
         self._runtime_lock, self._store_lock = threading.Lock(), threading.Lock()
         self.adapters = AdapterSwitch(self.settings)
+        self.unloaded: str | None = None  # why the model is unloaded (a training run has its memory)
 
     @property
     def runtime(self) -> ModelRuntime:
         with self._runtime_lock:
+            if self.unloaded:
+                raise ModelUnavailable(self.unloaded)
             if self._runtime is None:
                 self._runtime = load_runtime(self.settings)
             if self.adapters.runtime is None:
                 self.adapters.attach(self._runtime)
         return self._runtime
+
+    def unload(self, reason: str) -> None:
+        """Free the model's memory after the answers in flight; until ``reload``, answers fail with ``reason``."""
+        with self.adapters.gate.swap(), self._runtime_lock:
+            runtime, self._runtime, self.unloaded = self._runtime, None, reason
+            self.adapters.runtime = None
+        if runtime is not None and hasattr(runtime, "close"):
+            runtime.close()
+
+    def reload(self) -> None:
+        """Let the next use load the model again (``unload`` undone); the adapter choice applies as at start."""
+        with self._runtime_lock:
+            self.unloaded = None
 
     @property
     def store(self) -> KnowledgeStore:

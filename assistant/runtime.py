@@ -132,6 +132,22 @@ class LocalRuntime:
     def render_chat(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def close(self) -> None:
+        """Free the model's memory, for a training run that needs it; this runtime answers no more."""
+        import gc
+
+        import torch
+
+        self._generator.shutdown(wait=True)
+        self.model, self._loaded = None, {}
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def memory_gib(self) -> float:
+        """What the model's weights take (on the GPU when it runs there)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**30
+
     def _answering_model(self):
         """The context in which ``self.model`` answers as the model in use: with adapters loaded, the base
         model answers with them switched off."""

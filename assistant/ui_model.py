@@ -14,7 +14,7 @@ from assistant.chat import Assistant
 from assistant.runtime import TINY_MODEL_HINT, ModelRuntime
 from errors import UserError
 
-LOADING, READY, UNAVAILABLE = "loading", "ready", "unavailable"
+LOADING, READY, UNAVAILABLE, UNLOADED = "loading", "ready", "unavailable", "unloaded"
 
 
 def with_hint(message: str) -> str:
@@ -57,6 +57,24 @@ class ModelLoader:
         else:
             self.state = READY
 
+    def unload(self, reason: str) -> None:
+        """Free the model for a training run (after the answers in flight); questions get ``reason`` meanwhile."""
+        self.wait()
+        if self.state != READY:
+            return
+        self.assistant.unload(reason)
+        self.state, self.error = UNLOADED, reason
+        print(f"note: {reason}", file=sys.stderr, flush=True)
+
+    def reload(self) -> None:
+        """Load the model again after ``unload``, in the background as at start."""
+        if self.state != UNLOADED:
+            return
+        self.assistant.reload()
+        self.state, self.error = LOADING, None
+        self._thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
+        self._thread.start()
+
     def wait(self) -> ModelRuntime | None:
         """The runtime once loading has ended; None when the model is unavailable."""
         self.start()
@@ -78,6 +96,8 @@ class ModelLoader:
             runtime = self.runtime
             return (f"**Model:** {short_model_name(runtime.model_name)} + adapter "
                     f"{runtime.adapter or 'none'} — ready")
+        if self.state == UNLOADED:
+            return f"**Model:** unloaded: {self.error}"
         if self.state == LOADING:
             return f"**Model:** loading {short_model_name(self.assistant.settings.chat_model)}… (the knowledge tab " \
                    "works meanwhile; questions wait until it is loaded)"

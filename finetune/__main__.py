@@ -1,10 +1,12 @@
-"""python -m finetune prepare DATA | train --config FILE [key=value ...] | pairs ... | tiny-model OUT_DIR"""
+"""python -m finetune prepare DATA | train --config FILE [key=value ...] | run FOLDER | eval ... | pairs ... |
+tiny-model OUT_DIR"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from errors import UserError
 from finetune.data import FORMATS, DataError
@@ -41,6 +43,12 @@ def _train(args: argparse.Namespace) -> int:
     result = train(load_config(args.config, args.overrides), resume=args.resume)
     print(f"adapter written to {result.output_dir} after {result.global_step} steps ({result.backend} backend)")
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from finetune.runs import execute
+
+    return execute(Path(args.folder), resume=args.resume)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -98,6 +106,7 @@ def _pairs_generate(args: argparse.Namespace) -> int:
 
     from assistant.chat import Assistant
     from assistant.runtime import import_unsloth_if_used
+    from finetune.adapters import read_adapter
     from finetune.pair_generation import PairGenerationConfig, generate_pairs, read_questions
     from settings import Settings
 
@@ -112,6 +121,14 @@ def _pairs_generate(args: argparse.Namespace) -> int:
         raise DataError("give a file of questions, or --from-store N to have the model draft N from your documents")
     assistant = Assistant(settings)
     questions = read_questions(args.questions) if args.questions else []
+    if "correct" in config.rules and not any(q.expected is not None for q in questions):
+        raise DataError('the correct rule needs expected answers: give questions as JSONL rows with '
+                        '"question" and "expected"')
+    if args.adapter:
+        adapter = read_adapter(Path(args.adapter), settings.chat_model)
+        if not adapter.usable:
+            raise DataError(f"cannot answer with the adapter {args.adapter}: {adapter.reason}")
+        assistant.runtime.activate(adapter)
     if args.from_store:
         from finetune.pair_generation import draft_questions
 
@@ -159,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.set_defaults(run=_train)
 
+    r = commands.add_parser("run", help="carry out a training run the app prepared in FOLDER: train, then "
+                            "evaluate on its held-out pairs (the app's Train tab starts this)")
+    r.add_argument("folder", help="the run's folder in ADAPTER_DIR (it holds run.json)")
+    r.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+    r.set_defaults(run=_run)
+
     e = commands.add_parser("eval", help="base model and adapters side by side on held-out prompts and pairs")
     e.add_argument("--model", help="base model (default: CHAT_MODEL)")
     e.add_argument("--adapter", action="append", default=[], help="an adapter folder; repeat for several")
@@ -192,13 +215,16 @@ def main(argv: list[str] | None = None) -> int:
             a.add_argument("--json", action="store_true", help="as JSON")
         a.set_defaults(run=_pairs)
     g = pairs.add_parser("generate", help="pairs from questions alone: sample answers, keep clear best/worst")
-    g.add_argument("questions", nargs="?", help="questions: a text file (one per line) or JSONL with a question field")
+    g.add_argument("questions", nargs="?", help="questions: a text file (one per line) or JSONL with a question "
+                   "field and optionally an expected answer")
     g.add_argument("--from-store", type=int, metavar="N",
                    help="also have the model draft questions from N passages drawn from the knowledge store")
     g.add_argument("--out", default="data/pairs.sqlite", help="a pairs store (.sqlite) or a JSONL file")
     g.add_argument("--samples", type=int, default=4, help="answers per question (default 4)")
     g.add_argument("--rules", default="duplication,think", help="comma-separated: duplication, think, citation, "
-                   "length (default duplication,think)")
+                   "length, correct (needs expected answers in the questions) (default duplication,think)")
+    g.add_argument("--adapter", help="answer with this adapter folder (default: the base model), e.g. to make the "
+                   "next round's pairs with the adapter the last round trained")
     g.add_argument("--margin", type=float, default=0.5, help="least score difference of a kept pair")
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--max-new-tokens", type=int, default=1024)

@@ -4,7 +4,9 @@ One adapter is one folder in ADAPTER_DIR (or ADAPTER_DIR itself) holding PEFT's 
 weights. ``python -m finetune train`` also writes ``train_config.yaml`` when it starts and ``training_info.json``
 (base model, prompt format, steps, data report) as its last file, after the weights: a folder with the first
 and not yet the second is a run still going, so it is listed as incomplete and never loaded. An optional
-``eval.json`` (``python -m finetune eval ... --json > ADAPTER/eval.json``) gives the list its eval summary.
+``eval.json`` (``python -m finetune eval ... --json > ADAPTER/eval.json``) gives the list its eval summary. A
+run started from the app also holds ``run.json`` (``finetune/runs.py``), whose status says why a folder
+without ``training_info.json`` is not an adapter yet: running, cancelled, failed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 INFO_NAME = "training_info.json"
 CONFIG_NAME = "train_config.yaml"
 EVAL_NAME = "eval.json"
+RUN_NAME = "run.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 EVAL_KEYS = ("think_rate", "duplication_rate", "accuracy", "preference_accuracy")
 
@@ -84,8 +87,8 @@ def adapter_folders(adapter_dir: Path) -> list[Path]:
         return []
     if (adapter_dir / "adapter_config.json").exists():
         return [adapter_dir]
-    return sorted(p for p in adapter_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and (
-        (p / "adapter_config.json").exists() or (p / CONFIG_NAME).exists()))
+    return sorted(p for p in adapter_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and any(
+        (p / name).exists() for name in ("adapter_config.json", CONFIG_NAME, RUN_NAME)))
 
 
 def read_adapter(folder: Path, base_model: str) -> AdapterEntry:
@@ -100,7 +103,10 @@ def read_adapter(folder: Path, base_model: str) -> AdapterEntry:
 
 
 def _unusable(folder: Path, info: dict, entry: AdapterEntry, base_model: str) -> str | None:
-    if (folder / CONFIG_NAME).exists() and not info:
+    run_status = read_json(folder / RUN_NAME).get("status")
+    if not info and run_status in ("cancelled", "failed"):
+        return f"training {run_status}: resume the run in the Train tab, or delete the folder"
+    if not info and (run_status or (folder / CONFIG_NAME).exists()):
         return f"incomplete: training is still writing it (no {INFO_NAME} yet)"
     if entry.base_model and not same_model(entry.base_model, base_model):
         return f"trained on {entry.base_model}, not on CHAT_MODEL={base_model}"

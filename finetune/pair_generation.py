@@ -10,10 +10,14 @@ differ by at least ``margin``). The rules are the habits ORPO is meant to teach 
 - ``duplication``: the answer repeats its reasoning (penalty: the duplication, 0..1);
 - ``think``: the reasoning block is missing or never closed (penalty 1);
 - ``citation``: passages were retrieved and the answer cites none of them (penalty 1);
-- ``length``: the answer is shorter or longer than the range given (penalty 1).
+- ``length``: the answer is shorter or longer than the range given (penalty 1);
+- ``correct``: the question came with an expected answer and the answer does not hold it (penalty 1). A
+  model that a first round of ORPO made terse may cut answers short; with this rule the next round's pairs
+  teach it that a short wrong answer is worse than a long right one.
 
 Pairs go to the pairs store (origin "generated") or to a JSONL file of TRL rows. A run can be stopped and
-started again: questions that already have a generated pair there are skipped.
+started again: questions that already have a pair there from the same model and adapter are skipped, so a
+second round with a newly trained adapter (``--adapter``) adds pairs of its own for the same questions.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from finetune.data import DataError, read_json_rows
 from finetune.metrics import CompletionScore, score_completion, split_completion
 from finetune.pairs_store import Completion, PairsStore, is_pairs_store
 
-RULES = ("duplication", "think", "citation", "length")
+RULES = ("duplication", "think", "citation", "length", "correct")
 
 
 @dataclass
@@ -74,19 +78,32 @@ def penalty(score: CompletionScore, config: PairGenerationConfig) -> float:
         total += 1.0
     if "length" in config.rules and not config.min_answer_chars <= score.answer_chars <= config.max_answer_chars:
         total += 1.0
+    if "correct" in config.rules and score.correct is False:
+        total += 1.0
     return total
 
 
-def read_questions(path: str | Path) -> list[str]:
-    """Questions from a text file (one per line) or JSONL/JSON rows with a "question" (or "prompt") field."""
+@dataclass(frozen=True)
+class Question:
+    text: str
+    expected: str | None = None  # the right answer, for the ``correct`` rule
+
+
+def read_questions(path: str | Path) -> list[Question]:
+    """Questions from a text file (one per line) or JSONL/JSON rows with a "question" (or "prompt") field and
+    an optional "expected" answer."""
     path = Path(path)
     if path.suffix.lower() in (".jsonl", ".json"):
-        rows = read_json_rows(path, "questions")
-        questions = [str(r.get("question") or r.get("prompt") or "").strip() if isinstance(r, dict) else str(r)
-                     for r in rows]
-        questions = [q for q in questions if q]
+        questions = []
+        for row in read_json_rows(path, "questions"):
+            row = row if isinstance(row, dict) else {"question": row}
+            text = str(row.get("question") or row.get("prompt") or "").strip()
+            expected = row.get("expected")
+            if text:
+                questions.append(Question(text, None if expected is None else str(expected)))
     elif path.is_file():
-        questions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        questions = [Question(line.strip()) for line in path.read_text(encoding="utf-8").splitlines()
+                     if line.strip()]
     else:
         raise DataError(f"{path} does not exist; give a file of questions, one per line")
     if not questions:
@@ -120,26 +137,32 @@ def draft_questions(assistant: Assistant, count: int, config: PairGenerationConf
 
 
 class _JsonlSink:
-    """Generated pairs as TRL rows (plus the question, for resuming) appended to a JSONL file."""
+    """Generated pairs as TRL rows (plus the question and who answered, for resuming) appended to a JSONL file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, model: str, adapter: str | None):
         self.path = path
         self.done = set()
         if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    self.done.add(json.loads(line).get("question"))
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                try:
+                    row = json.loads(line) if line.strip() else {}
+                except ValueError:
+                    raise DataError(f"{path} line {number} is not JSON; repair or delete that line to resume "
+                                    "into this file, or write to another file") from None
+                if row.get("model") == model and row.get("adapter") == adapter:
+                    self.done.add(row.get("question"))
 
     def add(self, chosen: Completion, rejected: Completion) -> None:
-        row = {"prompt": chosen.prompt, "chosen": chosen.text, "rejected": rejected.text, "question": chosen.question}
+        row = {"prompt": chosen.prompt, "chosen": chosen.text, "rejected": rejected.text, "question": chosen.question,
+               "model": chosen.model, "adapter": chosen.adapter}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 class _StoreSink:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, model: str, adapter: str | None):
         self.store = PairsStore(path)
-        self.done = self.store.questions_with_pairs("generated")
+        self.done = self.store.questions_with_pairs("generated", model, adapter)
 
     def add(self, chosen: Completion, rejected: Completion) -> None:
         self.store.add_pair(self.store.add_answer(chosen), self.store.add_answer(rejected), "generated")
@@ -157,24 +180,28 @@ def sample_answers(assistant: Assistant, prompts: list[str], config: PairGenerat
     return [["".join(runtime.stream(p, params)) for _ in range(config.samples)] for p in prompts]
 
 
-def generate_pairs(assistant: Assistant, questions: Iterable[str], out: str | Path,
+def generate_pairs(assistant: Assistant, questions: Iterable[Question | str], out: str | Path,
                    config: PairGenerationConfig | None = None,
                    progress: Callable[[str], None] | None = None) -> GenerationReport:
     """Answer each question ``config.samples`` times and keep clear best/worst pairs in ``out``.
+
+    A question given as a plain string has no expected answer.
 
     Questions are answered ``config.questions_per_batch`` at a time; each batch's pairs are stored when it
     ends, so a stopped run loses at most one batch of work.
     """
     config = config or PairGenerationConfig()
     out = Path(out)
-    sink = _StoreSink(out) if is_pairs_store(out) else _JsonlSink(out)
+    runtime = assistant.runtime
+    sink = (_StoreSink if is_pairs_store(out) else _JsonlSink)(out, runtime.model_name, runtime.adapter)
     report = GenerationReport()
     todo = []
     for question in questions:
-        if question in sink.done:
+        question = Question(question) if isinstance(question, str) else question
+        if question.text in sink.done:
             report.skipped += 1
             if progress:
-                progress(question)
+                progress(question.text)
         else:
             todo.append(question)
     for i in range(0, len(todo), config.questions_per_batch):
@@ -182,13 +209,13 @@ def generate_pairs(assistant: Assistant, questions: Iterable[str], out: str | Pa
     return report
 
 
-def _answer_batch(assistant: Assistant, questions: list[str], sink, config: PairGenerationConfig,
+def _answer_batch(assistant: Assistant, questions: list[Question], sink, config: PairGenerationConfig,
                   report: GenerationReport, progress: Callable[[str], None] | None) -> None:
     runtime = assistant.runtime
     prompts = []
     for question in questions:
-        hits = assistant.retrieve(question) if config.retrieval else None
-        instruction, context = answer_parts([{"role": "user", "content": question}], hits)
+        hits = assistant.retrieve(question.text) if config.retrieval else None
+        instruction, context = answer_parts([{"role": "user", "content": question.text}], hits)
         prompts.append((build_prompt(instruction, context, runtime.prompt_format, runtime.render_chat),
                         instruction, context))
     for question, (prompt, instruction, context), texts in zip(
@@ -196,16 +223,16 @@ def _answer_batch(assistant: Assistant, questions: list[str], sink, config: Pair
         scored = []
         for text in texts:
             reasoning, answer, closed = split_completion(prompt, text)
-            scored.append((penalty(score_completion(prompt, text), config), Completion(
+            scored.append((penalty(score_completion(prompt, text, question.expected), config), Completion(
                 prompt, reasoning, answer, instruction, context, runtime.prompt_format, runtime.model_name,
-                runtime.adapter, question, thinking_closed=closed)))
+                runtime.adapter, question.text, thinking_closed=closed)))
         scored.sort(key=lambda item: item[0])
         (best, chosen), (worst, rejected) = scored[0], scored[-1]
         if worst - best >= config.margin:
             sink.add(chosen, rejected)
-            sink.done.add(question)
+            sink.done.add(question.text)
             report.pairs += 1
         else:
-            report.no_clear_winner.append(question)
+            report.no_clear_winner.append(question.text)
         if progress:
-            progress(question)
+            progress(question.text)

@@ -248,11 +248,12 @@ class PairsStore:
         return [StoredPair(row[0], _completion(row[4:4 + width]), _completion(row[4 + width:]), row[1], row[2],
                            row[3]) for row in rows]
 
-    def questions_with_pairs(self, origin: str) -> set[str]:
-        """The questions that already have a pair of ``origin`` (what a resumed `pairs generate` skips)."""
+    def questions_with_pairs(self, origin: str, model: str, adapter: str | None) -> set[str]:
+        """The questions that already have a pair of ``origin`` answered by ``model`` with ``adapter`` (what a
+        resumed `pairs generate` skips; a round with a newly trained adapter makes pairs of its own)."""
         return {row[0] for row in self._read(
-            "SELECT DISTINCT a.question FROM pairs p JOIN answers a ON a.id = p.chosen_id WHERE p.origin = ?",
-            (origin,))}
+            "SELECT DISTINCT a.question FROM pairs p JOIN answers a ON a.id = p.chosen_id "
+            "WHERE p.origin = ? AND a.model = ? AND a.adapter IS ?", (origin, model, adapter))}
 
     def unpaired_down_votes(self) -> int:
         """Answers voted down that still wait for a better answer to their prompt."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -39,7 +40,8 @@ class TrainingLogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
-        record = {"step": state.global_step, "epoch": state.epoch}
+        # The wall time and the run's length let a reader of the log (the Train tab) show progress and an ETA.
+        record = {"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch, "time": time.time()}
         record.update({k: logs[k] for k in LOGGED_KEYS if k in logs})
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

@@ -12,7 +12,7 @@ import pytest
 
 from assistant.chat import Assistant
 from finetune.data import DataError, prepare_data
-from finetune.pair_generation import PairGenerationConfig, generate_pairs, read_questions
+from finetune.pair_generation import PairGenerationConfig, Question, generate_pairs, read_questions
 from finetune.pairs_store import PairsStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +78,21 @@ def test_a_second_run_skips_the_questions_done_and_the_output_trains(settings, p
         assert (first.pairs, again.pairs, again.skipped, runtime.calls) == (2, 1, 2, 2)
         prepared = prepare_data(out, tiny_tokenizer)
         assert len(prepared.pairs) == 3 and not prepared.rejected
+        # The next round, with the adapter the last one trained, makes pairs of its own for the same questions.
+        runtime = CyclingRuntime(*outputs)
+        runtime.adapter = "orpo-1"
+        next_round = generate_pairs(Assistant(settings, runtime=runtime, store=pump_store), ["One?", "Two?"], out,
+                                    PairGenerationConfig(samples=2))
+        assert (next_round.pairs, next_round.skipped) == (2, 0)
+
+
+def test_a_broken_line_in_a_jsonl_output_is_named_before_any_work(settings, pump_store, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    out.write_text('{"question": "One?"}\n{"question": \n', encoding="utf-8")
+    runtime = CyclingRuntime(f"{REASONING}</think>Forty [1].")
+    with pytest.raises(DataError, match="line 2"):
+        generate_pairs(Assistant(settings, runtime=runtime, store=pump_store), ["Two?"], out)
+    assert runtime.calls == 0 and out.read_text(encoding="utf-8").count("\n") == 2
 
 
 def test_unknown_rules_and_a_single_sample_are_refused():
@@ -89,15 +104,28 @@ def test_unknown_rules_and_a_single_sample_are_refused():
 
 def test_questions_come_from_text_or_jsonl(tmp_path):
     (tmp_path / "q.txt").write_text("First?\n\n  Second?\n", encoding="utf-8")
-    (tmp_path / "q.jsonl").write_text('{"question": "Third?"}\n{"prompt": "Fourth?"}\n', encoding="utf-8")
-    assert read_questions(tmp_path / "q.txt") == ["First?", "Second?"]
-    assert read_questions(tmp_path / "q.jsonl") == ["Third?", "Fourth?"]
+    (tmp_path / "q.jsonl").write_text('{"question": "Third?", "expected": 12}\n{"prompt": "Fourth?"}\n',
+                                      encoding="utf-8")
+    assert read_questions(tmp_path / "q.txt") == [Question("First?"), Question("Second?")]
+    assert read_questions(tmp_path / "q.jsonl") == [Question("Third?", "12"), Question("Fourth?")]
+
+
+def test_the_correct_rule_rejects_a_short_wrong_answer(settings, pump_store, tmp_path):
+    # A model made terse by a first round cuts "12" to "1": to the duplication rule both answers are clean.
+    runtime = CyclingRuntime("4 plus 8 makes 12.</think>1.", "4 plus 8 makes 12.</think>12.")
+    question = Question("What is 4 plus 8?", "12")
+    for rules, pairs in ((("duplication",), 0), (("duplication", "correct"), 1)):
+        out = tmp_path / f"{'-'.join(rules)}.jsonl"
+        report = generate_pairs(Assistant(settings, runtime=runtime, store=pump_store), [question], out,
+                                PairGenerationConfig(samples=2, rules=rules))
+        assert report.pairs == pairs
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["chosen"].endswith("</think>12.") and row["rejected"].endswith("</think>1.")
 
 
 def test_the_cli_runs_on_the_tiny_model(tmp_path, tiny_model_dir, minilm_path):
     (tmp_path / "questions.txt").write_text("How fast is the pump?\nWho keeps the lighthouse?\n", encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CHAT_MODEL": str(tiny_model_dir), "EMBEDDING_MODEL": minilm_path,
-           "KNOWLEDGE_DIR": str(tmp_path / "knowledge"), "ADAPTER_DIR": str(tmp_path / "adapters")}
+    env = pairs_cli_env(tmp_path, tiny_model_dir, minilm_path)
     run = subprocess.run([sys.executable, "-m", "finetune", "pairs", "generate", str(tmp_path / "questions.txt"),
                           "--out", str(tmp_path / "pairs.sqlite"), "--samples", "3", "--max-new-tokens", "12",
                           "--rules", "length", "--min-chars", "1", "--margin", "1", "--json"],
@@ -107,6 +135,33 @@ def test_the_cli_runs_on_the_tiny_model(tmp_path, tiny_model_dir, minilm_path):
     # The random model rarely closes its reasoning, so most answers are empty: a pair only where one is not.
     assert report["pairs"] + len(report["no_clear_winner"]) == 2
     assert PairsStore(tmp_path / "pairs.sqlite").count() == report["pairs"]
+
+
+def pairs_cli_env(tmp_path: Path, tiny_model_dir: Path, minilm_path: str) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "CHAT_MODEL": str(tiny_model_dir), "EMBEDDING_MODEL": minilm_path,
+            "KNOWLEDGE_DIR": str(tmp_path / "knowledge"), "ADAPTER_DIR": str(tmp_path / "adapters")}
+
+
+def test_the_cli_answers_with_the_adapter_it_is_given(tmp_path, tiny_model_dir, minilm_path):
+    from tests.assistant_fixtures import save_adapter
+
+    adapter = save_adapter(tiny_model_dir, tmp_path / "round-1", str(tiny_model_dir))
+    (tmp_path / "questions.txt").write_text("How fast is the pump?\n", encoding="utf-8")
+    run = subprocess.run([sys.executable, "-m", "finetune", "pairs", "generate", str(tmp_path / "questions.txt"),
+                          "--out", str(tmp_path / "pairs.sqlite"), "--samples", "2", "--max-new-tokens", "4",
+                          "--rules", "length", "--margin", "0", "--no-retrieval", "--adapter", str(adapter)],
+                         env=pairs_cli_env(tmp_path, tiny_model_dir, minilm_path), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    [pair] = PairsStore(tmp_path / "pairs.sqlite").pairs()
+    assert pair.chosen.adapter == pair.rejected.adapter == "round-1"
+
+
+def test_the_correct_rule_without_expected_answers_says_what_to_give(tmp_path, capsys):
+    from finetune.__main__ import main
+
+    (tmp_path / "q.txt").write_text("What is 4 plus 8?\n", encoding="utf-8")
+    assert main(["pairs", "generate", str(tmp_path / "q.txt"), "--rules", "correct"]) == 2
+    assert '"expected"' in capsys.readouterr().err
 
 
 def test_the_model_drafts_questions_from_passages_of_the_store(settings, pump_store):

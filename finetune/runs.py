@@ -1,0 +1,343 @@
+"""Training runs: one folder each in ADAPTER_DIR, which becomes the adapter the run trains.
+
+This is the hand-off between whoever starts a run (the app's Train tab) and the job that carries it out
+(``python -m finetune run DIR``, in a process of its own: split the data, train, evaluate). All they share is
+in the folder, so a run outlives the page that started it and the app itself:
+
+- ``run.json``: what the run is (its data, held-out share, base config and overrides) and where it stands:
+  ``status`` (starting, running, done, failed, cancelled), the job's ``pid``, ``error``, times, and
+  ``chat_unloaded`` when the app unloaded its chat model to make room;
+- ``data/``: the files the run trains on (copied in when it starts), and the job's split of them
+  (``train.jsonl``, ``held-out-pairs.jsonl``);
+- what ``finetune train`` writes there (its config, checkpoints, ``training_log.jsonl``, the adapter,
+  ``training_info.json`` last) and the evaluation after it (``eval.json``, ``eval.png``);
+- ``job.log``: the job's console.
+
+A cancelled run keeps its last checkpoint and no ``training_info.json``, so the app does not take it for a
+finished adapter; resuming continues from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from errors import UserError
+from finetune.adapters import EVAL_NAME, INFO_NAME, RUN_NAME, read_json, write_json
+
+JOB_LOG = "job.log"
+STARTING, RUNNING, DONE, FAILED, CANCELLED = "starting", "running", "done", "failed", "cancelled"
+ENDED = (DONE, FAILED, CANCELLED)
+EVAL_PLOT = "eval.png"
+
+
+class RunError(UserError):
+    """A run cannot be started, cancelled or resumed; the message says why and what to do."""
+
+
+@dataclass
+class RunSpec:
+    """What to train: the data, the share held out for evaluation, the base config and the form's overrides."""
+
+    model_name: str  # the base model: the app's CHAT_MODEL, so the adapter fits the model it serves
+    config: str  # a YAML file of finetune/configs/
+    sources: list[str] = field(default_factory=list)  # files or pairs stores, as `finetune prepare` reads them
+    held_out_share: float = 0.1  # of the pairs, kept out of training for the evaluation after it
+    overrides: dict = field(default_factory=dict)  # e.g. {"max_steps": 30, "learning_rate": 5e-6}
+    eval_max_new_tokens: int = 512
+
+
+@dataclass
+class RunRecord:
+    name: str
+    spec: RunSpec
+    status: str = STARTING
+    pid: int | None = None
+    created: float = field(default_factory=time.time)
+    ended: float | None = None
+    error: str | None = None
+    chat_unloaded: bool = False
+    phase: str | None = None  # while running: preparing, training, evaluating
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunRecord:
+        spec = RunSpec(**data["spec"])
+        return cls(**{**data, "spec": spec})
+
+
+def run_path(folder: Path) -> Path:
+    return Path(folder) / RUN_NAME
+
+
+def read_run(folder: Path) -> RunRecord | None:
+    """The folder's run record, with a run whose job died unseen marked failed; None when it has none."""
+    data = read_json(run_path(folder))
+    try:
+        record = RunRecord.from_dict(data) if data else None
+    except (KeyError, TypeError):
+        return None
+    if record and record.status in (STARTING, RUNNING) and record.pid and not _alive(record.pid):
+        record.status, record.ended = FAILED, record.ended or time.time()
+        record.error = record.error or f"the job (pid {record.pid}) ended without a word; see {JOB_LOG}"
+    return record
+
+
+def write_run(folder: Path, record: RunRecord) -> None:
+    write_json(run_path(folder), record.to_dict())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A finished child of this process stays a zombie until it is reaped: it counts as ended.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == 0
+
+
+def list_runs(adapter_dir: Path) -> list[RunRecord]:
+    """Every run in ``adapter_dir``, newest first."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        return []
+    runs = [r for p in adapter_dir.iterdir() if p.is_dir() and (r := read_run(p))]
+    return sorted(runs, key=lambda r: r.created, reverse=True)
+
+
+def active_run(adapter_dir: Path) -> RunRecord | None:
+    return next((r for r in list_runs(adapter_dir) if r.status not in ENDED), None)
+
+
+def create_run(adapter_dir: Path, spec: RunSpec) -> Path:
+    """A new run folder with the data copied in and the record written; refused while another run is going."""
+    going = active_run(adapter_dir)
+    if going is not None:
+        raise RunError(f"a training run is going ({going.name}, {going.status}); wait for it or cancel it first")
+    if not spec.sources:
+        raise RunError("no data: choose the collected pairs, upload files of pairs, or both")
+    if not 0 <= spec.held_out_share < 1:
+        raise RunError(f"the held-out share must be at least 0 and below 1, not {spec.held_out_share}")
+    name = time.strftime("run-%Y%m%d-%H%M%S")
+    folder = Path(adapter_dir) / name
+    while folder.exists():
+        name = f"{name}x"
+        folder = Path(adapter_dir) / name
+    (folder / "data").mkdir(parents=True)
+    copied = []
+    for source in spec.sources:
+        source = Path(source)
+        if not source.exists():
+            shutil.rmtree(folder)
+            raise RunError(f"{source.name} is not there any more; upload it again")
+        target = folder / "data" / f"{len(copied)}-{source.name}"
+        (shutil.copytree if source.is_dir() else _copy_file)(source, target)
+        copied.append(str(target))
+    spec = RunSpec(**{**asdict(spec), "sources": copied})
+    write_run(folder, RunRecord(name, spec))
+    return folder
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    if source.suffix == ".sqlite":
+        import sqlite3
+
+        # The store may be written while it is copied: SQLite's backup copies one consistent state of it.
+        with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+            src.backup(dst)
+    else:
+        shutil.copyfile(source, target)
+
+
+def launch(folder: Path, resume: bool = False) -> subprocess.Popen:
+    """Start the job for ``folder`` in a process (and process group) of its own; it outlives the app."""
+    folder = Path(folder)
+    command = [sys.executable, "-m", "finetune", "run", str(folder), *(["--resume"] if resume else [])]
+    with (folder / JOB_LOG).open("ab") as log:
+        job = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+    # The pid at once, so a job that dies before it writes its own record is seen to have ended.
+    record = read_run(folder)
+    if record is not None and record.pid is None:
+        record.pid = job.pid
+        write_run(folder, record)
+    return job
+
+
+def cancel(folder: Path) -> None:
+    """Ask the job to stop: it saves a checkpoint at the end of the step it is in and marks the run cancelled."""
+    record = read_run(folder)
+    if record is None or record.status in ENDED:
+        raise RunError(f"{Path(folder).name} is not running")
+    if record.pid is None:
+        raise RunError(f"{record.name} has not started yet; cancel it again in a moment")
+    try:
+        os.killpg(record.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
+def resume(folder: Path) -> subprocess.Popen:
+    """Continue a cancelled or failed run from its newest checkpoint."""
+    from finetune.train import latest_checkpoint
+
+    folder = Path(folder)
+    record = read_run(folder)
+    if record is None:
+        raise RunError(f"{folder.name} is not a training run")
+    going = active_run(folder.parent)
+    if going is not None:
+        raise RunError(f"a training run is going ({going.name}); wait for it or cancel it first")
+    if record.status not in (CANCELLED, FAILED):
+        raise RunError(f"{record.name} is {record.status}: only a cancelled or failed run can be resumed")
+    if latest_checkpoint(folder) is None:
+        raise RunError(f"{record.name} has no checkpoint to resume from; start a new run instead")
+    record.status, record.error, record.ended, record.pid = STARTING, None, None, None
+    write_run(folder, record)
+    return launch(folder, resume=True)
+
+
+# ---------------------------------------------------------------- the job
+
+
+class Cancelled(Exception):
+    """SIGTERM outside training: the job stops where it is."""
+
+
+class _CancelOnSignal:
+    """SIGTERM while training asks the Trainer to save a checkpoint and stop after the current step."""
+
+    def __init__(self):
+        self.requested, self.training = False, False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        if not self.training:
+            raise Cancelled
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class StopWhenAsked(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if outer.requested:
+                    control.should_save = control.should_training_stop = True
+
+        return StopWhenAsked()
+
+
+def split_data(folder: Path, spec: RunSpec, tokenizer, seed: int) -> tuple[Path, list]:
+    """Every source prepared, shuffled, and split: (the training file, the held-out pairs)."""
+    from finetune.data import DataError, prepare_data, write_jsonl
+
+    pairs, problems = [], []
+    for source in spec.sources:
+        prepared = prepare_data(source, tokenizer)
+        pairs += prepared.pairs
+        problems += [f"{Path(source).name}: {r.reason}" for r in prepared.rejected]
+    if problems:
+        print(f"{len(problems)} rows left out:\n" + "\n".join(problems[:20]), file=sys.stderr, flush=True)
+    random.Random(seed).shuffle(pairs)
+    held = round(len(pairs) * spec.held_out_share)
+    if len(pairs) - held < 1:
+        raise DataError(f"{len(pairs)} usable pairs: too few to train on with {held} held out; collect more")
+    train_file = folder / "data" / "train.jsonl"
+    write_jsonl(pairs[held:], train_file)
+    write_jsonl(pairs[:held], folder / "data" / "held-out-pairs.jsonl")
+    return train_file, pairs[:held]
+
+
+def execute(folder: Path, resume: bool = False) -> int:
+    """The job: split the data, train (or resume), evaluate on the held-out share; the record says how it went."""
+    from finetune.config import load_config
+    from finetune.data import PreferencePair
+    from finetune.train import train
+
+    folder = Path(folder)
+    record = read_run(folder)
+    if record is None:
+        raise RunError(f"{folder} holds no {RUN_NAME}; start runs from the app's Train tab")
+    record.status, record.pid, record.error = RUNNING, os.getpid(), None
+    write_run(folder, record)
+    spec = record.spec
+    stop = _CancelOnSignal()
+
+    def enter(phase: str) -> None:
+        record.phase = phase
+        write_run(folder, record)
+
+    try:
+        enter("preparing")
+        overrides = [f"{k}={v}" for k, v in spec.overrides.items()]
+        config = load_config(spec.config, [*overrides, f"model_name={spec.model_name}", f"output_dir={folder}"])
+        held_file = folder / "data" / "held-out-pairs.jsonl"
+        if resume:
+            config.data = str(folder / "data" / "train.jsonl")
+        else:
+            from finetune.hf_backend import load_tokenizer
+
+            config.data = str(split_data(folder, spec, load_tokenizer(spec.model_name), config.seed)[0])
+        stop.training = True
+        enter("training")
+        result = train(config, resume=resume, callbacks=[stop.callback()])
+        stop.training = False
+        if stop.requested:
+            (folder / INFO_NAME).unlink(missing_ok=True)  # a stopped run is not a finished adapter
+            raise Cancelled
+        print(f"run {record.name}: {result.global_step} steps, adapter in {folder}", flush=True)
+        from finetune.data import read_json_rows
+
+        held = [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in read_json_rows(held_file, "pairs")] \
+            if held_file.stat().st_size else []
+        if held:
+            enter("evaluating")
+            try:
+                _evaluate(folder, spec, held)
+            except Cancelled:
+                record.error = "the evaluation was cancelled; the adapter is complete"
+        record.status = DONE
+    except Cancelled:
+        record.status = CANCELLED
+        print(f"run {record.name}: cancelled; resume it from the Train tab or with --resume", flush=True)
+    except UserError as e:
+        record.status, record.error = FAILED, str(e)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    except Exception as e:  # noqa: BLE001 - the record must say the run failed, whatever failed it
+        traceback.print_exc()
+        record.status, record.error = FAILED, f"{type(e).__name__}: {e} (the traceback is in {JOB_LOG})"
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    record.ended, record.phase = time.time(), None
+    write_run(folder, record)
+    return 0 if record.status == DONE else 1
+
+
+def _evaluate(folder: Path, spec: RunSpec, held: list) -> None:
+    """Base against the new adapter on the held-out pairs: their prompts answered (greedy), and how often each
+    model prefers the chosen answer. ``eval.json`` is what the adapters list summarizes."""
+    from finetune import evaluation
+
+    prompts = list(dict.fromkeys(p.prompt for p in held))
+    reports = evaluation.evaluate(spec.model_name, [folder], [evaluation.EvalPrompt(p) for p in prompts], held,
+                                  evaluation.GenerationConfig(max_new_tokens=spec.eval_max_new_tokens))
+    write_json(folder / EVAL_NAME, {"models": [r.to_dict() for r in reports]})
+    evaluation.plot(reports, folder / EVAL_PLOT)
