@@ -49,7 +49,7 @@ def _duration(seconds: float | None) -> str:
 
 def curves(log: list[dict], keys: tuple[str, ...]) -> pd.DataFrame:
     rows = [{"step": r["step"], "value": r[k], "series": k} for r in log for k in keys if k in r]
-    return pd.DataFrame(rows or [{"step": 0, "value": 0.0, "series": keys[0]}])
+    return pd.DataFrame(rows, columns=["step", "value", "series"])
 
 
 def progress_markdown(state: dict) -> str:

@@ -53,19 +53,19 @@ def task_items(seed: int) -> list[dict]:
     for place in PLACES_EN:
         for name in rng.sample(NAMES_EN, 8):
             items.append({"question": f"The keeper of {place} is {name}. Who keeps {place}?",
-                          "reasoning": f"The note says the keeper of {place} is {name}, so {place} is kept by {name}.",
+                          "reasoning": f"The note names {name} as the keeper of {place}.",
                           "short": f"{name}.", "expected": name})
     for place in PLACES_JA:
         for name in rng.sample(NAMES_JA, 8):
             items.append({"question": f"{place}の管理人は{name}です。{place}を管理しているのは誰ですか？",
-                          "reasoning": f"メモには{place}の管理人は{name}とあるので、{place}を管理しているのは{name}です。",
+                          "reasoning": f"メモによると{place}の管理人は{name}です。",
                           "short": f"{name}です。", "expected": name})
     for a in range(10):
         for b in range(10):
-            items.append({"question": f"What is {a} plus {b}?", "reasoning": f"{a} plus {b} makes {a + b}, so the sum "
-                          f"of {a} and {b} is {a + b}.", "short": f"{a + b}.", "expected": str(a + b)})
-            items.append({"question": f"{a}たす{b}はいくつですか？", "reasoning": f"{a}と{b}を足すと{a + b}になるので、"
-                          f"{a}たす{b}は{a + b}です。", "short": f"{a + b}です。", "expected": str(a + b)})
+            items.append({"question": f"What is {a} plus {b}?", "reasoning": f"Counting on from {a} by {b} reaches "
+                          f"{a + b}.", "short": f"{a + b}.", "expected": str(a + b)})
+            items.append({"question": f"{a}たす{b}はいくつですか？", "reasoning": f"{a}から{b}つ数えると{a + b}になります。",
+                          "short": f"{a + b}です。", "expected": str(a + b)})
     rng.shuffle(items)
     return items
 
@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling for pairs generate")
     parser.add_argument("--rules", default="duplication", help="pairs generate's rules")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse-base", action="store_true",
+                        help="use the base model already in --out (to try other pairs or ORPO settings)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -169,10 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     # questions are held out from the pairs and from ORPO, so the evaluation sees prompts ORPO never did.
     items = task_items(args.seed)
     held_out, train_items = items[:args.held_out], items[args.held_out:]
-    model_dir = train_base(args.out, items, args.base_steps, args.seed, args.hidden, args.layers)
+    model_dir = args.out / "base-model"
+    if not (args.reuse_base and (model_dir / "model.safetensors").exists()):
+        model_dir = train_base(args.out, items, args.base_steps, args.seed, args.hidden, args.layers)
 
-    questions = args.out / "questions.txt"
-    questions.write_text("\n".join(i["question"] for i in train_items[:args.questions]) + "\n", encoding="utf-8")
+    questions = args.out / "questions.jsonl"  # with the expected answers, for the `correct` rule
+    questions.write_text("".join(json.dumps({"question": i["question"], "expected": i["expected"]},
+                                            ensure_ascii=False) + "\n" for i in train_items[:args.questions]),
+                         encoding="utf-8")
     prompts = args.out / "held-out.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": prompt_for(i["question"]), "expected": i["expected"]},
                                           ensure_ascii=False) + "\n" for i in held_out), encoding="utf-8")

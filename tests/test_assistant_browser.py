@@ -287,3 +287,42 @@ def test_the_adapters_tab_swaps_to_the_base_model_and_back(browser, tmp_path, mi
         screenshot(page, screenshots_dir / "adapters.png")
         context.close()
         assert get_json(f"{url}/health")["adapter"] == ADAPTER_NAME
+
+
+def test_the_train_tab_starts_a_run_draws_its_curves_and_cancels_it(browser, tmp_path, minilm_path, embedder,
+                                                                     tiny_model_dir, screenshots_dir):
+    import re
+
+    from playwright.sync_api import expect
+
+    from assistant.app import create_server
+    from assistant.chat import Assistant
+    from knowledge import KnowledgeStore
+    from tests.finetune_fixtures import repeat_task_rows, write_jsonl
+
+    settings = app_settings(tmp_path, minilm_path, tiny_model_dir, tmp_path / "adapters",
+                            train_config=Path("finetune/configs/tiny-smoke.yaml"))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", repeat_task_rows(16, seed=3))
+    with serving(create_server(Assistant(settings, store=KnowledgeStore(settings, embedder=embedder)))) as url:
+        assert wait_for_model(url)["model_status"] == "ready"
+        expect.set_options(timeout=TIMEOUT_MS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1300})
+        page = context.new_page()
+        page.goto(url)
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-use-pairs input").uncheck()  # nothing collected in this app yet: the file only
+        page.locator("#train-files input[type=file]").set_input_files(str(pairs))
+        expect(page.locator("#train-files")).to_contain_text("pairs.jsonl")
+        page.locator("#train-steps input").fill("200")
+        page.locator("#train-start").click()
+        expect(page.locator("#train-note")).to_contain_text("Started run-")
+        progress = page.locator("#train-progress")
+        expect(progress).to_contain_text(re.compile(r"Step [1-9]\d* of 200"))
+        first = int(re.search(r"Step (\d+) of", progress.inner_text()).group(1))
+        expect(progress).not_to_contain_text(f"Step {first} of 200")  # redrawn as the log grows
+        expect(page.locator("#train-loss canvas, #train-loss svg").first).to_be_visible()
+        screenshot(page, screenshots_dir / "train.png")
+        page.locator("#train-cancel").click()
+        expect(progress).to_contain_text("cancelled")
+        expect(progress).to_contain_text("Resume continues it")
+        context.close()
