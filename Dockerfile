@@ -1,7 +1,7 @@
 # The assistant, the knowledge store's Chroma server and the trainer in one image, for a host with an NVIDIA GPU
-# (NVIDIA Container Toolkit); compose.yaml runs it as each of them. Everything the image writes goes to two
-# volumes: /data (knowledge store, adapters and training runs, preference pairs) and /cache (the Hugging Face
-# cache: downloaded models). README.md, "Running in containers", has the commands.
+# (NVIDIA Container Toolkit); compose.yaml runs it as each of them. Everything the services write goes to
+# volumes that compose.yaml mounts: /data (knowledge store, adapters and training runs, preference pairs) and
+# /cache (the Hugging Face cache: downloaded models). README.md, "Running in containers", has the commands.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -36,7 +36,6 @@ COPY assistant assistant
 RUN pip install --no-deps . && rm -rf build ./*.egg-info
 
 USER 1000:1000
-VOLUME ["/data", "/cache"]
 EXPOSE 7860
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
     CMD ["curl", "-fs", "-o", "/dev/null", "http://127.0.0.1:7860/health"]
