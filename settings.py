@@ -87,7 +87,7 @@ class Settings:
     pairs_db: Path = _setting(
         Path("data/pairs.sqlite"), "PAIRS_DB",
         "The preference pairs store (SQLite): the app records votes, picks, edits and corrected verdicts in it; "
-        "`python -m finetune train data=...` reads it.")
+        "`python -m finetune train data=...` reads it, and `python -m finetune pairs` by default.")
     model_backend: str = _setting(
         "local", "MODEL_BACKEND",
         "local: generate in this process (transformers + PEFT; Unsloth's fast path on CUDA when installed). "

@@ -16,6 +16,12 @@ def _default_model() -> str:
     return Settings.from_env().chat_model
 
 
+def _default_pairs_db() -> str:
+    from settings import Settings
+
+    return str(Settings.from_env().pairs_db)
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from finetune.data import parse_columns, prepare_data, write_jsonl
     from finetune.hf_backend import load_tokenizer
@@ -77,7 +83,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _pairs(args: argparse.Namespace) -> int:
     from finetune.pairs_store import PairsStore, write_export
 
-    store = PairsStore(args.store)
+    store = PairsStore(args.store or _default_pairs_db())
     if args.action == "export":
         print(f"wrote {write_export(store, args.layout, args.out)} pairs to {args.out}")
     elif args.action == "delete":
@@ -103,6 +109,7 @@ def _pairs_generate(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     import_unsloth_if_used(settings)
+    out = args.out or str(settings.pairs_db)
     config = PairGenerationConfig(samples=args.samples, temperature=args.temperature,
                                   max_new_tokens=args.max_new_tokens, rules=tuple(args.rules.split(",")),
                                   min_answer_chars=args.min_chars, max_answer_chars=args.max_chars,
@@ -120,11 +127,11 @@ def _pairs_generate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         questions += drafted
     with tqdm(total=len(questions), unit="question", file=sys.stderr) as bar:
-        report = generate_pairs(assistant, questions, args.out, config, progress=lambda _: bar.update())
+        report = generate_pairs(assistant, questions, out, config, progress=lambda _: bar.update())
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
     else:
-        print(f"{report.pairs} pairs written to {args.out}; {report.skipped} questions already had one; "
+        print(f"{report.pairs} pairs written to {out}; {report.skipped} questions already had one; "
               f"{len(report.no_clear_winner)} without a clear winner")
     return 0
 
@@ -177,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
 
     q = commands.add_parser("pairs", help="preference pairs: generate them, or list, export and delete stored ones")
     pairs = q.add_subparsers(dest="action", required=True)
-    store_help = "the SQLite pairs store (default data/pairs.sqlite)"
+    store_help = "the SQLite pairs store (default: PAIRS_DB, data/pairs.sqlite)"
     for action, text in (("list", "list the stored pairs"), ("export", "write the pairs as JSONL"),
                          ("delete", "delete pairs by id")):
         a = pairs.add_parser(action, help=text)
-        a.add_argument("--store", default="data/pairs.sqlite", help=store_help)
+        a.add_argument("--store", help=store_help)
         if action == "delete":
             a.add_argument("ids", nargs="+", type=int, help="pair ids (as `pairs list` shows them)")
         if action == "export":
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("questions", nargs="?", help="questions: a text file (one per line) or JSONL with a question field")
     g.add_argument("--from-store", type=int, metavar="N",
                    help="also have the model draft questions from N passages drawn from the knowledge store")
-    g.add_argument("--out", default="data/pairs.sqlite", help="a pairs store (.sqlite) or a JSONL file")
+    g.add_argument("--out", help="a pairs store (.sqlite) or a JSONL file (default: PAIRS_DB, data/pairs.sqlite)")
     g.add_argument("--samples", type=int, default=4, help="answers per question (default 4)")
     g.add_argument("--rules", default="duplication,think", help="comma-separated: duplication, think, citation, "
                    "length (default duplication,think)")
