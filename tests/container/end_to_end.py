@@ -169,6 +169,12 @@ def passages_cited(chat: list[dict]) -> dict[str, str]:
             if (m.get("metadata") or {}).get("title", "").startswith("[")}
 
 
+def pair_count(client) -> int:
+    """The pairs the app's Pairs tab lists."""
+    _summary, rows = client.predict(api_name="/list_pairs")
+    return len(rows["data"]) if isinstance(rows, dict) else len(rows)
+
+
 def check_state(project: Project, notes: list[str], pairs_expected: int | None = None) -> int:
     """Documents and adapter as /health reports them, and pairs as the app lists them; returns the pair count."""
     health = project.health()
@@ -176,10 +182,9 @@ def check_state(project: Project, notes: list[str], pairs_expected: int | None =
         raise RuntimeError(f"/health counts {health.get('documents')} documents, not {len(DOCUMENTS)}: {health}")
     if health.get("adapter") != ADAPTER:
         raise RuntimeError(f"/health names adapter {health.get('adapter')!r}, not {ADAPTER!r}: {health}")
-    summary, rows = project.client().predict(api_name="/list_pairs")
-    count = len(rows["data"]) if isinstance(rows, dict) else len(rows)
+    count = pair_count(project.client())
     if pairs_expected is not None and count != pairs_expected:
-        raise RuntimeError(f"the app lists {count} pairs, not {pairs_expected}: {summary}")
+        raise RuntimeError(f"the app lists {count} pairs, not {pairs_expected}")
     notes.append(f"{health['documents']} documents, adapter {health['adapter']}, {count} pairs")
     return count
 
@@ -229,7 +234,9 @@ def end_to_end(work: Path) -> None:
                                         api_name="/edit_answer")
                 if not status.startswith("Saved"):
                     raise RuntimeError(f"editing the answer to {question!r} said {status!r}")
-            notes.append(f"{len(QUESTIONS)} pairs written in the pairs volume")
+            if pair_count(client) != len(QUESTIONS):
+                raise RuntimeError(f"the app lists {pair_count(client)} pairs, not {len(QUESTIONS)}")
+            notes.append(f"{len(QUESTIONS)} pairs in the pairs store")
         with step("retrain with the finetune job; the app follows the new adapter") as notes:
             project.compose("--profile", "train", "run", "--rm", "finetune", "train", "--config",
                             "finetune/configs/tiny-smoke.yaml", "model_name=/models/tiny",
