@@ -87,7 +87,7 @@ class Settings:
     pairs_db: Path = _setting(
         Path("data/pairs.sqlite"), "PAIRS_DB",
         "The preference pairs store (SQLite): the app records votes, picks, edits and corrected verdicts in it; "
-        "`python -m finetune train data=...` reads it.")
+        "`python -m finetune train data=...` reads it, and `python -m finetune pairs` by default.")
     train_config: Path = _setting(
         Path("finetune/configs/recipe-r1-qwen14b.yaml"), "TRAIN_CONFIG",
         "The training config the Train tab starts from (steps, learning rate, beta and LoRA rank are in the "

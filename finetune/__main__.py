@@ -18,6 +18,12 @@ def _default_model() -> str:
     return Settings.from_env().chat_model
 
 
+def _default_pairs_db() -> str:
+    from settings import Settings
+
+    return str(Settings.from_env().pairs_db)
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from finetune.data import parse_columns, prepare_data, write_jsonl
     from finetune.hf_backend import load_tokenizer
@@ -85,7 +91,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _pairs(args: argparse.Namespace) -> int:
     from finetune.pairs_store import PairsStore, write_export
 
-    store = PairsStore(args.store)
+    store = PairsStore(args.store or _default_pairs_db())
     if args.action == "export":
         print(f"wrote {write_export(store, args.layout, args.out)} pairs to {args.out}")
     elif args.action == "delete":
@@ -112,6 +118,7 @@ def _pairs_generate(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     import_unsloth_if_used(settings)
+    out = args.out or str(settings.pairs_db)
     config = PairGenerationConfig(samples=args.samples, temperature=args.temperature,
                                   max_new_tokens=args.max_new_tokens, rules=tuple(args.rules.split(",")),
                                   min_answer_chars=args.min_chars, max_answer_chars=args.max_chars,
@@ -137,11 +144,11 @@ def _pairs_generate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         questions += drafted
     with tqdm(total=len(questions), unit="question", file=sys.stderr) as bar:
-        report = generate_pairs(assistant, questions, args.out, config, progress=lambda _: bar.update())
+        report = generate_pairs(assistant, questions, out, config, progress=lambda _: bar.update())
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
     else:
-        print(f"{report.pairs} pairs written to {args.out}; {report.skipped} questions already had one; "
+        print(f"{report.pairs} pairs written to {out}; {report.skipped} questions already had one; "
               f"{len(report.no_clear_winner)} without a clear winner")
     return 0
 
@@ -200,11 +207,11 @@ def main(argv: list[str] | None = None) -> int:
 
     q = commands.add_parser("pairs", help="preference pairs: generate them, or list, export and delete stored ones")
     pairs = q.add_subparsers(dest="action", required=True)
-    store_help = "the SQLite pairs store (default data/pairs.sqlite)"
+    store_help = "the SQLite pairs store (default: PAIRS_DB, data/pairs.sqlite)"
     for action, text in (("list", "list the stored pairs"), ("export", "write the pairs as JSONL"),
                          ("delete", "delete pairs by id")):
         a = pairs.add_parser(action, help=text)
-        a.add_argument("--store", default="data/pairs.sqlite", help=store_help)
+        a.add_argument("--store", help=store_help)
         if action == "delete":
             a.add_argument("ids", nargs="+", type=int, help="pair ids (as `pairs list` shows them)")
         if action == "export":
@@ -219,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                    "field and optionally an expected answer")
     g.add_argument("--from-store", type=int, metavar="N",
                    help="also have the model draft questions from N passages drawn from the knowledge store")
-    g.add_argument("--out", default="data/pairs.sqlite", help="a pairs store (.sqlite) or a JSONL file")
+    g.add_argument("--out", help="a pairs store (.sqlite) or a JSONL file (default: PAIRS_DB, data/pairs.sqlite)")
     g.add_argument("--samples", type=int, default=4, help="answers per question (default 4)")
     g.add_argument("--rules", default="duplication,think", help="comma-separated: duplication, think, citation, "
                    "length, correct (needs expected answers in the questions) (default duplication,think)")

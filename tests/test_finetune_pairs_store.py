@@ -167,6 +167,16 @@ def test_the_cli_exports_and_counts(pairs, tmp_path):
     assert row["origin"] == "pick" and row["chosen"]["answer"] == "40 litres [1]."
 
 
+def test_the_cli_reads_the_store_pairs_db_names(pairs, tmp_path):
+    # In the container PAIRS_DB is in the data volume; `pairs list` there must find it without --store.
+    bad, good = pairs.add_answer(completion("I read [1].")), pairs.add_answer(completion("40 litres [1]."))
+    pairs.add_pair(good, bad, "edit")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PAIRS_DB": str(pairs.path)}
+    listing = subprocess.run([sys.executable, "-m", "finetune", "pairs", "list", "--json"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, check=True)
+    assert [row["origin"] for row in json.loads(listing.stdout)] == ["edit"]
+
+
 def test_training_reads_the_store_directly(pairs, tmp_path, tiny_model_dir):
     from finetune.train import train
     from tests.finetune_fixtures import tiny_config
