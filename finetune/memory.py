@@ -3,9 +3,11 @@
 The app asks this to decide whether its chat model must make room for a run started from the Train tab. The
 estimate is coarse on purpose, and errs high: the weights (4-bit NF4 with its scales, or 16-bit), the
 activations kept for the backward pass (one hidden state per layer and token with gradient checkpointing,
-about ten without), and a fixed allowance for the CUDA context, LoRA weights, their optimizer state and
-the allocator's slack. Checked against the measured peaks in ``../shared/gpu`` notes (14B shape, Unsloth,
-batch 2): 14.3 GiB estimated for 14.5 measured at 2048+2048 tokens, 10.1 for 11.1 at 256+768.
+about ten without), and a fixed allowance for the CUDA context, Unsloth's buffers, the LoRA weights and
+their optimizer state, and the allocator's slack. Checked against peaks measured on an H200 with Unsloth:
+the 14B shape at batch 2, 16.3 GiB estimated for 14.5 allocated by torch (the CUDA context comes on top) at
+2048+2048 tokens; the 1.5B shape at batch 2 and 512 tokens, 4.0 GiB estimated for the 4.0 GiB the training
+process held by nvidia-smi (``docs/gpu/train-tab-2026-11-29.jsonl``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from finetune.config import TrainConfig
 
 NF4_BYTES_PER_PARAMETER = 0.56  # 4 bits, plus a float scale per 64 weights and the double-quantized constants
-FIXED_GIB = 1.0
+FIXED_GIB = 3.0
 # 16-bit hidden states kept per layer and token, checkpointed or not: fitted to the measured peaks above
 # (Unsloth's checkpointing moves part of them to the CPU) and to activation counts without checkpointing.
 ACTIVATION_FACTOR = {True: 0.75, False: 10.0}

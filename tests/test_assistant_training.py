@@ -145,7 +145,7 @@ def test_a_run_whose_job_died_unseen_reads_failed(tmp_path):
     assert runs.active_run(tmp_path) is None  # so a new run may start
 
 
-def test_the_memory_estimate_is_near_the_measured_peak_of_the_14b_recipe():
+def test_the_memory_estimate_is_at_or_a_little_above_the_measured_peak_of_the_14b_recipe():
     from types import SimpleNamespace
 
     from finetune.config import TrainConfig
@@ -153,6 +153,7 @@ def test_the_memory_estimate_is_near_the_measured_peak_of_the_14b_recipe():
 
     qwen_14b = SimpleNamespace(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
                                head_dim=128, intermediate_size=13824, vocab_size=152064, tie_word_embeddings=False)
-    # Measured with Unsloth on an H200 (../shared/gpu notes): 14.5 GiB at 2048+2048 tokens, batch 2.
+    # Measured with Unsloth on an H200 (../shared/gpu notes): 14.5 GiB allocated by torch at 2048+2048 tokens,
+    # batch 2, with the CUDA context (about a GiB) on top. The estimate may err high, not low.
     estimate = training_memory_gib(TrainConfig(per_device_train_batch_size=2, max_length=4096), qwen_14b)
-    assert 14.5 * 0.9 <= estimate <= 14.5 * 1.1
+    assert 14.5 + 0.5 <= estimate <= 14.5 * 1.15
