@@ -157,3 +157,18 @@ def test_the_memory_estimate_is_at_or_a_little_above_the_measured_peak_of_the_14
     # batch 2, with the CUDA context (about a GiB) on top. The estimate may err high, not low.
     estimate = training_memory_gib(TrainConfig(per_device_train_batch_size=2, max_length=4096), qwen_14b)
     assert 14.5 + 0.5 <= estimate <= 14.5 * 1.15
+
+
+def test_a_server_path_named_as_a_file_of_pairs_is_refused_by_name(train_app, tmp_path):
+    import httpx
+
+    url, adapter_dir = train_app
+    server_file = write_jsonl(tmp_path / "server-pairs.jsonl", repeat_task_rows(4, seed=5))
+    before = [r.name for r in runs.list_runs(adapter_dir)]
+    data = [False, [{"path": str(server_file), "meta": {"_type": "gradio.FileData"}}], 0.0, TINY_CONFIG, 5, 2e-3,
+            0.1, 8]
+    with httpx.Client(base_url=url, timeout=60) as http:  # as any HTTP client can call it, past gradio_client
+        event = http.post("/gradio_api/call/start_training", json={"data": data}).raise_for_status().json()
+        stream = http.get(f"/gradio_api/call/start_training/{event['event_id']}").raise_for_status().text
+    assert "event: error" in stream and "server-pairs.jsonl: not a file uploaded to this app" in stream
+    assert [r.name for r in runs.list_runs(adapter_dir)] == before
