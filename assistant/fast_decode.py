@@ -4,8 +4,9 @@ from a CUDA graph.
 `generate` of transformers spends most of a batch-1 token in Python and kernel launches (a 14B model read at 0.17
 of the bandwidth bound, docs/benchmarks.md). Here the prompt is prefilled by the model's own forward, its keys
 and values are copied into a cache of fixed size (CONTEXT_LENGTH), and every further token is one replay of a
-graph captured once: the decoder layers written out for batch 1 (the model's own linear modules, so bf16,
-bitsandbytes 4-bit and LoRA layers all work), the small operations between them fused by `torch.compile`, and
+graph captured once: the decoder layers written out for batch 1 (bf16 weights read directly, q/k/v and
+gate/up each as one product; other layers, bitsandbytes 4-bit and its LoRA wrappers included, called as the
+model's own modules), the small operations between them fused by `torch.compile`, and
 the choice of the next token (greedy, or temperature and top-p) inside the same graph. The host only reads each
 token back, one step behind the GPU, so the GPU never waits on Python.
 
@@ -150,6 +151,12 @@ class FastDecoder:
         self._pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self._host = torch.zeros(max_len, dtype=torch.long, pin_memory=self.cuda)
         self.last_prefill_logits: torch.Tensor | None = None  # for checks against the model's own forward
+        self.fused = _plain_linears(self.layers)
+        if self.fused:
+            self.qkv = [_fuse_rows([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+                        for layer in self.layers]
+            self.gate_up = [_fuse_rows([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
+            self.qkv_sizes = [config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
 
     # -- one step ------------------------------------------------------------------------------------------
 
@@ -161,11 +168,21 @@ class FastDecoder:
         h = ops.rms_norm(x, self.layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            a = ops.attend(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), self.cos, self.sin,
-                           self.k_cache[i], self.v_cache[i], self.position, self.scaling)
-            x, h = ops.add_rms_norm(x, attn.o_proj(a), layer.post_attention_layernorm.weight, eps)
+            if self.fused:  # one product for q, k and v, one for gate and up
+                q, k, v = F.linear(h, *self.qkv[i]).split(self.qkv_sizes, dim=-1)
+                gate_up = self.gate_up[i][0]
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            a = ops.attend(q, k, v, self.cos, self.sin, self.k_cache[i], self.v_cache[i], self.position, self.scaling)
+            x, h = ops.add_rms_norm(x, _base(attn.o_proj)(a) if self.fused else attn.o_proj(a),
+                                    layer.post_attention_layernorm.weight, eps)
+            if self.fused:
+                h = ops.silu_mul(*F.linear(h, gate_up).chunk(2, dim=-1))
+                mlp_out = _base(mlp.down_proj)(h)
+            else:
+                mlp_out = mlp.down_proj(ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
             following = self.layers[i + 1].input_layernorm.weight if i + 1 < len(self.layers) else self.norm.weight
-            x, h = ops.add_rms_norm(x, mlp.down_proj(ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h))), following, eps)
+            x, h = ops.add_rms_norm(x, mlp_out, following, eps)
         logits = self.lm_head(h)[:, -1].float()
         self.logits.copy_(logits)
         chosen = choose_sampled(logits, self.temperature, self.top_p) if sample else choose_greedy(logits)
@@ -279,6 +296,36 @@ class FastDecoder:
         if done is not None:
             done.synchronize()
         return int(self._host[index])
+
+
+def _base(module):
+    """The linear layer under a PEFT LoRA wrapper (whose product, when used here, is merged into its weight)."""
+    return getattr(module, "base_layer", module)
+
+
+def _plain_linears(layers) -> bool:
+    """Whether every projection is an nn.Linear with float weights (under any LoRA wrapper): then the step reads
+    the weights itself, fused, and an adapter must be merged into them (assistant/adapter_merge.py)."""
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj")
+    modules = [_base(layer.get_submodule(name)) for layer in layers for name in names]
+    return all(type(m) is torch.nn.Linear and m.weight.is_floating_point() for m in modules)
+
+
+def _fuse_rows(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) holding the rows of several linear layers, which from now on read views of it:
+    one matrix-vector product instead of several, at no extra memory."""
+    linears = [_base(m) for m in linears]
+    weight = torch.cat([m.weight.detach() for m in linears])
+    bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
+    row = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight.data = weight[row:row + rows]
+        if bias is not None:
+            m.bias.data = bias[row:row + rows]
+        row += rows
+    return weight, bias
 
 
 class _Ops:

@@ -59,7 +59,8 @@ def test_runtime_streams_on_cuda_with_a_trained_adapter(engine, tiny_model_dir, 
 @pytest.mark.parametrize("with_adapter", [False, True])
 def test_fast_decode_logits_match_the_eager_forward_on_the_1_5b_shape(with_adapter):
     """Teacher-forced: the logits of every captured decode step against one eager forward over the same tokens
-    (with an adapter: PEFT computing the LoRA layers apart, against its product merged into bf16 weights)."""
+    (with an adapter: PEFT computing the LoRA layers apart, against its product merged into bf16 weights).
+    Random weights give near-flat logits, so the tokens are compared through their logits, not greedily."""
     import contextlib
 
     from peft import LoraConfig, get_peft_model
@@ -96,5 +97,11 @@ def test_fast_decode_logits_match_the_eager_forward_on_the_1_5b_shape(with_adapt
         merged.restore(model)
     with torch.no_grad():
         eager = model(input_ids=tokens).logits[0, -8:].float()
-    for fast, reference in zip(fast_logits, eager, strict=True):
-        assert float((fast[0] - reference).norm() / reference.norm()) < 0.03
+        exact = model.float()(input_ids=tokens).logits[0, -8:]  # the same weights in float32: the truth here
+    fast = torch.cat(fast_logits)
+
+    def error(logits):
+        return float((logits - exact).norm() / exact.norm())
+
+    # Within bf16 tolerance: no further from float32 than twice what the eager bf16 forward itself is.
+    assert error(fast) <= 2 * error(eager) + 1e-3, (error(fast), error(eager))
