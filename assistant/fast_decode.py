@@ -144,7 +144,7 @@ class FastDecoder:
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
         self.temperature = torch.ones(1, device=self.device)
         self.top_p = torch.ones(1, device=self.device)
-        self.logits = torch.zeros(1, config.vocab_size, device=self.device)
+        self.logits = torch.zeros(1, self.lm_head.weight.shape[0], device=self.device)  # Unsloth may pad the vocabulary
         self.cuda = self.device.type == "cuda"
         self.ops = _compiled_ops() if self.cuda else _eager_ops()
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
