@@ -225,16 +225,29 @@ class FastDecoder:
     @torch.no_grad()
     def check(self) -> str | None:
         """None if one decode step after a short prompt gives the logits of the model's own forward over the
-        same tokens (within bf16 rounding), else what differs."""
+        same tokens, within the rounding that separates two eager paths of the model itself, else what differs.
+
+        The tolerance is measured, not fixed: the model's own cached decode step against its full forward shows
+        how far bf16 rounding alone moves the logits (about 0.07 relative on random 14B-shape weights, 1e-6 in
+        float32), and a wrong step (a RoPE or layer it gets wrong) lands far beyond a few times that."""
         ids = torch.arange(1, 17, device=self.device)[None] % self.logits.shape[1]
         with self.answering():
             self.prefill(ids)
-            first = choose_greedy(self.last_prefill_logits)
-            self.token.copy_(first.view(1, 1))
+            first = choose_greedy(self.last_prefill_logits).view(1, 1)
+            self.token.copy_(first)
             self.run_step(False)
-            reference = self.lm(input_ids=torch.cat([ids, first.view(1, 1)], 1)).logits[:, -1].float()
-        error = float((self.logits - reference).norm() / reference.norm())
-        return None if error < 0.05 else f"the decode step's logits are off by {error:.3f} (relative) from the model's"
+            reference = self.lm(input_ids=torch.cat([ids, first], 1)).logits[:, -1].float()
+            cache = self.lm(input_ids=ids, use_cache=True).past_key_values
+            eager_step = self.lm(input_ids=first, past_key_values=cache, use_cache=True).logits[:, -1].float()
+
+        def distance(logits: torch.Tensor) -> float:
+            return float((logits - reference).norm() / reference.norm())
+
+        error, rounding = distance(self.logits), distance(eager_step)
+        if error <= 3 * rounding + 0.01:
+            return None
+        return (f"the decode step's logits are {error:.3f} (relative) from the model's forward, where its own "
+                f"cached step is {rounding:.3f}")
 
     # -- one answer ----------------------------------------------------------------------------------------
 

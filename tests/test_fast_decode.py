@@ -41,8 +41,23 @@ def test_fast_decode_writes_what_generate_writes_greedily(trained_tiny_model_dir
     standard = runtime(trained_tiny_model_dir, "off")
     assert standard.decoder is None and "generation: the standard path" in capsys.readouterr().err
     written = answers(fast)
+    assert int(fast.decoder.position) > 0  # the answers came from the fast decoder's cache
     assert written == answers(standard)
     assert all(text.strip() for text, _ in written)
+
+
+def test_a_decode_step_that_differs_from_the_model_is_refused_at_start(trained_tiny_model_dir):
+    import contextlib
+
+    from transformers import AutoModelForCausalLM
+
+    from assistant.fast_decode import FastDecoder
+
+    model = AutoModelForCausalLM.from_pretrained(trained_tiny_model_dir).eval()
+    decoder = FastDecoder(model, 64, {0}, contextlib.nullcontext)
+    assert decoder.check() is None
+    decoder.cos, decoder.sin = torch.ones_like(decoder.cos), torch.zeros_like(decoder.sin)  # RoPE left out
+    assert "from the model's forward" in decoder.check()
 
 
 def test_fast_decode_answers_with_the_adapter_merged_and_swaps_it_exactly(trained_tiny_model_dir, adapter_dir):
