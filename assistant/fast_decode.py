@@ -370,7 +370,7 @@ def start_fast_decoder(model, max_len: int, eos_token_ids: set[int],
         return None
     device = decoder.device
     print(f"generation: fast decode ({'CUDA graphs' if decoder.cuda else 'eager, no CUDA'}), static cache of "
-          f"{max_len} positions; compiling and capturing the decode step (about a minute on a GPU)...",
+          f"{max_len} positions; compiling and capturing the decode step...",
           file=sys.stderr, flush=True)
     try:
         seconds = decoder.capture()
