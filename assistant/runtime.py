@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -89,6 +90,29 @@ class LocalRuntime:
                 self._activate(adapter)
             except AdapterError as e:
                 raise ModelUnavailable(str(e)) from None
+        self.decoder = None  # assistant.fast_decode.FastDecoder when the fast path runs
+        self._merged = None  # assistant.adapter_merge.MergedAdapter when adapters are merged for it
+        if settings.fast_decode == "on" or (settings.fast_decode == "auto" and self.device.type == "cuda"):
+            self._generator.submit(self._start_fast_decode).result()  # compiled and captured on its own thread
+        else:
+            print(f"generation: the standard path (transformers generate); FAST_DECODE={settings.fast_decode} "
+                  f"on {self.device.type}", file=sys.stderr, flush=True)
+
+    def _start_fast_decode(self) -> None:
+        """The fast decode path (assistant/fast_decode.py): bf16 weights take the active adapter merged in,
+        other weights (4-bit) run its LoRA layers inside the captured step."""
+        from assistant.adapter_merge import MergedAdapter, can_merge
+        from assistant.fast_decode import start_fast_decoder
+
+        if can_merge(self.model):
+            self._merged = MergedAdapter()
+            self._merge_active_adapter()
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [self.tokenizer.eos_token_id])
+        self.decoder = start_fast_decoder(self.model, self.settings.context_length, eos, self._answering_model)
+        if self.decoder is None and self._merged is not None:
+            self._merged.restore(self.model)
+            self._merged = None
 
     def activate(self, adapter: AdapterEntry | None) -> None:
         """Answer with ``adapter`` (None: the base model) from the next generation on; runs on the generating
@@ -106,6 +130,14 @@ class LocalRuntime:
         stale += [self._loaded.pop(folder)[1] for folder in list(self._loaded)[:-self.KEEP_LOADED]]
         for name in stale:
             self.model.delete_adapter(name)
+        if getattr(self, "decoder", None) is not None:
+            self._merge_active_adapter()
+            self.decoder.capture()  # the step runs the layers as they are now
+
+    def _merge_active_adapter(self) -> None:
+        if self._merged is not None:
+            name = self._loaded[self.active_adapter.name][1] if self.active_adapter else None
+            self._merged.merge(self.model, name)
 
     def _load_adapter(self, adapter: AdapterEntry) -> tuple[str, list[str]]:
         """The PEFT name of ``adapter``, loaded now unless this version of it already is, and the PEFT name of
@@ -151,7 +183,8 @@ class LocalRuntime:
     def _answering_model(self):
         """The context in which ``self.model`` answers as the model in use: with adapters loaded, the base
         model answers with them switched off."""
-        base_only = self.active_adapter is None and hasattr(self.model, "disable_adapter")
+        merged = getattr(self, "_merged", None) is not None  # the adapter is in the weights already
+        base_only = (self.active_adapter is None or merged) and hasattr(self.model, "disable_adapter")
         return self.model.disable_adapter() if base_only else contextlib.nullcontext()
 
     def complete(self, prompts: list[str], params: GenerationParams, batch_size: int = 32) -> list[str]:
@@ -189,11 +222,18 @@ class LocalRuntime:
         def run():
             try:
                 with self._answering_model():
-                    output = self.model.generate(**kwargs)
+                    if self.decoder is not None and self.decoder.fits(prompt_tokens):
+                        streamer.put(input_ids.cpu())  # the prompt, which the streamer skips, as generate does
+                        generated = self.decoder.generate(
+                            input_ids, params.max_new_tokens, params.temperature, params.top_p, stop,
+                            lambda token: streamer.put(torch.tensor([token])))
+                        streamer.end()
+                    else:
+                        generated = self.model.generate(**kwargs).shape[1] - prompt_tokens
             except BaseException:
                 streamer.end()  # let the loop below end; the error is raised by result()
                 raise
-            self.last_usage = {"prompt_tokens": prompt_tokens, "completion_tokens": output.shape[1] - prompt_tokens}
+            self.last_usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated}
 
         generation = self._generator.submit(run)
         eos = self.tokenizer.eos_token or ""

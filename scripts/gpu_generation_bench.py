@@ -6,7 +6,11 @@ Random weights of the real shapes serve (speed does not depend on the values). O
     python scripts/gpu_generation_bench.py measure --model /tmp/r1-1.5b --engine transformers --bf16
 
 `measure` goes through the runtime's `stream` and `assistant.prompting.answer_prompt`, exactly what a chat
-turn runs, and prints one JSON line. `--engine openai` measures `OpenAIRuntime` against `transformers serve`
+turn runs, and prints one JSON line (`--fast-decode on|off` picks the path, as FAST_DECODE does). Each line
+carries the bounds measured in the same process: decode tokens/s at the copy bandwidth of the card (the
+weights read once per token, the embedding table excepted) and prefill seconds at the rate of a large bf16
+matrix product. `reference` times the stock compiled loop (transformers' StaticCache, one decode step under
+`torch.compile(mode="reduce-overhead", fullgraph=True)`) on the same prompt length, for comparison. `--engine openai` measures `OpenAIRuntime` against `transformers serve`
 started with the same model (the server needs `transformers[serving]`: fastapi, uvicorn, openai). Run each
 engine in its own process: Unsloth patches transformers when it is imported.
 """
@@ -110,14 +114,62 @@ def transformers_serve(model: str, four_bit: bool) -> Iterator[str]:
         process.wait(timeout=60)
 
 
-def measure(model: str, engine: str, four_bit: bool, prompt_tokens: int, new_tokens: int, runs: int) -> dict:
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read plus write), the best a decode step can read at."""
+    import torch
+
+    source = torch.empty(2**30, dtype=torch.int32, device="cuda")
+    target = torch.empty_like(source)
+    target.copy_(source)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    return 10 * 2 * source.nbytes / (time.perf_counter() - start)
+
+
+def matmul_rate() -> float:
+    """bf16 FLOP/s of a large matrix product on this card: the prefill's compute bound."""
+    import torch
+
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    a @ a
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - start)
+
+
+def bounds(model, prompt_tokens: int) -> dict:
+    """What one token must read, and what the prompt must compute, and the best times for them on this card."""
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embedding = base.get_input_embeddings().weight
+    read = model.get_memory_footprint() - embedding.numel() * embedding.element_size()
+    config = base.config
+    linear_params = sum(p.numel() for n, p in base.named_parameters() if "layers." in n and p.dim() == 2)
+    if linear_params * 2 < read / 2:  # packed 4-bit parameters count two weights per element
+        linear_params *= 2
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    flops = 2 * linear_params * prompt_tokens + 2 * layers * hidden * prompt_tokens**2  # causal QK^T and PV
+    flops += 2 * hidden * config.vocab_size  # the output layer, for the last position only
+    bandwidth, rate = copy_bandwidth(), matmul_rate()
+    return {"read_gb_per_token": read / 1e9, "copy_tb_s": bandwidth / 1e12, "bound_tok_s": bandwidth / read,
+            "prefill_tflop": flops / 1e12, "matmul_tflop_s": rate / 1e12, "prefill_bound_s": flops / rate}
+
+
+def measure(model: str, engine: str, four_bit: bool, prompt_tokens: int, new_tokens: int, runs: int,
+            fast_decode: str = "auto") -> dict:
     import torch
     from transformers import AutoTokenizer
 
     from assistant.runtime import GenerationParams, LocalRuntime, OpenAIRuntime
     from settings import Settings
 
-    common = dict(chat_model=model, load_in_4bit=four_bit, adapter_dir=Path("/nonexistent"))
+    common = dict(chat_model=model, load_in_4bit=four_bit, adapter_dir=Path("/nonexistent"), fast_decode=fast_decode)
     with contextlib.ExitStack() as stack:
         start = time.perf_counter()
         if engine == "openai":
@@ -149,11 +201,64 @@ def measure(model: str, engine: str, four_bit: bool, prompt_tokens: int, new_tok
             peak_gib = gpu_memory_used_gib()
         else:
             peak_gib = torch.cuda.max_memory_allocated() / 2**30
-        return {"model": Path(model).name, "engine": getattr(runtime, "engine", "openai: transformers serve"),
-                "weights": "4-bit" if four_bit else "bf16", "prompt_tokens": runtime.last_usage["prompt_tokens"],
-                "new_tokens": generated, "load_s": load_s, "ttft_s": sorted(ttft)[len(ttft) // 2],
-                "decode_tok_s": sorted(decode)[len(decode) // 2], "peak_gib": peak_gib,
-                "gpu": torch.cuda.get_device_name() if cuda else "cpu"}
+        fast = getattr(runtime, "decoder", None) is not None
+        row = {"model": Path(model).name, "engine": getattr(runtime, "engine", "openai: transformers serve"),
+               "path": "fast decode" if fast else "generate",
+               "weights": "4-bit" if four_bit else "bf16", "prompt_tokens": runtime.last_usage["prompt_tokens"],
+               "new_tokens": generated, "load_s": load_s, "ttft_s": sorted(ttft)[len(ttft) // 2],
+               "decode_tok_s": sorted(decode)[len(decode) // 2], "peak_gib": peak_gib,
+               "gpu": torch.cuda.get_device_name() if cuda else "cpu"}
+        if cuda and engine != "openai":
+            row.update(bounds(runtime.model, row["prompt_tokens"]))
+            row["fraction_of_bound"] = row["decode_tok_s"] / row["bound_tok_s"]
+            row["ttft_over_prefill_bound"] = row["ttft_s"] / row["prefill_bound_s"]
+        return row
+
+
+def reference(model_dir: str, prompt_tokens: int, new_tokens: int, runs: int) -> dict:
+    """The stock compiled decode loop, greedy, on random prompt ids: the reference row."""
+    import torch
+    from transformers import AutoModelForCausalLM, StaticCache
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cuda").eval()
+    cache = StaticCache(config=model.config, max_cache_len=prompt_tokens + new_tokens + 16)
+
+    def step(token, position):
+        return model(input_ids=token, past_key_values=cache, cache_position=position,
+                     position_ids=position[None], use_cache=True).logits[:, -1]
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    ids = torch.randint(0, 600, (1, prompt_tokens), device="cuda")
+    ttft, decode = [], []
+    with torch.no_grad():
+        for run in range(runs + 1):  # the first run compiles
+            cache.reset()
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            logits = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt_tokens,
+                           device="cuda"), use_cache=True, logits_to_keep=1).logits[:, -1]
+            token = logits.argmax(-1, keepdim=True)
+            token.item()
+            first = time.perf_counter()
+            for i in range(new_tokens - 1):
+                torch.compiler.cudagraph_mark_step_begin()
+                position = torch.tensor([prompt_tokens + i], device="cuda")
+                token = compiled(token, position).clone().argmax(-1, keepdim=True)
+                token.item()
+            end = time.perf_counter()
+            if run == 0:
+                warm_up_s = end - start
+                continue
+            ttft.append(first - began)
+            decode.append((new_tokens - 1) / (end - first))
+    row = {"model": Path(model_dir).name, "engine": "stock compiled loop (reference)", "path": "reference",
+           "weights": "bf16", "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "warm_up_s": warm_up_s,
+           "ttft_s": sorted(ttft)[len(ttft) // 2], "decode_tok_s": sorted(decode)[len(decode) // 2],
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "gpu": torch.cuda.get_device_name()}
+    row.update(bounds(model, prompt_tokens))
+    row["fraction_of_bound"] = row["decode_tok_s"] / row["bound_tok_s"]
+    return row
 
 
 def gpu_memory_used_gib() -> float:
@@ -177,14 +282,22 @@ def main() -> None:
     m.add_argument("--prompt-tokens", type=int, default=3000)
     m.add_argument("--new-tokens", type=int, default=256)
     m.add_argument("--runs", type=int, default=3)
+    m.add_argument("--fast-decode", choices=["auto", "on", "off"], default="auto")
+    r = commands.add_parser("reference")
+    r.add_argument("--model", required=True)
+    r.add_argument("--prompt-tokens", type=int, default=3250)
+    r.add_argument("--new-tokens", type=int, default=256)
+    r.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
     if args.command == "build":
         build(args.shape, args.out)
+    elif args.command == "reference":
+        print(json.dumps(reference(args.model, args.prompt_tokens, args.new_tokens, args.runs)), flush=True)
     else:
         if args.engine == "unsloth":
             import unsloth  # noqa: F401 - before transformers, as Unsloth requires
         print(json.dumps(measure(args.model, args.engine, args.four_bit, args.prompt_tokens, args.new_tokens,
-                                 args.runs)), flush=True)
+                                 args.runs, args.fast_decode)), flush=True)
 
 
 if __name__ == "__main__":

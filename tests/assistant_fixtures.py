@@ -63,7 +63,7 @@ def app_settings(base: Path, minilm_path: str, model_dir: Path, adapter_dir: Pat
 
 
 def save_adapter(tiny_model_dir: Path, folder: Path, base_model: str, prompt_format: str = "alpaca",
-                 seed: int = 1, **info) -> Path:
+                 seed: int = 1, target_modules: tuple[str, ...] = ("q_proj", "v_proj"), **info) -> Path:
     """A random LoRA adapter on the tiny model, written as training writes one: its config first, the weights,
     then training_info.json (with ``info`` in it) last."""
     import torch
@@ -76,7 +76,7 @@ def save_adapter(tiny_model_dir: Path, folder: Path, base_model: str, prompt_for
     (folder / CONFIG_NAME).write_text("model_name: tiny\n", encoding="utf-8")
     torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+                           LoraConfig(r=4, target_modules=list(target_modules), init_lora_weights=False))
     model.save_pretrained(folder)
     (folder / INFO_NAME).write_text(json.dumps({"base_model": base_model, "prompt_format": prompt_format, **info}))
     return folder

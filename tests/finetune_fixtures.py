@@ -21,6 +21,35 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with a tokenizer of the README's words, trained for a few hundred steps on the README.
+
+    Its logits are far from flat, so two numerically different decoding paths pick the same tokens, as they do
+    with a real model (random weights tie within rounding, and greedy paths part after a few tokens)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.tiny_model import build_tiny_model, build_tokenizer
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = text.replace("<|endoftext|>", "")  # spelled as a special token by the saved tokenizer
+    folder = build_tiny_model(tmp_path_factory.mktemp("trained-tiny-model"),
+                              tokenizer=build_tokenizer(corpus=text.splitlines()))
+    ids = torch.tensor(AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False).input_ids)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        starts = torch.randint(0, len(ids) - 49, (4,), generator=generator)
+        batch = torch.stack([ids[s:s + 48] for s in starts])
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 

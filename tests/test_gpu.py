@@ -43,11 +43,66 @@ def test_runtime_streams_on_cuda_with_a_trained_adapter(engine, tiny_model_dir, 
     prompt = "### Response:\n<think>"
     text = "".join(runtime.stream(prompt, GenerationParams(max_new_tokens=16, temperature=0.0)))
     assert (runtime.engine, runtime.adapter, runtime.device.type) == (engine, "orpo-gpu", "cuda")
+    if engine == "transformers":  # FAST_DECODE=auto takes the fast path on CUDA (Unsloth's may fall back)
+        assert runtime.decoder is not None
     # What streamed is what the same model writes greedily in one call, up to its end-of-text token.
     ids = prompt_token_ids(runtime.tokenizer, prompt)
-    out = runtime.model.generate(input_ids=torch.tensor([ids], device="cuda"), max_new_tokens=16, do_sample=False,
-                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device="cuda"),
-                                 pad_token_id=runtime.tokenizer.pad_token_id or runtime.tokenizer.eos_token_id)
+    with runtime._answering_model():  # the fast path holds the adapter merged into the weights
+        out = runtime.model.generate(input_ids=torch.tensor([ids], device="cuda"), max_new_tokens=16,
+                                     do_sample=False,
+                                     attention_mask=torch.ones(1, len(ids), dtype=torch.long, device="cuda"),
+                                     pad_token_id=runtime.tokenizer.pad_token_id or runtime.tokenizer.eos_token_id)
     written = runtime.tokenizer.decode(out[0, len(ids):], skip_special_tokens=False)
     assert text == written.split(runtime.tokenizer.eos_token)[0] != ""
     assert runtime.last_usage["completion_tokens"] == out.shape[1] - len(ids)
+
+
+@pytest.mark.parametrize("with_adapter", [False, True])
+def test_fast_decode_logits_match_the_eager_forward_on_the_1_5b_shape(with_adapter):
+    """Teacher-forced: the logits of every captured decode step against one eager forward over the same tokens
+    (with an adapter: PEFT computing the LoRA layers apart, against its product merged into bf16 weights).
+    Random weights give near-flat logits, so the tokens are compared through their logits, not greedily."""
+    import contextlib
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from assistant.adapter_merge import MergedAdapter
+    from assistant.fast_decode import FastDecoder
+    from scripts.gpu_generation_bench import SHAPES
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(Qwen2Config(**SHAPES["1.5b"])).to(torch.bfloat16).eval()
+    answering, merged = contextlib.nullcontext, None
+    if with_adapter:
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets,
+                                                 init_lora_weights=False)).eval()
+        merged = MergedAdapter()
+        merged.merge(model, "default")
+        answering = model.disable_adapter
+    decoder = FastDecoder(model, 1024, set(), answering)
+    decoder.capture()
+    prompt = torch.randint(0, 150000, (1, 300), device="cuda")
+    fast_logits, tokens = [], prompt
+    with answering():
+        decoder.prefill(prompt)
+        for _ in range(8):
+            decoder.token.copy_(decoder.logits.argmax(-1).view(1, 1) if fast_logits else
+                                decoder.last_prefill_logits.argmax(-1).view(1, 1))
+            tokens = torch.cat([tokens, decoder.token], 1)
+            decoder.run_step(False)
+            fast_logits.append(decoder.logits.clone())
+    if merged:
+        merged.restore(model)
+    with torch.no_grad():
+        eager = model(input_ids=tokens).logits[0, -8:].float()
+        exact = model.float()(input_ids=tokens).logits[0, -8:]  # the same weights in float32: the truth here
+    fast = torch.cat(fast_logits)
+
+    def error(logits):
+        return float((logits - exact).norm() / exact.norm())
+
+    # Within bf16 tolerance: no further from float32 than twice what the eager bf16 forward itself is.
+    assert error(fast) <= 2 * error(eager) + 1e-3, (error(fast), error(eager))

@@ -1,0 +1,387 @@
+"""Decoding one answer at a time near the memory-bandwidth bound: a static KV cache, and the decode step replayed
+from a CUDA graph.
+
+`generate` of transformers spends most of a batch-1 token in Python and kernel launches (a 14B model read at 0.17
+of the bandwidth bound, docs/benchmarks.md). Here the prompt is prefilled by the model's own forward, its keys
+and values are copied into a cache of fixed size (CONTEXT_LENGTH), and every further token is one replay of a
+graph captured once: the decoder layers written out for batch 1 (bf16 weights read directly, q/k/v and
+gate/up each as one product; other layers, bitsandbytes 4-bit and its LoRA wrappers included, called as the
+model's own modules), the small operations between them fused by `torch.compile`, and
+the choice of the next token (greedy, or temperature and top-p) inside the same graph. The host only reads each
+token back, one step behind the GPU, so the GPU never waits on Python.
+
+On CPU the same step runs eagerly, without capture: that is how the tests check it against `generate`.
+Architectures: the Llama family as transformers writes it (Qwen2 and Llama; DeepSeek-R1-Distill-Qwen and -Llama).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_ARCHITECTURES = ("qwen2", "llama")
+
+
+def unsupported_reason(model) -> str | None:
+    """Why ``model`` (a transformers causal LM, possibly wrapped by PEFT) cannot take the fast path; None if it can."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        return f"the {config.model_type} architecture is not one of {', '.join(SUPPORTED_ARCHITECTURES)}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act} (only silu)"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
+        return "sliding-window attention layers"
+    return None
+
+
+# -- the small operations between the linear layers (fused by torch.compile on CUDA) -------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Qwen2/Llama RMSNorm, in the same order of roundings."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual sum and its norm, one kernel on CUDA."""
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Rotary embedding, the new key and value written at ``position``, and attention of one query over the cache.
+
+    The query heads that share a key head are one matrix against that head's keys, so the cache is read once
+    (transformers repeats it for every query head when a mask is given). Positions past ``position`` hold stale
+    keys of earlier answers and are masked out."""
+    kv_heads, length, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    c, s = cos[position], sin[position]  # (1, head_dim)
+    q = q.view(-1, head_dim)
+    k = k.view(kv_heads, head_dim)
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    k_cache.index_copy_(2, position, k.view(1, kv_heads, 1, head_dim))
+    v_cache.index_copy_(2, position, v.view(1, kv_heads, 1, head_dim))
+    scores = torch.matmul(q.view(kv_heads, -1, head_dim), k_cache[0].transpose(1, 2)) * scaling
+    future = torch.arange(length, device=q.device) > position
+    probs = torch.softmax(scores.float().masked_fill(future, float("-inf")), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v_cache[0]).reshape(1, 1, -1)
+
+
+def choose_greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
+def choose_sampled(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """A token drawn from the temperature-scaled distribution cut to its top-p mass, as `generate` samples.
+
+    Drawn by the exponential race (argmax of p / E with E ~ Exp(1)), which needs no host-side random state and
+    draws fresh noise at every replay of a captured graph."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    beyond = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the most likely token always stays
+    sorted_probs = sorted_probs.masked_fill(beyond, 0.0)
+    pick = (sorted_probs / torch.empty_like(sorted_probs).exponential_()).argmax(-1, keepdim=True)
+    return order.gather(-1, pick).squeeze(-1)
+
+
+class FastDecoder:
+    """Batch-1 generation of ``model`` with a static cache of ``max_len`` positions and captured decode steps.
+
+    ``answering`` gives the context in which the model answers as the model in use (the runtime's: adapters
+    switched off when their weights are merged, or for the base model); graphs are captured inside it, and
+    `capture` is called again whenever that changes (an adapter swap).
+    """
+
+    def __init__(self, model, max_len: int, eos_token_ids: set[int],
+                 answering: Callable[[], AbstractContextManager]):
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(reason)
+        self.model = model
+        self.lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.answering = answering
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_len = max_len
+        config = self.lm.config
+        inner = self.lm.model
+        self.layers = list(inner.layers)
+        self.embed, self.norm, self.lm_head = inner.embed_tokens, inner.norm, self.lm.lm_head
+        self.eps = float(config.rms_norm_eps)
+        attention = self.layers[0].self_attn
+        self.scaling = float(attention.scaling)
+        weight = self.embed.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        kv_heads = config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        cache_shape = (1, kv_heads, max_len, head_dim)
+        self.k_cache = [torch.zeros(cache_shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(cache_shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        with torch.no_grad():  # the model's own rotary embedding, so every RoPE variant it knows is honoured
+            positions = torch.arange(max_len, device=self.device)[None]
+            cos, sin = inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions)
+        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+        # The graph's inputs and outputs: fixed tensors that each step reads and writes in place.
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.temperature = torch.ones(1, device=self.device)
+        self.top_p = torch.ones(1, device=self.device)
+        self.logits = torch.zeros(1, self.lm_head.weight.shape[0], device=self.device)  # Unsloth may pad the vocabulary
+        self.cuda = self.device.type == "cuda"
+        self.ops = _compiled_ops() if self.cuda else _eager_ops()
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda else None
+        self._host = torch.zeros(max_len, dtype=torch.long, pin_memory=self.cuda)
+        self.last_prefill_logits: torch.Tensor | None = None  # for checks against the model's own forward
+        self.fused = _plain_linears(self.layers)
+        if self.fused:
+            self.qkv = [_fuse_rows([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+                        for layer in self.layers]
+            self.gate_up = [_fuse_rows([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
+            self.qkv_sizes = [config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+
+    # -- one step ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _step(self, sample: bool) -> None:
+        """Decode ``self.token`` at ``self.position``: the next token into ``self.token``, position + 1."""
+        ops, eps = self.ops, self.eps
+        x = self.embed(self.token)
+        h = ops.rms_norm(x, self.layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            if self.fused:  # one product for q, k and v, one for gate and up
+                q, k, v = F.linear(h, *self.qkv[i]).split(self.qkv_sizes, dim=-1)
+                gate_up = self.gate_up[i][0]
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            a = ops.attend(q, k, v, self.cos, self.sin, self.k_cache[i], self.v_cache[i], self.position, self.scaling)
+            x, h = ops.add_rms_norm(x, _base(attn.o_proj)(a) if self.fused else attn.o_proj(a),
+                                    layer.post_attention_layernorm.weight, eps)
+            if self.fused:
+                h = ops.silu_mul(*F.linear(h, gate_up).chunk(2, dim=-1))
+                mlp_out = _base(mlp.down_proj)(h)
+            else:
+                mlp_out = mlp.down_proj(ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+            following = self.layers[i + 1].input_layernorm.weight if i + 1 < len(self.layers) else self.norm.weight
+            x, h = ops.add_rms_norm(x, mlp_out, following, eps)
+        logits = self.lm_head(h)[:, -1].float()
+        self.logits.copy_(logits)
+        chosen = choose_sampled(logits, self.temperature, self.top_p) if sample else choose_greedy(logits)
+        self.token.copy_(chosen.view(1, 1))
+        self.position.add_(1)
+
+    def capture(self) -> float:
+        """Compile and capture the greedy and the sampling step (CUDA only); returns the seconds it took."""
+        if not self.cuda:
+            return 0.0
+        started = time.perf_counter()
+        self.graphs = {}
+        saved_token, saved_position = self.token.clone(), self.position.clone()
+        with self.answering(), torch.no_grad():
+            for sample in (False, True):
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):  # compiles, and lets the allocator settle, before capture
+                    for _ in range(3):
+                        self.position.copy_(saved_position)
+                        self._step(sample)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                self.position.copy_(saved_position)
+                with torch.cuda.graph(graph, pool=self._pool):
+                    self._step(sample)
+                self.graphs[sample] = graph
+        self.token.copy_(saved_token)
+        self.position.copy_(saved_position)
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    def run_step(self, sample: bool) -> None:
+        """One decode step: the captured graph on CUDA, the step itself elsewhere."""
+        if self.cuda:
+            self.graphs[sample].replay()
+        else:
+            self._step(sample)
+
+    @torch.no_grad()
+    def check(self) -> str | None:
+        """None if one decode step after a short prompt gives the logits of the model's own forward over the
+        same tokens, within the rounding that separates two eager paths of the model itself, else what differs.
+
+        The tolerance is measured, not fixed: the model's own cached decode step against its full forward shows
+        how far bf16 rounding alone moves the logits (about 0.07 relative on random 14B-shape weights, 1e-6 in
+        float32), and a wrong step (a RoPE or layer it gets wrong) lands far beyond a few times that."""
+        ids = torch.arange(1, 17, device=self.device)[None] % self.logits.shape[1]
+        with self.answering():
+            self.prefill(ids)
+            first = choose_greedy(self.last_prefill_logits).view(1, 1)
+            self.token.copy_(first)
+            self.run_step(False)
+            reference = self.lm(input_ids=torch.cat([ids, first], 1)).logits[:, -1].float()
+            cache = self.lm(input_ids=ids, use_cache=True).past_key_values
+            eager_step = self.lm(input_ids=first, past_key_values=cache, use_cache=True).logits[:, -1].float()
+
+        def distance(logits: torch.Tensor) -> float:
+            return float((logits - reference).norm() / reference.norm())
+
+        error, rounding = distance(self.logits), distance(eager_step)
+        if error <= 3 * rounding + 0.01:
+            return None
+        return (f"the decode step's logits are {error:.3f} (relative) from the model's forward, where its own "
+                f"cached step is {rounding:.3f}")
+
+    # -- one answer ----------------------------------------------------------------------------------------
+
+    def fits(self, prompt_tokens: int) -> bool:
+        return 0 < prompt_tokens < self.max_len
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> None:
+        """Run the prompt through the model's own forward and copy its keys and values into the static cache;
+        the position is then the prompt's length."""
+        n = input_ids.shape[1]
+        out = self.lm(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        for i in range(len(self.layers)):
+            keys, values = (cache.layers[i].keys, cache.layers[i].values) if hasattr(cache, "layers") else cache[i]
+            self.k_cache[i][:, :, :n].copy_(keys[:, :, -n:])
+            self.v_cache[i][:, :, :n].copy_(values[:, :, -n:])
+        self.last_prefill_logits = out.logits[:, -1].float()
+        self.position.fill_(n)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
+                 stop: threading.Event | None, on_token: Callable[[int], None]) -> int:
+        """Generate after ``input_ids`` (1 x n, on the model's device), calling ``on_token`` with each new token id
+        as soon as it is known; returns how many were generated. Ends at an end-of-sequence token (given too),
+        after ``max_new_tokens``, when the cache is full, or when ``stop`` is set."""
+        budget = min(max_new_tokens, self.max_len - input_ids.shape[1])
+        sample = temperature > 0
+        self.temperature.fill_(max(temperature, 1e-5))
+        self.top_p.fill_(top_p)
+        self.prefill(input_ids)
+        logits = self.last_prefill_logits
+        first = choose_sampled(logits, self.temperature, self.top_p) if sample else choose_greedy(logits)
+        self.token.copy_(first.view(1, 1))
+        token, count = int(first), 0
+        ahead = self._launch(sample, count + 1) if budget > 1 else None
+        while True:
+            on_token(token)
+            count += 1
+            if token in self.eos_token_ids or count >= budget or (stop is not None and stop.is_set()):
+                break
+            step, ahead = ahead, (self._launch(sample, count + 1) if count + 1 < budget else None)
+            token = self._collect(step, count)
+        if self.cuda:
+            torch.cuda.current_stream().synchronize()  # a step launched ahead must not outlive this answer
+        return count
+
+    def _launch(self, sample: bool, index: int):
+        """Queue the step that writes token ``index``; its id is copied to pinned host memory behind it."""
+        self.run_step(sample)
+        self._host[index:index + 1].copy_(self.token.view(1), non_blocking=self.cuda)
+        if not self.cuda:
+            return None
+        done = torch.cuda.Event()
+        done.record()
+        return done
+
+    def _collect(self, done, index: int) -> int:
+        if done is not None:
+            done.synchronize()
+        return int(self._host[index])
+
+
+def _base(module):
+    """The linear layer under a PEFT LoRA wrapper (whose product, when used here, is merged into its weight)."""
+    return getattr(module, "base_layer", module)
+
+
+def _plain_linears(layers) -> bool:
+    """Whether every projection is an nn.Linear with float weights (under any LoRA wrapper): then the step reads
+    the weights itself, fused, and an adapter must be merged into them (assistant/adapter_merge.py)."""
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj")
+    modules = [_base(layer.get_submodule(name)) for layer in layers for name in names]
+    return all(type(m) is torch.nn.Linear and m.weight.is_floating_point() for m in modules)
+
+
+def _fuse_rows(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) holding the rows of several linear layers, which from now on read views of it:
+    one matrix-vector product instead of several, at no extra memory."""
+    linears = [_base(m) for m in linears]
+    weight = torch.cat([m.weight.detach() for m in linears])
+    bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
+    row = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight.data = weight[row:row + rows]
+        if bias is not None:
+            m.bias.data = bias[row:row + rows]
+        row += rows
+    return weight, bias
+
+
+class _Ops:
+    def __init__(self, wrap):
+        self.rms_norm, self.add_rms_norm = wrap(rms_norm), wrap(add_rms_norm)
+        self.silu_mul, self.attend = wrap(silu_mul), wrap(attend)
+
+
+def _eager_ops() -> _Ops:
+    return _Ops(lambda fn: fn)
+
+
+def _compiled_ops() -> _Ops:
+    return _Ops(lambda fn: torch.compile(fn, dynamic=False, fullgraph=True))
+
+
+def start_fast_decoder(model, max_len: int, eos_token_ids: set[int],
+                       answering: Callable[[], AbstractContextManager]) -> FastDecoder | None:
+    """A captured, checked FastDecoder for ``model``, or None (with the reason on stderr) where it cannot run.
+
+    The check: the logits of one decode step after a short prompt agree with the model's own forward over
+    the same tokens. A variant the step gets wrong (a patched model, an unusual RoPE) falls back here
+    rather than answering wrongly."""
+    try:
+        decoder = FastDecoder(model, max_len, eos_token_ids, answering)
+    except ValueError as e:
+        print(f"generation: the standard path (transformers generate); no fast decode for this model: {e}",
+              file=sys.stderr, flush=True)
+        return None
+    device = decoder.device
+    print(f"generation: fast decode ({'CUDA graphs' if decoder.cuda else 'eager, no CUDA'}), static cache of "
+          f"{max_len} positions; compiling and capturing the decode step...",
+          file=sys.stderr, flush=True)
+    try:
+        seconds = decoder.capture()
+        error = decoder.check()
+    except Exception as e:  # noqa: BLE001 - any failure to compile or capture means: use the standard path
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        seconds = None
+    if error:
+        print(f"generation: the standard path (transformers generate); the fast decode failed its check: {error}",
+              file=sys.stderr, flush=True)
+        return None
+    ready = f" in {seconds:.0f} s" if seconds else ""
+    print(f"generation: fast decode ready{ready} on {device}", file=sys.stderr, flush=True)
+    return decoder
