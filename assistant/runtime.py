@@ -171,7 +171,10 @@ class LocalRuntime:
         import torch
 
         self._generator.shutdown(wait=True)
-        self.model, self._loaded = None, {}
+        compiled = self.decoder is not None
+        self.model, self._loaded, self.decoder, self._merged = None, {}, None, None
+        if compiled:
+            torch._dynamo.reset()  # compiled code holds on to the weights it was traced with
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
