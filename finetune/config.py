@@ -50,6 +50,9 @@ class TrainConfig:
     lora_dropout: float = _opt(0.0, "Dropout on the LoRA path.")
     target_modules: list[str] = _opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                      "Modules that get LoRA adapters.")
+    init_adapter: str = _opt("", "An adapter folder whose LoRA weights training starts from (trained with the "
+                             "same lora_r, lora_alpha and target_modules): a next round on new pairs. Empty: new "
+                             "LoRA weights.")
     # data
     data: str = _opt("", "Preference data: a hub dataset name, a JSON/JSONL/CSV/Parquet file or a folder.")
     data_format: str = _opt("auto", "auto | seed | trl | chat (see docs/finetune.md).")

@@ -104,6 +104,27 @@ def _prepare(config: TrainConfig, tokenizer) -> PreparedData:
     return prepared
 
 
+def start_from_adapter(model, folder: str | Path) -> None:
+    """Put an earlier adapter's LoRA weights into the model's new ones, so training continues that adapter (a
+    next round on new pairs, made with it) instead of starting from fresh LoRA weights."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = Path(folder) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise TrainingError(f"init_adapter={folder}: no adapter_model.safetensors there; name an adapter folder")
+    try:
+        loaded = set_peft_model_state_dict(model, load_file(weights))
+    except RuntimeError as e:  # a tensor of another shape: another rank or model
+        raise TrainingError(f"init_adapter={folder} does not fit this run's LoRA ({str(e).splitlines()[-1].strip()}"
+                            "): train with the lora_r, lora_alpha and target_modules it was trained with") from None
+    missing = [k for k in loaded.missing_keys if "lora_" in k]
+    if loaded.unexpected_keys or missing:
+        raise TrainingError(f"init_adapter={folder} does not fit this run's LoRA ({len(missing)} LoRA weights "
+                            f"missing, {len(loaded.unexpected_keys)} unexpected): train with the target_modules it "
+                            "was trained with")
+
+
 def train(config: TrainConfig, resume: bool = False, callbacks: list | None = None) -> TrainResult:
     """Train a LoRA adapter with ORPO; a run with `resume` continues from the newest checkpoint."""
     if not config.data:
@@ -140,6 +161,8 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list | None = No
     else:
         model, tokenizer = hf_backend.load_for_training(config, dtype)
 
+    if config.init_adapter and not resume_from:
+        start_from_adapter(model, config.init_adapter)
     dataset = Dataset.from_list([asdict(p) for p in prepared.pairs])
     # Under FSDP the output head is sharded: the lean log-probs, which read its weight outside the
     # forward, give way to the stock full-logits path.

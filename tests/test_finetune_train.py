@@ -240,3 +240,28 @@ def test_merged_16bit_model_answers_like_base_plus_adapter(tiny_model_dir, tmp_p
         expected, got = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)  # 16-bit rounding of the merged weights
     assert (expected - base).abs().max() > 0.05  # and the adapter did change the model
+
+
+def test_a_next_round_starts_from_the_adapter_it_names(trained_run, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    first, _ = trained_run
+    data = write_jsonl(tmp_path / "round-2.jsonl", [seed_row(i) for i in range(8, 12)])
+    weights = {}
+    for name, init in (("continued", str(first.output_dir)), ("fresh", "")):
+        # One step at learning rate 0: the weights are what training started from.
+        out = train(tiny_config(tiny_model_dir, data, tmp_path / name, max_steps=1, learning_rate=0.0,
+                                init_adapter=init)).output_dir
+        weights[name] = load_file(out / "adapter_model.safetensors")
+    before = load_file(first.output_dir / "adapter_model.safetensors")
+    assert set(weights["continued"]) == set(before)
+    assert all(torch.equal(weights["continued"][k], before[k]) for k in before)
+    assert not all(torch.equal(weights["fresh"][k], before[k]) for k in before)
+
+
+def test_a_next_round_with_another_rank_says_what_to_set(trained_run, tiny_model_dir, tmp_path):
+    first, _ = trained_run
+    data = write_jsonl(tmp_path / "round-2.jsonl", [seed_row(i) for i in range(4)])
+    with pytest.raises(TrainingError, match="lora_r, lora_alpha and target_modules"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "out", max_steps=1, lora_r=4,
+                          init_adapter=str(first.output_dir)))
