@@ -1,6 +1,6 @@
 """The proof that ORPO removes the defect it exists for, reproduced from scratch on a CPU.
 
-    python -m benchmarks.orpo_proof --out outputs/orpo-proof        # about 20 minutes on 2 quiet cores
+    python -m benchmarks.orpo_proof --out outputs/orpo-proof        # about 45 minutes on 2 quiet cores
 
 The recipe ORPO-trains DeepSeek-R1-Distill so that it stops repeating its <think> reasoning as its answer.
 Here a small model gets that defect on purpose and ORPO takes it away, with nothing written by hand:
@@ -12,7 +12,12 @@ Here a small model gets that defect on purpose and ORPO takes it away, with noth
 3. ``python -m finetune pairs generate`` on the training questions, rule ``duplication``: four sampled answers
    per question, the least and most repetitive kept as a pair when they differ clearly.
 4. ``python -m finetune train``: ORPO with LoRA on those pairs.
-5. ``python -m finetune eval`` on held-out questions: base against adapter; JSON, table and chart in --out.
+5. Next rounds (``--rounds``), as an owner would run the loop: ``pairs generate`` again with the adapter just
+   trained (``--adapter``), rules ``duplication,correct`` (the questions carry their expected answers), and
+   ``train`` continuing that adapter (``init_adapter``) on the new pairs. A first round alone cuts the
+   repetition but teaches the model to stop short (numbers cut, repeated openings without their result); its
+   own wrong answers, sampled and rejected, are what teaches it back.
+6. ``python -m finetune eval`` on held-out questions: base against each round's adapter; JSON, table, chart.
 
 What counts: duplication rate down by at least half, think rate not lower, accuracy not lower.
 """
@@ -159,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--orpo-steps", type=int, default=300)
     parser.add_argument("--orpo-lr", type=float, default=3e-4)
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling for pairs generate")
-    parser.add_argument("--rules", default="duplication", help="pairs generate's rules")
+    parser.add_argument("--rules", default="duplication", help="pairs generate's rules in round 1")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of pairs generate + train")
+    parser.add_argument("--next-rules", default="duplication,correct", help="pairs generate's rules after round 1")
+    parser.add_argument("--next-steps", type=int, default=150, help="ORPO steps of each round after the first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse-base", action="store_true",
                         help="use the base model already in --out (to try other pairs or ORPO settings)")
@@ -184,30 +192,42 @@ def main(argv: list[str] | None = None) -> int:
                                           ensure_ascii=False) + "\n" for i in held_out), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "CHAT_MODEL": str(model_dir),
            "ADAPTER_DIR": str(args.out / "no-adapters"), "KNOWLEDGE_DIR": str(args.out / "knowledge")}
-    pairs = args.out / "pairs.sqlite"
-    pairs.unlink(missing_ok=True)
-    generated = json.loads(run("-m", "finetune", "pairs", "generate", str(questions), "--out", str(pairs),
-                               "--samples", "4", "--temperature", str(args.temperature), "--max-new-tokens",
-                               "160", "--rules", args.rules, "--margin", "0.5", "--no-retrieval", "--json", env=env))
-    adapter = args.out / "adapter"
-    run("-m", "finetune", "train", "--config", "finetune/configs/tiny-smoke.yaml", f"model_name={model_dir}",
-        f"data={pairs}", f"output_dir={adapter}", f"max_steps={args.orpo_steps}", f"learning_rate={args.orpo_lr}",
-        "beta=0.1", "lora_r=16", "lora_alpha=32", "per_device_train_batch_size=8", "max_length=512",
-        "max_prompt_length=400", "save_steps=100000", "logging_steps=10", env=env)
-    report = json.loads(run("-m", "finetune", "eval", "--model", str(model_dir), "--adapter", str(adapter),
-                            "--prompts", str(prompts), "--max-new-tokens", "160", "--batch-size", "16",
-                            "--plot", str(args.out / "eval.png"), "--json", env=env))
-    base, trained = report["models"]
+    # Round 1 starts from the base model; each next round makes its pairs with the adapter the last one trained
+    # (so they show that adapter's own mistakes) and continues training it (init_adapter).
+    adapter, rounds, generated = None, [], []
+    for number in range(1, args.rounds + 1):
+        pairs = args.out / f"pairs-round{number}.sqlite"
+        pairs.unlink(missing_ok=True)
+        rules = args.rules if number == 1 else args.next_rules
+        generated.append(json.loads(run(
+            "-m", "finetune", "pairs", "generate", str(questions), "--out", str(pairs), "--samples", "4",
+            "--temperature", str(args.temperature), "--max-new-tokens", "160", "--rules", rules, "--margin", "0.5",
+            "--no-retrieval", "--json", *(["--adapter", str(adapter)] if adapter else []), env=env))["pairs"])
+        trained_dir = args.out / f"adapter-round{number}"
+        run("-m", "finetune", "train", "--config", "finetune/configs/tiny-smoke.yaml", f"model_name={model_dir}",
+            f"data={pairs}", f"output_dir={trained_dir}", *([f"init_adapter={adapter}"] if adapter else []),
+            f"max_steps={args.orpo_steps if number == 1 else args.next_steps}", f"learning_rate={args.orpo_lr}",
+            "beta=0.1", "lora_r=16", "lora_alpha=32", "per_device_train_batch_size=8", "max_length=512",
+            "max_prompt_length=400", "save_steps=100000", "logging_steps=10", env=env)
+        adapter = trained_dir
+        rounds.append(trained_dir)
+    report = json.loads(run("-m", "finetune", "eval", "--model", str(model_dir),
+                            *[a for r in rounds for a in ("--adapter", str(r))], "--prompts", str(prompts),
+                            "--max-new-tokens", "160", "--batch-size", "16", "--plot", str(args.out / "eval.png"),
+                            "--json", env=env))
+    models = report["models"]
+    base, trained = models[0], models[-1]  # the base and the last round
     result = {"date": time.strftime("%Y-%m-%d"), "minutes": round((time.time() - started) / 60, 1),
               "held_out_questions": len(held_out),
-              "pairs_generated": {"questions": args.questions, "pairs": generated["pairs"]}, "base": base, "orpo": trained,
+              "pairs_generated": {"questions": args.questions, "pairs_per_round": generated},
+              "base": base, "orpo": trained, "rounds": models[1:],
               "duplication_halved": trained["duplication_rate"] <= base["duplication_rate"] / 2,
               "think_rate_kept": trained["think_rate"] >= base["think_rate"],
               "accuracy_kept": trained["accuracy"] >= base["accuracy"]}
     (args.out / "result.json").write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
     keys = ("think_rate", "duplication_rate", "duplicating_share", "answer_chars", "accuracy")
     print("| model | " + " | ".join(keys) + " |\n|---" * 1 + "|---" * len(keys) + "|")
-    for name, row in (("base", base), ("orpo", trained)):
+    for name, row in [("base", base)] + [(f"round {n}", m) for n, m in enumerate(models[1:], 1)]:
         print(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
     print(json.dumps({k: result[k] for k in ("duplication_halved", "think_rate_kept", "accuracy_kept",
                                              "pairs_generated", "minutes")}, ensure_ascii=False))
