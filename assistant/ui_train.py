@@ -7,7 +7,6 @@ reads its folder, every two seconds while the tab is open, so a reload or an app
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -132,7 +131,6 @@ class TrainTab:
             note = action(*args)
         except UserError as e:
             raise gr.Error(str(e)) from None
-        time.sleep(0.5)  # the job writes its first record
         return *self.view(), note
 
     def build(self, demo: gr.Blocks, model_status: gr.Markdown) -> None:
