@@ -123,7 +123,7 @@ def _pairs_generate(args: argparse.Namespace) -> int:
                                   max_new_tokens=args.max_new_tokens, rules=tuple(args.rules.split(",")),
                                   min_answer_chars=args.min_chars, max_answer_chars=args.max_chars,
                                   margin=args.margin, retrieval=not args.no_retrieval,
-                                  questions_per_batch=args.batch)
+                                  questions_per_batch=args.batch, shared_reasoning=args.shared_reasoning)
     if not args.questions and not args.from_store:
         raise DataError("give a file of questions, or --from-store N to have the model draft N from your documents")
     assistant = Assistant(settings)
@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-chars", type=int, default=2000, help="the length rule's longest answer")
     g.add_argument("--no-retrieval", action="store_true", help="answer without the knowledge store")
     g.add_argument("--batch", type=int, default=8, help="questions answered together (default 8)")
+    g.add_argument("--shared-reasoning", action="store_true", help="sample one reasoning per question and "
+                   "several answers after it, so a pair differs in its answer only")
     g.add_argument("--json", action="store_true")
     g.set_defaults(run=_pairs_generate)
 

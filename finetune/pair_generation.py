@@ -33,6 +33,7 @@ from assistant.runtime import GenerationParams
 from finetune.data import DataError, read_json_rows
 from finetune.metrics import CompletionScore, score_completion, split_completion
 from finetune.pairs_store import Completion, PairsStore, is_pairs_store
+from finetune.prompts import THINK_CLOSE
 
 RULES = ("duplication", "think", "citation", "length", "correct")
 
@@ -48,6 +49,10 @@ class PairGenerationConfig:
     margin: float = 0.5  # the best answer's score must beat the worst's by this much
     retrieval: bool = True
     questions_per_batch: int = 8  # answered together: samples x this many sequences in one generate call
+    # The samples of a question continue one sampled reasoning and differ in their answers only, so a pair
+    # teaches what follows </think> and leaves the reasoning alone (with the duplication rule: a rejected
+    # answer that repeats the reasoning no longer drags the reasoning's own words down with it).
+    shared_reasoning: bool = False
 
     def __post_init__(self):
         unknown = [r for r in self.rules if r not in RULES]
@@ -168,16 +173,34 @@ class _StoreSink:
         self.store.add_pair(self.store.add_answer(chosen), self.store.add_answer(rejected), "generated")
 
 
-def sample_answers(assistant: Assistant, prompts: list[str], config: PairGenerationConfig) -> list[list[str]]:
-    """``config.samples`` completions of each prompt: all in one batch when the model runs in this process
-    (a GPU answers many sequences at once for little more than the time of one), else one at a time."""
+def sample_answers(assistant: Assistant, prompts: list[str], config: PairGenerationConfig,
+                   samples: int | None = None) -> list[list[str]]:
+    """``samples`` (by default ``config.samples``) completions of each prompt: all in one batch when the model
+    runs in this process (a GPU answers many sequences at once for little more than the time of one), else one
+    at a time."""
     runtime = assistant.runtime
+    samples = samples or config.samples
     params = GenerationParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     if hasattr(runtime, "complete"):
-        batch = [p for p in prompts for _ in range(config.samples)]
+        batch = [p for p in prompts for _ in range(samples)]
         texts = runtime.complete(batch, params, batch_size=len(batch))
-        return [texts[i:i + config.samples] for i in range(0, len(texts), config.samples)]
-    return [["".join(runtime.stream(p, params)) for _ in range(config.samples)] for p in prompts]
+        return [texts[i:i + samples] for i in range(0, len(texts), samples)]
+    return [["".join(runtime.stream(p, params)) for _ in range(samples)] for p in prompts]
+
+
+def sample_after_one_reasoning(assistant: Assistant, prompts: list[str], config: PairGenerationConfig
+                               ) -> list[list[str]]:
+    """``config.samples`` completions of each prompt that share one sampled reasoning and differ in their
+    answers only. A prompt whose sampled reasoning never closes keeps that one completion (no pair)."""
+    heads = [texts[0] for texts in sample_answers(assistant, prompts, config, samples=1)]
+    closed = [i for i, head in enumerate(heads) if THINK_CLOSE in head]
+    for i in closed:
+        heads[i] = heads[i][:heads[i].index(THINK_CLOSE) + len(THINK_CLOSE)]
+    answers = sample_answers(assistant, [prompts[i] + heads[i] for i in closed], config)
+    completions = [[head] for head in heads]
+    for i, texts in zip(closed, answers, strict=True):
+        completions[i] = [heads[i] + text for text in texts]
+    return completions
 
 
 def generate_pairs(assistant: Assistant, questions: Iterable[Question | str], out: str | Path,
@@ -218,8 +241,9 @@ def _answer_batch(assistant: Assistant, questions: list[Question], sink, config:
         instruction, context = answer_parts([{"role": "user", "content": question.text}], hits)
         prompts.append((build_prompt(instruction, context, runtime.prompt_format, runtime.render_chat),
                         instruction, context))
+    sample = sample_after_one_reasoning if config.shared_reasoning else sample_answers
     for question, (prompt, instruction, context), texts in zip(
-            questions, prompts, sample_answers(assistant, [p[0] for p in prompts], config), strict=True):
+            questions, prompts, sample(assistant, [p[0] for p in prompts], config), strict=True):
         scored = []
         for text in texts:
             reasoning, answer, closed = split_completion(prompt, text)

@@ -194,3 +194,16 @@ def test_without_questions_or_passages_the_cli_says_what_to_give(capsys):
 
     assert main(["pairs", "generate"]) == 2
     assert "--from-store N" in capsys.readouterr().err
+
+
+def test_with_a_shared_reasoning_the_pair_differs_in_its_answer_only(settings, pump_store, tmp_path):
+    runtime = CyclingRuntime(f"{REASONING}</think>an answer that is not kept", "Forty litres a minute [1].",
+                             REASONING)
+    config = PairGenerationConfig(samples=2, shared_reasoning=True)
+    report = generate_pairs(Assistant(settings, runtime=runtime, store=pump_store), ["How fast?"],
+                            tmp_path / "pairs.sqlite", config)
+    assert report.pairs == 1 and runtime.calls == 3  # one reasoning, then two answers after it
+    assert runtime.prompts[1] == runtime.prompts[2] == runtime.prompts[0] + REASONING + "</think>"
+    [pair] = PairsStore(tmp_path / "pairs.sqlite").pairs()
+    assert pair.chosen.reasoning == pair.rejected.reasoning == REASONING
+    assert (pair.chosen.answer, pair.rejected.answer) == ("Forty litres a minute [1].", REASONING)
