@@ -144,8 +144,9 @@ class TrainingControl:
         last = log[-1] if log else {}
         step, total = last.get("step", 0), last.get("max_steps") or record.spec.overrides.get("max_steps")
         eta = None
-        if record.status == runs.RUNNING and len(log) >= 2 and total and step < total:
-            rate = (log[-1]["time"] - log[0]["time"]) / max(1, log[-1]["step"] - log[0]["step"])
+        recent = log[-10:]  # the pace now: a resumed run's log spans the pause
+        if record.status == runs.RUNNING and len(recent) >= 2 and total and step < total:
+            rate = (recent[-1]["time"] - recent[0]["time"]) / max(1, recent[-1]["step"] - recent[0]["step"])
             eta = round(rate * (total - step))
         from finetune.adapters import EVAL_NAME, read_json
 
