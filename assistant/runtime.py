@@ -92,11 +92,14 @@ class LocalRuntime:
                 raise ModelUnavailable(str(e)) from None
         self.decoder = None  # assistant.fast_decode.FastDecoder when the fast path runs
         self._merged = None  # assistant.adapter_merge.MergedAdapter when adapters are merged for it
-        if settings.fast_decode == "on" or (settings.fast_decode == "auto" and self.device.type == "cuda"):
+        # auto leaves Unsloth's model to generate: its patched model failed the fast path's check on an H200
+        # (docs/benchmarks.md, "Fast decode"); FAST_DECODE=on still tries it.
+        auto = self.device.type == "cuda" and self.engine != "unsloth"
+        if settings.fast_decode == "on" or (settings.fast_decode == "auto" and auto):
             self._generator.submit(self._start_fast_decode).result()  # compiled and captured on its own thread
         else:
             print(f"generation: the standard path (transformers generate); FAST_DECODE={settings.fast_decode} "
-                  f"on {self.device.type}", file=sys.stderr, flush=True)
+                  f"on {self.device.type} with the {self.engine} engine", file=sys.stderr, flush=True)
 
     def _start_fast_decode(self) -> None:
         """The fast decode path (assistant/fast_decode.py): bf16 weights take the active adapter merged in,
