@@ -203,5 +203,7 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 7860, insecur
     app = create_server(Assistant(settings), auth=logins or None)
     print(f"Serving on http://{host}:{port} (logins {'required' if logins else 'off'}); "
           f"health check at /health", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # Browsers hold event streams open: without a bound, a stop (SIGTERM, `docker compose down`) waits for them
+    # until the container engine kills the app.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
     return 0
