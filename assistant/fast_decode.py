@@ -244,7 +244,10 @@ class FastDecoder:
             return float((logits - reference).norm() / reference.norm())
 
         error, rounding = distance(self.logits), distance(eager_step)
-        if error <= 3 * rounding + 0.01:
+        # A floor for where rounding is nil: float32's is 0.002, as a step without RoPE was 0.008 off on the tests'
+        # tiny model (a floor of 0.01 let it through); 16-bit weights keep the 0.01 their GPU runs passed with.
+        floor = 0.002 if self.lm.dtype == torch.float32 else 0.01
+        if error <= 3 * rounding + floor:
             return None
         return (f"the decode step's logits are {error:.3f} (relative) from the model's forward, where its own "
                 f"cached step is {rounding:.3f}")
