@@ -172,3 +172,7 @@ def test_a_server_path_named_as_a_file_of_pairs_is_refused_by_name(train_app, tm
         stream = http.get(f"/gradio_api/call/start_training/{event['event_id']}").raise_for_status().text
     assert "event: error" in stream and "server-pairs.jsonl: not a file uploaded to this app" in stream
     assert [r.name for r in runs.list_runs(adapter_dir)] == before
+    # Only the configs offered: the dropdown refuses any other path a request names.
+    with pytest.raises(Exception, match="not in the list of choices"):
+        Client(url, verbose=False).predict(False, [handle_file(server_file)], 0.0, "/etc/hosts", 5, 2e-3, 0.1, 8,
+                                           api_name="/start_training")
