@@ -17,6 +17,7 @@ from pathlib import Path
 
 from assistant.ui_model import READY, ModelLoader
 from finetune import runs
+from finetune.adapters import EVAL_NAME, read_json
 from finetune.config import load_config
 from finetune.memory import training_memory_gib
 from finetune.training_log import read_log
@@ -135,8 +136,9 @@ class TrainingControl:
     def progress(self, name: str | None = None) -> dict:
         """The run named (by default the going or newest one): its record, log, progress and evaluation."""
         records = runs.list_runs(self.adapter_dir)
+        going = next((r for r in records if r.status not in runs.ENDED), None)
         record = next((r for r in records if r.name == name), None) if name else \
-            (runs.active_run(self.adapter_dir) or (records[0] if records else None))
+            (going or (records[0] if records else None))
         if record is None:
             return {"run": None, "runs": []}
         folder = self.adapter_dir / record.name
@@ -148,8 +150,6 @@ class TrainingControl:
         if record.status == runs.RUNNING and len(recent) >= 2 and total and step < total:
             rate = (recent[-1]["time"] - recent[0]["time"]) / max(1, recent[-1]["step"] - recent[0]["step"])
             eta = round(rate * (total - step))
-        from finetune.adapters import EVAL_NAME, read_json
-
         return {"run": {**record.to_dict(), "folder": str(folder)}, "step": step, "max_steps": total,
                 "eta_s": eta, "log": log, "eval": read_json(folder / EVAL_NAME).get("models"),
                 "eval_plot": str(folder / runs.EVAL_PLOT) if (folder / runs.EVAL_PLOT).exists() else None,

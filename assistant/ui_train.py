@@ -90,13 +90,12 @@ class TrainTab:
     def view(self, name: str | None = None):
         """(progress, loss curves, reward curves, eval table, eval chart, runs table, state, run name, status)."""
         state = self.control.progress(name or None)
-        run = state["run"]
+        run, log = state["run"], state.get("log") or []
         rows = [[m.get(c) if c != "model" else m.get("name") for c in EVAL_COLUMNS] for m in state.get("eval") or []]
         runs_table = [[r["name"], r["status"], r["started"], r["error"] or ""] for r in state["runs"]]
         shown = {k: v for k, v in state.items() if k != "log"}
-        return (progress_markdown(state), curves(state.get("log") or [], LOSS_SERIES),
-                curves(state.get("log") or [], REWARD_SERIES), rows, state.get("eval_plot"), runs_table,
-                {**shown, "log_records": len(state.get("log") or [])}, run["name"] if run else "",
+        return (progress_markdown(state), curves(log, LOSS_SERIES), curves(log, REWARD_SERIES), rows,
+                state.get("eval_plot"), runs_table, {**shown, "log_records": len(log)}, run["name"] if run else "",
                 self.loader.status_markdown())
 
     def start(self, use_pairs: bool, files, held_out: float, config_name: str, steps: float, learning_rate: float,

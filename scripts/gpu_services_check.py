@@ -47,6 +47,7 @@ from tests.container.end_to_end import (  # noqa: E402 - after the path is set
     passages_cited,
     run,
     step,
+    write_better_answers,
 )
 
 ADAPTER = "orpo-gpu-services"
@@ -225,13 +226,7 @@ def check(work: Path, shape: str, summary: dict, cpu_dry_run: bool, embedding_st
                     raise RuntimeError(f"expected the tiny model ready without an adapter: {health}")
                 notes.append(str(health))
             with step("preference pairs through the app's API") as notes:
-                chat_client = client(url)
-                for question in QUESTIONS:
-                    chat_client.predict(question, 0.0, 16, True, api_name="/chat")
-                    status = chat_client.predict(-1, "The notes say so.", f"A better answer to: {question}",
-                                                 api_name="/edit_answer")
-                    if not status.startswith("Saved"):
-                        raise RuntimeError(f"editing the answer to {question!r} said {status!r}")
+                write_better_answers(client(url))
                 notes.append(f"{len(QUESTIONS)} pairs in {env['PAIRS_DB']}")
             backend = "hf" if cpu_dry_run else "unsloth"
             with step(f"finetune job with the {backend} backend; the app follows the new adapter") as notes:

@@ -6,15 +6,25 @@ docs' pictures in docs/screenshots/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.assistant_fixtures import ADAPTER_NAME, NOTES, app_settings, get_json, serving, wait_for_model
+from tests.assistant_fixtures import (
+    ADAPTER_NAME,
+    NOTES,
+    app_settings,
+    get_json,
+    running_app,
+    serving,
+    wait_for_model,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -57,6 +67,23 @@ def screenshots_dir(tmp_path_factory) -> Path:
         tmp_path_factory.mktemp("screenshots")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+@contextlib.contextmanager
+def app_page(browser, settings, embedder, height: int, documents: list[Path] = ()) -> Iterator:
+    """The whole app with ``settings`` on loopback (``running_app``), its model loaded, open in a new page."""
+    from playwright.sync_api import expect
+
+    with running_app(settings, embedder, documents=documents) as url:
+        assert wait_for_model(url)["model_status"] == "ready"
+        expect.set_options(timeout=TIMEOUT_MS)
+        context = browser.new_context(viewport={"width": 1400, "height": height}, accept_downloads=True)
+        page = context.new_page()
+        page.goto(url)
+        try:
+            yield page, url
+        finally:
+            context.close()
 
 
 def screenshot(page, path: Path) -> None:
@@ -214,21 +241,11 @@ def test_thumbs_down_try_again_and_a_pick_leave_pairs(browser, tmp_path, minilm_
                                                       app_adapter_dir, screenshots_dir):
     from playwright.sync_api import expect
 
-    from assistant.app import create_server
-    from assistant.chat import Assistant
     from finetune.pairs_store import PairsStore
-    from knowledge import KnowledgeStore
     from tests.assistant_fixtures import write_notes
 
     settings = app_settings(tmp_path, minilm_path, tiny_model_dir, app_adapter_dir, temperature=1.0)
-    store = KnowledgeStore(settings, embedder=embedder)
-    assert store.add([write_notes(tmp_path / "docs")]).ok
-    with serving(create_server(Assistant(settings, store=store))) as url:
-        assert wait_for_model(url)["model_status"] == "ready"
-        expect.set_options(timeout=TIMEOUT_MS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1100}, accept_downloads=True)
-        page = context.new_page()
-        page.goto(url)
+    with app_page(browser, settings, embedder, 1100, [write_notes(tmp_path / "docs")]) as (page, _):
         page.locator("#question textarea").fill("Who keeps the lighthouse?")
         page.keyboard.press("Enter")
         chat = page.locator("#chatbot")
@@ -251,7 +268,6 @@ def test_thumbs_down_try_again_and_a_pick_leave_pairs(browser, tmp_path, minilm_
             page.locator("#export-trl").click()
         [row] = [json.loads(line) for line in Path(download.value.path()).read_text(encoding="utf-8").splitlines()]
         assert set(row) == {"prompt", "chosen", "rejected"} and row["prompt"].endswith("<think>")
-        context.close()
     [pair] = PairsStore(settings.pairs_db).pairs()
     assert pair.origin == "pick" and PairsStore(settings.pairs_db).unpaired_down_votes() == 0
 
@@ -260,20 +276,10 @@ def test_the_adapters_tab_swaps_to_the_base_model_and_back(browser, tmp_path, mi
                                                            tiny_model_dir, app_adapter_dir, screenshots_dir):
     from playwright.sync_api import expect
 
-    from assistant.app import create_server
-    from assistant.chat import Assistant
-    from knowledge import KnowledgeStore
-
     adapters = tmp_path / "adapters"
     shutil.copytree(app_adapter_dir, adapters)  # the choice is saved there; the shared folder stays as it was
     settings = app_settings(tmp_path, minilm_path, tiny_model_dir, adapters)
-    server = create_server(Assistant(settings, store=KnowledgeStore(settings, embedder=embedder)))
-    with serving(server) as url:
-        assert wait_for_model(url)["model_status"] == "ready"
-        expect.set_options(timeout=TIMEOUT_MS)
-        context = browser.new_context(viewport={"width": 1400, "height": 900})
-        page = context.new_page()
-        page.goto(url)
+    with app_page(browser, settings, embedder, 900) as (page, url):
         page.get_by_role("tab", name="Adapters").click()
         expect(page.locator("#adapters-table")).to_contain_text("in use")
         page.locator("#adapter-base").click()
@@ -285,7 +291,6 @@ def test_the_adapters_tab_swaps_to_the_base_model_and_back(browser, tmp_path, mi
         expect(page.locator("#adapters-note")).to_contain_text(f"Now answering with {ADAPTER_NAME}")
         expect(page.locator("#model-status")).to_contain_text(f"adapter {ADAPTER_NAME} — ready")
         screenshot(page, screenshots_dir / "adapters.png")
-        context.close()
         assert get_json(f"{url}/health")["adapter"] == ADAPTER_NAME
 
 
@@ -295,20 +300,12 @@ def test_the_train_tab_starts_a_run_draws_its_curves_and_cancels_it(browser, tmp
 
     from playwright.sync_api import expect
 
-    from assistant.app import create_server
-    from assistant.chat import Assistant
-    from knowledge import KnowledgeStore
     from tests.finetune_fixtures import repeat_task_rows, write_jsonl
 
     settings = app_settings(tmp_path, minilm_path, tiny_model_dir, tmp_path / "adapters",
                             train_config=Path("finetune/configs/tiny-smoke.yaml"))
     pairs = write_jsonl(tmp_path / "pairs.jsonl", repeat_task_rows(16, seed=3))
-    with serving(create_server(Assistant(settings, store=KnowledgeStore(settings, embedder=embedder)))) as url:
-        assert wait_for_model(url)["model_status"] == "ready"
-        expect.set_options(timeout=TIMEOUT_MS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1300})
-        page = context.new_page()
-        page.goto(url)
+    with app_page(browser, settings, embedder, 1300) as (page, _):
         page.get_by_role("tab", name="Train").click()
         page.locator("#train-use-pairs input").uncheck()  # nothing collected in this app yet: the file only
         page.locator("#train-files input[type=file]").set_input_files(str(pairs))
@@ -325,4 +322,3 @@ def test_the_train_tab_starts_a_run_draws_its_curves_and_cancels_it(browser, tmp
         page.locator("#train-cancel").click()
         expect(progress).to_contain_text("cancelled")
         expect(progress).to_contain_text("Resume continues it")
-        context.close()

@@ -169,6 +169,15 @@ def passages_cited(chat: list[dict]) -> dict[str, str]:
             if (m.get("metadata") or {}).get("title", "").startswith("[")}
 
 
+def write_better_answers(client) -> None:
+    """Ask each of QUESTIONS in the chat and write a better answer to it: one preference pair each."""
+    for question in QUESTIONS:
+        client.predict(question, 0.0, 16, True, api_name="/chat")
+        status = client.predict(-1, "The notes say so.", f"A better answer to: {question}", api_name="/edit_answer")
+        if not status.startswith("Saved"):
+            raise RuntimeError(f"editing the answer to {question!r} said {status!r}")
+
+
 def pair_count(client) -> int:
     """The pairs the app's Pairs tab lists."""
     _summary, rows = client.predict(api_name="/list_pairs")
@@ -228,12 +237,7 @@ def end_to_end(work: Path) -> None:
             notes.append(f"[1] lighthouse.md: {first[:50]!r}...; the Chroma server holds {count} chunks")
         with step("preference pairs from the chat (written answers)") as notes:
             client = project.client()
-            for question in QUESTIONS:
-                client.predict(question, 0.0, 16, True, api_name="/chat")
-                status = client.predict(-1, "The notes say so.", f"A better answer to: {question}",
-                                        api_name="/edit_answer")
-                if not status.startswith("Saved"):
-                    raise RuntimeError(f"editing the answer to {question!r} said {status!r}")
+            write_better_answers(client)
             if pair_count(client) != len(QUESTIONS):
                 raise RuntimeError(f"the app lists {pair_count(client)} pairs, not {len(QUESTIONS)}")
             notes.append(f"{len(QUESTIONS)} pairs in the pairs store")
