@@ -19,8 +19,10 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +159,12 @@ class FastDecoder:
                         for layer in self.layers]
             self.gate_up = [_fuse_rows([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
             self.qkv_sizes = [config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        # Each projection as the step calls it: the module itself, or for bitsandbytes 4-bit weights the Triton
+        # GEMV on their bytes (assistant/gemv_4bit.py) with the LoRA products beside it.
+        self.projections = [{name: layer.get_submodule(path) for name, path in PROJECTIONS.items()}
+                            for layer in self.layers]
+        if not self.fused and _nf4_linears(self.layers):
+            self.projections = _nf4_projections(self.projections, self.device)
 
     # -- one step ------------------------------------------------------------------------------------------
 
@@ -167,20 +175,19 @@ class FastDecoder:
         x = self.embed(self.token)
         h = ops.rms_norm(x, self.layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
+            p = self.projections[i]
             if self.fused:  # one product for q, k and v, one for gate and up
                 q, k, v = F.linear(h, *self.qkv[i]).split(self.qkv_sizes, dim=-1)
-                gate_up = self.gate_up[i][0]
             else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+                q, k, v = p["q"](h), p["k"](h), p["v"](h)
             a = ops.attend(q, k, v, self.cos, self.sin, self.k_cache[i], self.v_cache[i], self.position, self.scaling)
-            x, h = ops.add_rms_norm(x, _base(attn.o_proj)(a) if self.fused else attn.o_proj(a),
+            x, h = ops.add_rms_norm(x, _base(p["o"])(a) if self.fused else p["o"](a),
                                     layer.post_attention_layernorm.weight, eps)
             if self.fused:
-                h = ops.silu_mul(*F.linear(h, gate_up).chunk(2, dim=-1))
-                mlp_out = _base(mlp.down_proj)(h)
+                h = ops.silu_mul(*F.linear(h, self.gate_up[i][0]).chunk(2, dim=-1))
+                mlp_out = _base(p["down"])(h)
             else:
-                mlp_out = mlp.down_proj(ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+                mlp_out = p["down"](ops.silu_mul(p["gate"](h), p["up"](h)))
             following = self.layers[i + 1].input_layernorm.weight if i + 1 < len(self.layers) else self.norm.weight
             x, h = ops.add_rms_norm(x, mlp_out, following, eps)
         logits = self.lm_head(h)[:, -1].float()
@@ -238,7 +245,9 @@ class FastDecoder:
             self.run_step(False)
             reference = self.lm(input_ids=torch.cat([ids, first], 1)).logits[:, -1].float()
             cache = self.lm(input_ids=ids, use_cache=True).past_key_values
-            eager_step = self.lm(input_ids=first, past_key_values=cache, use_cache=True).logits[:, -1].float()
+            # position_ids given: Unsloth's patched decode step reads them (transformers infers them).
+            eager_step = self.lm(input_ids=first, past_key_values=cache, use_cache=True,
+                                 position_ids=torch.full_like(first, ids.shape[1])).logits[:, -1].float()
 
         def distance(logits: torch.Tensor) -> float:
             return float((logits - reference).norm() / reference.norm())
@@ -319,13 +328,66 @@ def _base(module):
     return getattr(module, "base_layer", module)
 
 
+PROJECTIONS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
 def _plain_linears(layers) -> bool:
     """Whether every projection is an nn.Linear with float weights (under any LoRA wrapper): then the step reads
     the weights itself, fused, and an adapter must be merged into them (assistant/adapter_merge.py)."""
-    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-             "mlp.up_proj", "mlp.down_proj")
-    modules = [_base(layer.get_submodule(name)) for layer in layers for name in names]
+    modules = [_base(layer.get_submodule(path)) for layer in layers for path in PROJECTIONS.values()]
     return all(type(m) is torch.nn.Linear and m.weight.is_floating_point() for m in modules)
+
+
+def _nf4_linears(layers) -> bool:
+    """Whether every projection is a bitsandbytes 4-bit layer that the Triton GEMV takes, where it can run."""
+    from assistant import gemv_4bit
+
+    modules = [_base(layer.get_submodule(path)) for layer in layers for path in PROJECTIONS.values()]
+    if not gemv_4bit.runs_on(modules[0].weight.device) or not all(
+            type(m).__name__ == "Linear4bit" and getattr(m.weight, "quant_state", None) is not None for m in modules):
+        return False
+    return all(gemv_4bit.supported(gemv_4bit.Nf4Weight.from_bnb(m)) is None for m in modules)
+
+
+class _Nf4Projection:
+    """A projection whose base weight is bitsandbytes 4-bit, for one row: the GEMV on the weight's own bytes,
+    plus the LoRA products of the adapters active when the step is captured (PEFT's forward for vanilla LoRA,
+    written out; any other variant runs the module itself)."""
+
+    def __init__(self, module, weight, config):
+        self.module, self.weight, self.config = module, weight, config
+        self.bias = _base(module).bias
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        from assistant.gemv_4bit import gemv
+
+        m = self.module
+        lora = m is not _base(m) and not m.disable_adapters and not m.merged
+        if lora and any(name in getattr(m, "lora_variant", {}) for name in m.active_adapters):
+            return m(h)
+        y = gemv(h, self.weight, self.bias, self.config)
+        if lora:
+            for name in m.active_adapters:
+                if name in m.lora_A:
+                    a = m.lora_A[name]
+                    y = y + (m.lora_B[name](a(h.to(a.weight.dtype))) * m.scaling[name]).to(y.dtype)
+        return y
+
+
+def _nf4_projections(projections: list[dict], device: torch.device) -> list[dict]:
+    """Every projection as an _Nf4Projection, each size with the GEMV tiling timed fastest on this GPU."""
+    from assistant.gemv_4bit import Nf4Weight, fastest_config
+
+    weights = [{name: Nf4Weight.from_bnb(_base(m)) for name, m in layer.items()} for layer in projections]
+    configs = {}
+    for name in PROJECTIONS:
+        size = (weights[0][name].out_features, weights[0][name].in_features)
+        if size not in configs:
+            configs[size] = fastest_config([layer[name] for layer in weights[:8]], device)
+    return [{name: _Nf4Projection(m, weights[i][name], configs[(weights[i][name].out_features,
+                                                                 weights[i][name].in_features)])
+             for name, m in layer.items()} for i, layer in enumerate(projections)]
 
 
 def _fuse_rows(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -379,7 +441,11 @@ def start_fast_decoder(model, max_len: int, eos_token_ids: set[int],
         seconds = decoder.capture()
         error = decoder.check()
     except Exception as e:  # noqa: BLE001 - any failure to compile or capture means: use the standard path
-        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        frames = traceback.extract_tb(e.__traceback__)
+        ours = [f for f in frames if Path(f.filename).parent == Path(__file__).parent] or frames
+        places = [f"{Path(f.filename).name}:{f.lineno} ({f.name})" for f in (frames[-1], ours[-1])]
+        where = " from ".join(dict.fromkeys(places))  # the innermost frame, and the last of this module's
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} at {where}"
         seconds = None
     if error:
         print(f"generation: the standard path (transformers generate); the fast decode failed its check: {error}",

@@ -55,6 +55,11 @@ UNSLOTH_TRAINING = ["backend=unsloth", "load_in_4bit=true", "optim=adamw_8bit", 
                     "gradient_checkpointing=unsloth"]
 
 
+def chroma_command() -> str:
+    """The `chroma` console script: on PATH (pip --target puts it in TARGET/bin), else beside this Python."""
+    return shutil.which("chroma") or str(Path(sys.executable).parent / "chroma")
+
+
 class Service:
     """A long-running command with its log in WORK/logs, stopped like a container is (SIGTERM, then SIGKILL)."""
 
@@ -180,7 +185,7 @@ def check(work: Path, shape: str, summary: dict, cpu_dry_run: bool, embedding_st
         notes.append(f"{big}, {tiny}")
 
     chroma_port = free_port()
-    chroma = Service("chroma", [str(Path(sys.executable).parent / "chroma"), "run", "--path", str(work / "chroma"),
+    chroma = Service("chroma", [chroma_command(), "run", "--path", str(work / "chroma"),
                                 "--host", "127.0.0.1", "--port", str(chroma_port)], env, logs)
     env.update(CHROMA_HOST="127.0.0.1", CHROMA_PORT=str(chroma_port))
     try:

@@ -1,0 +1,151 @@
+"""The linear layers of one decode token, alone, on the GPU: bf16, bitsandbytes nf4, and the Triton GEMV of
+``assistant/gemv_4bit.py`` on the same nf4 bytes.
+
+    python scripts/gpu_gemv_bench.py --shape 14b --out results.jsonl
+
+Random weights of a DeepSeek-R1-Distill-Qwen shape (every layer's own weights, so nothing is read from the L2
+cache). First a sweep of the kernel's tiling on each distinct layer size (eight layers' weights in turn, in one
+CUDA graph), for the codebook read from memory (mode 0, the product's) and for affine int4 arithmetic (mode 1,
+what a codebook costs); then all the layers of a token in one CUDA graph with the best tiling per size, against
+bitsandbytes' own batch-1 kernel and bf16 products. Each line: milliseconds per token or per launch, and the
+fraction of the copy bandwidth (bytes of weights and absmax read, over the time, against a large copy's rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from assistant.gemv_4bit import GemvConfig, Nf4Weight, gemv, graph_ms  # noqa: E402
+from scripts.gpu_generation_bench import SHAPES, copy_bandwidth  # noqa: E402
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def projection_sizes(shape: dict) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each projection of a layer."""
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    head_dim = hidden // shape["num_attention_heads"]
+    kv = shape["num_key_value_heads"] * head_dim
+    return {"q": (hidden, hidden), "k": (kv, hidden), "v": (kv, hidden), "o": (hidden, hidden),
+            "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+
+
+def nf4_layers(sizes: dict, layers: int):
+    """bitsandbytes Linear4bit modules (nf4, double-quantized absmax, as Unsloth's checkpoints) for every layer."""
+    import bitsandbytes as bnb
+
+    modules = []
+    for _ in range(layers):
+        row = {}
+        for name, (n, k) in sizes.items():
+            m = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                                  compress_statistics=True)
+            dense = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+            m.weight = bnb.nn.Params4bit(dense, requires_grad=False, quant_type="nf4", compress_statistics=True)
+            row[name] = m.cuda()  # quantized here
+        modules.append(row)
+    return modules
+
+
+def weight_bytes(w: Nf4Weight) -> int:
+    return w.packed.numel() + w.absmax.numel() * 4
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--layers", type=int, default=0, help="layers built (default: the shape's)")
+    args = parser.parse_args()
+    shape = SHAPES[args.shape]
+    sizes = projection_sizes(shape)
+    layers = args.layers or shape["num_hidden_layers"]
+    bandwidth = copy_bandwidth()
+    lines = []
+
+    def emit(row: dict) -> None:
+        row = {"shape": args.shape, **row}
+        print(json.dumps(row), flush=True)
+        lines.append(row)
+
+    emit({"what": "copy bandwidth", "tb_s": bandwidth / 1e12})
+    torch.manual_seed(0)
+    modules = nf4_layers(sizes, layers)
+    weights = [{name: Nf4Weight.from_bnb(m) for name, m in row.items()} for row in modules]
+    x_hidden = torch.randn(1, 1, shape["hidden_size"], dtype=torch.bfloat16, device="cuda")
+    x_inter = torch.randn(1, 1, shape["intermediate_size"], dtype=torch.bfloat16, device="cuda")
+
+    def input_for(name: str) -> torch.Tensor:
+        return x_inter if name == "down" else x_hidden
+
+    # Correctness first: each projection against the dequantized weight, in float32.
+    for name in PROJECTIONS:
+        w, x = weights[0][name], input_for(name)
+        reference = x.float().view(1, -1) @ w.dequantize(torch.float32).T
+        error = float((gemv(x, w).float().view(1, -1) - reference).norm() / reference.norm())
+        bnb_error = float((modules[0][name](x).float().view(1, -1) - reference).norm() / reference.norm())
+        emit({"what": "check", "projection": name, "relative_error": error, "bnb_relative_error": bnb_error})
+
+    # The tiling sweep on each distinct size, eight layers' weights in turn.
+    configs = [GemvConfig(block_n, block_k, warps, stages) for block_n, block_k, warps, stages in
+               itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (2, 4, 8), (1,))]
+    best: dict[tuple[int, int], tuple[float, GemvConfig]] = {}
+    turns = min(8, layers)
+    for name in ("q", "k", "gate", "down"):  # o is q's size, up is gate's
+        size = sizes[name]
+        x = input_for(name)
+        ws = [weights[i][name] for i in range(turns)]
+        read = sum(weight_bytes(w) for w in ws)
+        for mode in (0, 1):
+            results = []
+            for config in configs:
+                try:
+                    ms = graph_ms(lambda x=x, ws=ws, config=config, mode=mode:
+                                  [gemv(x, w, config=config, mode=mode) for w in ws])
+                except Exception as e:  # noqa: BLE001 - a tiling the compiler refuses is a result too
+                    emit({"what": "sweep", "projection": name, "mode": mode, "config": config.__dict__,
+                          "error": str(e).splitlines()[0][:200]})
+                    continue
+                results.append((ms, config))
+            results.sort(key=lambda r: r[0])
+            for ms, config in results[:3]:
+                emit({"what": "sweep", "projection": name, "size": size, "mode": mode, "config": config.__dict__,
+                      "us_per_launch": 1000 * ms / turns, "of_copy_bandwidth": read / (ms / 1000) / bandwidth})
+            if mode == 0 and results:
+                best[size] = (results[0][0], results[0][1])
+
+    def config_for(name: str) -> GemvConfig:
+        return best.get(sizes[name], (0, GemvConfig()))[1]
+
+    # A whole token's linear layers in one graph.
+    nf4_read = sum(weight_bytes(w) for row in weights for w in row.values())
+    for mode in (0, 1):
+        ms = graph_ms(lambda mode=mode: [gemv(input_for(n), row[n], config=config_for(n), mode=mode)
+                                         for row in weights for n in PROJECTIONS])
+        emit({"what": "token", "path": f"triton gemv mode {mode}", "ms": ms, "gb": nf4_read / 1e9,
+              "of_copy_bandwidth": nf4_read / (ms / 1000) / bandwidth})
+    ms = graph_ms(lambda: [row[n](input_for(n)) for row in modules for n in PROJECTIONS])
+    emit({"what": "token", "path": "bitsandbytes Linear4bit", "ms": ms, "gb": nf4_read / 1e9,
+          "of_copy_bandwidth": nf4_read / (ms / 1000) / bandwidth})
+    dense = [{n: torch.randn(*sizes[n], dtype=torch.bfloat16, device="cuda") * 0.02 for n in PROJECTIONS}
+             for _ in range(layers)]
+    dense_read = sum(w.numel() * 2 for row in dense for w in row.values())
+    ms = graph_ms(lambda: [torch.nn.functional.linear(input_for(n), row[n]) for row in dense for n in PROJECTIONS])
+    emit({"what": "token", "path": "bf16 F.linear", "ms": ms, "gb": dense_read / 1e9,
+          "of_copy_bandwidth": dense_read / (ms / 1000) / bandwidth})
+    emit({"what": "best tiling", "configs": {f"{n}x{k}": c.__dict__ for (n, k), (_, c) in best.items()}})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in lines)
+
+
+if __name__ == "__main__":
+    main()
