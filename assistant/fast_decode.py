@@ -243,10 +243,11 @@ class FastDecoder:
             first = choose_greedy(self.last_prefill_logits).view(1, 1)
             self.token.copy_(first)
             self.run_step(False)
-            reference = self.lm(input_ids=torch.cat([ids, first], 1)).logits[:, -1].float()
-            cache = self.lm(input_ids=ids, use_cache=True).past_key_values
-            # position_ids given: Unsloth's patched decode step reads them (transformers infers them).
-            eager_step = self.lm(input_ids=first, past_key_values=cache, use_cache=True,
+            reference = self.lm(input_ids=torch.cat([ids, first], 1), return_dict=True).logits[:, -1].float()
+            cache = self.lm(input_ids=ids, use_cache=True, return_dict=True).past_key_values
+            # Unsloth's patched decode step reads position_ids (transformers infers them) and returns a tuple
+            # unless asked for return_dict.
+            eager_step = self.lm(input_ids=first, past_key_values=cache, use_cache=True, return_dict=True,
                                  position_ids=torch.full_like(first, ids.shape[1])).logits[:, -1].float()
 
         def distance(logits: torch.Tensor) -> float:
@@ -376,18 +377,34 @@ class _Nf4Projection:
 
 
 def _nf4_projections(projections: list[dict], device: torch.device) -> list[dict]:
-    """Every projection as an _Nf4Projection, each size with the GEMV tiling timed fastest on this GPU."""
-    from assistant.gemv_4bit import Nf4Weight, fastest_config
+    """The projections as the step calls them: for each size, the GEMV (at the tiling timed fastest) where it
+    beats bitsandbytes' own product on this GPU, timed on eight layers' weights, else the module itself."""
+    from assistant.gemv_4bit import Nf4Weight, fastest_config, graph_ms
 
     weights = [{name: Nf4Weight.from_bnb(_base(m)) for name, m in layer.items()} for layer in projections]
-    configs = {}
+    chosen, report = {}, []
     for name in PROJECTIONS:
         size = (weights[0][name].out_features, weights[0][name].in_features)
-        if size not in configs:
-            configs[size] = fastest_config([layer[name] for layer in weights[:8]], device)
-    return [{name: _Nf4Projection(m, weights[i][name], configs[(weights[i][name].out_features,
-                                                                 weights[i][name].in_features)])
-             for name, m in layer.items()} for i, layer in enumerate(projections)]
+        if size in chosen:
+            continue
+        config, gemv_ms = fastest_config([layer[name] for layer in weights[:8]], device)
+        own_ms = float("inf")
+        if device.type == "cuda":
+            x = torch.randn(1, 1, size[1], dtype=torch.bfloat16, device=device)
+            own_ms = graph_ms(lambda name=name, x=x: [_base(layer[name])(x) for layer in projections[:8]])
+        chosen[size] = config if gemv_ms <= own_ms else None
+        if device.type == "cuda":
+            report.append(f"{size[0]}x{size[1]} {'gemv' if chosen[size] else 'bitsandbytes'} "
+                          f"({1000 * gemv_ms / 8:.1f} us against {1000 * own_ms / 8:.1f})")
+    if report:
+        print(f"generation: 4-bit products: {', '.join(report)}", file=sys.stderr, flush=True)
+
+    def projection(module, weight: Nf4Weight):
+        config = chosen[(weight.out_features, weight.in_features)]
+        return module if config is None else _Nf4Projection(module, weight, config)
+
+    return [{name: projection(m, weights[i][name]) for name, m in layer.items()}
+            for i, layer in enumerate(projections)]
 
 
 def _fuse_rows(linears) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -111,11 +111,11 @@ def graph_ms(fn, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def fastest_config(weights: list[Nf4Weight], device: torch.device) -> GemvConfig:
+def fastest_config(weights: list[Nf4Weight], device: torch.device) -> tuple[GemvConfig, float]:
     """The candidate tiling that takes ``weights`` (same size; several layers', so the L2 cache does not serve
-    them) fastest on this GPU; the default elsewhere."""
+    them) fastest on this GPU, and its milliseconds for all of them; elsewhere the default, untimed (inf)."""
     if device.type != "cuda":
-        return GemvConfig()
+        return GemvConfig(), float("inf")
     x = torch.randn(weights[0].in_features, dtype=torch.bfloat16, device=device)
     times = {}
     for config in CANDIDATES:
@@ -123,7 +123,10 @@ def fastest_config(weights: list[Nf4Weight], device: torch.device) -> GemvConfig
             times[config] = graph_ms(lambda config=config: [gemv(x, w, config=config) for w in weights])
         except Exception:  # noqa: BLE001, S112 - a tiling this GPU's compiler refuses is skipped
             continue
-    return min(times, key=times.get) if times else GemvConfig()
+    if not times:
+        return GemvConfig(), float("inf")
+    best = min(times, key=times.get)
+    return best, times[best]
 
 
 def gemv(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = None,

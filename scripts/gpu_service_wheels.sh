@@ -6,7 +6,8 @@
 # the app and the Chroma server import: the training wheels of ../shared/gpu/wheels.sh (run it first: .whl/),
 # bitsandbytes with only its CUDA 13 libraries (the machine's torch is built for CUDA 13), Gradio without its web
 # frontend (the check drives the app through its API, never a page), chromadb, and their small dependencies
-# (not onnxruntime, kubernetes or uvloop, which nothing here imports). Measured 2026-11-29: 63.9 MB.
+# (not onnxruntime, kubernetes or uvloop, which nothing here imports; pytz, which Gradio imports and the GPU
+# machine lacks, is kept). Measured 2026-11-29: 63.9 MB.
 #
 #   ../shared/gpu/wheels.sh && scripts/gpu_service_wheels.sh
 #   then, on the GPU machine (carry .whl-services), begin the command with wheels.sh's install line, on
@@ -26,10 +27,10 @@ for n in 17 24 27 28 31 34 35; do plat+=(--platform "manylinux_2_${n}_x86_64"); 
 plat+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 versions=$(python3 -c 'import tomllib; d=tomllib.load(open("pyproject.toml","rb"))["project"]["dependencies"];
 print(" ".join(x for x in d if x.split("==")[0] in ("gradio", "gradio_client", "chromadb")))')
-python3 -m pip download -q "${plat[@]}" -d "$tmp/all" $versions 'filelock>=3.12' 2>/dev/null
+python3 -m pip download -q "${plat[@]}" -d "$tmp/all" $versions 'filelock>=3.12' sniffio jsonpointer 2>/dev/null
 
 # Present on the GPU machine, or imported by nothing the check runs.
-skip='^(numpy|pandas|pillow|tokenizers|hf_xet|huggingface_hub|pyyaml|pytz|tzdata|requests|urllib3|idna|certifi|'
+skip='^(numpy|pandas|pillow|tokenizers|hf_xet|huggingface_hub|pyyaml|tzdata|requests|urllib3|idna|certifi|'
 skip+='packaging|filelock|fsspec|jinja2|markupsafe|typing_extensions|tqdm|python_dateutil|six|onnxruntime|'
 skip+='kubernetes|uvloop|httptools|watchfiles)-'
 for wheel in "$tmp"/all/*.whl; do
