@@ -114,8 +114,8 @@ class Settings:
         "auto", "FAST_DECODE",
         "MODEL_BACKEND=local only: decode with a static KV cache and the decode step captured in a CUDA graph "
         "(Qwen2 and Llama architectures; compiled and captured at load, 7 s at the 1.5B shape on an H200). "
-        "auto: on with CUDA and the transformers engine, off on CPU and with Unsloth's model (it fails the "
-        "fast path's check); "
+        "auto: on with CUDA (either engine; bitsandbytes 4-bit weights through a Triton GEMV where it is faster), "
+        "off on CPU; "
         "on: also on CPU (no graphs; for tests); off: transformers' generate. The start-up log names the path.")
     context_length: int = _setting(
         8192, "CONTEXT_LENGTH", "Most tokens of prompt + answer the model is set up for (Unsloth sizes its "

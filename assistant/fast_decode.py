@@ -159,12 +159,30 @@ class FastDecoder:
                         for layer in self.layers]
             self.gate_up = [_fuse_rows([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
             self.qkv_sizes = [config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-        # Each projection as the step calls it: the module itself, or for bitsandbytes 4-bit weights the Triton
-        # GEMV on their bytes (assistant/gemv_4bit.py) with the LoRA products beside it.
-        self.projections = [{name: layer.get_submodule(path) for name, path in PROJECTIONS.items()}
-                            for layer in self.layers]
-        if not self.fused and _nf4_linears(self.layers):
-            self.projections = _nf4_projections(self.projections, self.device)
+        # For bitsandbytes 4-bit weights, the product of each size (the Triton GEMV or bitsandbytes' own),
+        # chosen once by timing; the projections are bound again at every capture, as an adapter swap may wrap
+        # the modules anew.
+        self.nf4_choice = _nf4_choice(self.layers, self.device) if not self.fused and _nf4_linears(self.layers) else None
+        self.projections = self._bind_projections()
+
+    def _bind_projections(self) -> list[dict]:
+        """Each projection of each layer as the step calls it: the module itself, or for bitsandbytes 4-bit
+        weights the Triton GEMV on their bytes (assistant/gemv_4bit.py) with the LoRA products beside it."""
+        from assistant.gemv_4bit import Nf4Weight
+
+        projections = [{name: layer.get_submodule(path) for name, path in PROJECTIONS.items()}
+                       for layer in self.layers]
+        if self.nf4_choice is None:
+            return projections
+        bound = []
+        for layer in projections:
+            row = {}
+            for name, module in layer.items():
+                weight = Nf4Weight.from_bnb(_base(module))
+                config = self.nf4_choice[(weight.out_features, weight.in_features)]
+                row[name] = module if config is None else _Nf4Projection(module, weight, config)
+            bound.append(row)
+        return bound
 
     # -- one step ------------------------------------------------------------------------------------------
 
@@ -198,6 +216,7 @@ class FastDecoder:
 
     def capture(self) -> float:
         """Compile and capture the greedy and the sampling step (CUDA only); returns the seconds it took."""
+        self.projections = self._bind_projections()
         if not self.cuda:
             return 0.0
         started = time.perf_counter()
@@ -376,35 +395,30 @@ class _Nf4Projection:
         return y
 
 
-def _nf4_projections(projections: list[dict], device: torch.device) -> list[dict]:
-    """The projections as the step calls them: for each size, the GEMV (at the tiling timed fastest) where it
-    beats bitsandbytes' own product on this GPU, timed on eight layers' weights, else the module itself."""
+def _nf4_choice(layers, device: torch.device) -> dict[tuple[int, int], object]:
+    """For each projection size (out, in), the GEMV's tiling timed fastest where it beats bitsandbytes' own
+    product on this GPU, else None (bitsandbytes'), timed on eight layers' weights; off CUDA the GEMV's default."""
     from assistant.gemv_4bit import Nf4Weight, fastest_config, graph_ms
 
-    weights = [{name: Nf4Weight.from_bnb(_base(m)) for name, m in layer.items()} for layer in projections]
     chosen, report = {}, []
-    for name in PROJECTIONS:
-        size = (weights[0][name].out_features, weights[0][name].in_features)
+    for path in PROJECTIONS.values():
+        modules = [_base(layer.get_submodule(path)) for layer in layers[:8]]
+        weights = [Nf4Weight.from_bnb(m) for m in modules]
+        size = (weights[0].out_features, weights[0].in_features)
         if size in chosen:
             continue
-        config, gemv_ms = fastest_config([layer[name] for layer in weights[:8]], device)
-        own_ms = float("inf")
-        if device.type == "cuda":
-            x = torch.randn(1, 1, size[1], dtype=torch.bfloat16, device=device)
-            own_ms = graph_ms(lambda name=name, x=x: [_base(layer[name])(x) for layer in projections[:8]])
+        config, gemv_ms = fastest_config(weights, device)
+        if device.type != "cuda":
+            chosen[size] = config
+            continue
+        x = torch.randn(1, 1, size[1], dtype=torch.bfloat16, device=device)
+        own_ms = graph_ms(lambda modules=modules, x=x: [m(x) for m in modules])
         chosen[size] = config if gemv_ms <= own_ms else None
-        if device.type == "cuda":
-            report.append(f"{size[0]}x{size[1]} {'gemv' if chosen[size] else 'bitsandbytes'} "
-                          f"({1000 * gemv_ms / 8:.1f} us against {1000 * own_ms / 8:.1f})")
+        report.append(f"{size[0]}x{size[1]} {'gemv' if chosen[size] else 'bitsandbytes'} "
+                      f"({1000 * gemv_ms / len(modules):.1f} us against {1000 * own_ms / len(modules):.1f})")
     if report:
         print(f"generation: 4-bit products: {', '.join(report)}", file=sys.stderr, flush=True)
-
-    def projection(module, weight: Nf4Weight):
-        config = chosen[(weight.out_features, weight.in_features)]
-        return module if config is None else _Nf4Projection(module, weight, config)
-
-    return [{name: projection(m, weights[i][name]) for name, m in layer.items()}
-            for i, layer in enumerate(projections)]
+    return chosen
 
 
 def _fuse_rows(linears) -> tuple[torch.Tensor, torch.Tensor | None]:

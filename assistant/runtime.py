@@ -92,9 +92,7 @@ class LocalRuntime:
                 raise ModelUnavailable(str(e)) from None
         self.decoder = None  # assistant.fast_decode.FastDecoder when the fast path runs
         self._merged = None  # assistant.adapter_merge.MergedAdapter when adapters are merged for it
-        # auto leaves Unsloth's model to generate: its patched model failed the fast path's check on an H200
-        # (docs/benchmarks.md, "Fast decode"); FAST_DECODE=on still tries it.
-        auto = self.device.type == "cuda" and self.engine != "unsloth"
+        auto = self.device.type == "cuda"
         if settings.fast_decode == "on" or (settings.fast_decode == "auto" and auto):
             self._generator.submit(self._start_fast_decode).result()  # compiled and captured on its own thread
         else:

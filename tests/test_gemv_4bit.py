@@ -101,11 +101,12 @@ def test_a_lora_adapter_on_a_4bit_model_is_applied_in_the_step(trained_tiny_mode
 
     tokenizer = AutoTokenizer.from_pretrained(trained_tiny_model_dir)
     model = four_bit_model(trained_tiny_model_dir)
-    before = greedy_answers(model, tokenizer, None)
-    torch.manual_seed(0)
+    decoder = FastDecoder(model, 128, {tokenizer.eos_token_id}, contextlib.nullcontext)
+    before = greedy_answers(model, tokenizer, decoder)
+    torch.manual_seed(0)  # the adapter arrives after the decoder was built, as the runtime loads one
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
                                              init_lora_weights=False)).eval()
-    decoder = FastDecoder(model, 128, {tokenizer.eos_token_id}, contextlib.nullcontext)
+    decoder.capture()
     assert decoder.check() is None
     with_adapter = greedy_answers(model, tokenizer, decoder)
     assert with_adapter == greedy_answers(model, tokenizer, None) != before
