@@ -150,7 +150,6 @@ class FastDecoder:
         self.cuda = self.device.type == "cuda"
         self.ops = _compiled_ops() if self.cuda else _eager_ops()
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self._host = torch.zeros(max_len, dtype=torch.long, pin_memory=self.cuda)
         self.last_prefill_logits: torch.Tensor | None = None  # for checks against the model's own forward
         self.fused = _plain_linears(self.layers)
@@ -222,6 +221,9 @@ class FastDecoder:
         started = time.perf_counter()
         self.graphs = {}
         saved_token, saved_position = self.token.clone(), self.position.clone()
+        # A memory pool of its own for each capture, shared by its two graphs: a pool lives only as long as a
+        # graph uses it, and capturing into the pool of graphs just dropped fails an allocator assertion.
+        pool = torch.cuda.graph_pool_handle()
         with self.answering(), torch.no_grad():
             for sample in (False, True):
                 stream = torch.cuda.Stream()
@@ -233,7 +235,7 @@ class FastDecoder:
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 self.position.copy_(saved_position)
-                with torch.cuda.graph(graph, pool=self._pool):
+                with torch.cuda.graph(graph, pool=pool):
                     self._step(sample)
                 self.graphs[sample] = graph
         self.token.copy_(saved_token)

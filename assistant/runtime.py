@@ -133,7 +133,18 @@ class LocalRuntime:
             self.model.delete_adapter(name)
         if getattr(self, "decoder", None) is not None:
             self._merge_active_adapter()
-            self.decoder.capture()  # the step runs the layers as they are now
+            try:
+                self.decoder.capture()  # the step runs the layers as they are now
+            except Exception as e:  # noqa: BLE001 - the standard path still answers, with this adapter
+                self._drop_fast_decode(f"capturing the decode step with the new adapter failed: {e}")
+
+    def _drop_fast_decode(self, reason: str) -> None:
+        """Answer through transformers' generate from now on (the adapter taken out of the weights again)."""
+        if self._merged is not None:
+            self._merged.restore(self.model)
+        self.decoder, self._merged = None, None
+        print(f"generation: the standard path (transformers generate) from now on; {reason}", file=sys.stderr,
+              flush=True)
 
     def _merge_active_adapter(self) -> None:
         if self._merged is not None:

@@ -115,3 +115,22 @@ def test_an_unsupported_architecture_takes_the_standard_path(capsys):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
     assert start_fast_decoder(model, 64, {0}, lambda: torch.no_grad()) is None
     assert "the gpt2 architecture is not one of qwen2, llama" in capsys.readouterr().err
+
+
+def test_a_swap_whose_capture_fails_falls_back_to_generate_with_the_new_adapter(trained_tiny_model_dir, adapter_dir,
+                                                                                capsys):
+    fast = runtime(trained_tiny_model_dir, "on", adapter_dir)
+    standard = runtime(trained_tiny_model_dir, "off", adapter_dir)
+    entry = fast.active_adapter
+
+    def failing_capture() -> float:  # as a capture on a GPU can fail (an allocator assertion was seen)
+        raise RuntimeError("capture failed")
+
+    fast.decoder.capture = failing_capture
+    fast.activate(None)
+    standard.activate(None)
+    assert fast.decoder is None and "the new adapter failed: capture failed" in capsys.readouterr().err
+    assert answers(fast) == answers(standard)
+    fast.activate(entry)
+    standard.activate(entry)
+    assert answers(fast) == answers(standard)

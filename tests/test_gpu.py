@@ -43,8 +43,7 @@ def test_runtime_streams_on_cuda_with_a_trained_adapter(engine, tiny_model_dir, 
     prompt = "### Response:\n<think>"
     text = "".join(runtime.stream(prompt, GenerationParams(max_new_tokens=16, temperature=0.0)))
     assert (runtime.engine, runtime.adapter, runtime.device.type) == (engine, "orpo-gpu", "cuda")
-    if engine == "transformers":  # FAST_DECODE=auto takes the fast path on CUDA (Unsloth's may fall back)
-        assert runtime.decoder is not None
+    assert runtime.decoder is not None  # FAST_DECODE=auto takes the fast path on CUDA, either engine
     # What streamed is what the same model writes greedily in one call, up to its end-of-text token.
     ids = prompt_token_ids(runtime.tokenizer, prompt)
     with runtime._answering_model():  # the fast path holds the adapter merged into the weights
@@ -55,6 +54,28 @@ def test_runtime_streams_on_cuda_with_a_trained_adapter(engine, tiny_model_dir, 
     written = runtime.tokenizer.decode(out[0, len(ids):], skip_special_tokens=False)
     assert text == written.split(runtime.tokenizer.eos_token)[0] != ""
     assert runtime.last_usage["completion_tokens"] == out.shape[1] - len(ids)
+
+
+@pytest.mark.parametrize("engine, four_bit", [("unsloth", True), ("transformers", True), ("transformers", False)])
+def test_fast_decode_swaps_adapters_back_and_forth_on_cuda(engine, four_bit, tiny_model_dir, tmp_path):
+    """Every swap captures the decode step again (the bug this guards: the second capture failed an allocator
+    assertion, seen in the services check); after each, the captured step's logits agree with the model in use
+    (the load-time check, run again), and swapping back gives back the same answer."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", repeat_task_rows(8, seed=1))
+    train(tiny_config(tiny_model_dir, data, tmp_path / "adapters" / "orpo-gpu", max_steps=4, learning_rate=5e-2))
+    runtime = LocalRuntime(Settings.from_env(chat_model=str(tiny_model_dir), adapter_dir=tmp_path / "adapters",
+                                             local_engine=engine, load_in_4bit=four_bit))
+    assert runtime.decoder is not None and runtime.adapter == "orpo-gpu"
+    entry, prompt = runtime.active_adapter, "### Response:\n<think>"
+    greedy = GenerationParams(max_new_tokens=16, temperature=0.0)
+    answers = []
+    for adapter in (entry, None, entry, None):
+        if adapter is not entry or answers:
+            runtime.activate(adapter)
+        answers.append("".join(runtime.stream(prompt, greedy)))
+        assert runtime.decoder is not None and runtime.adapter == (adapter.name if adapter else None)
+        assert runtime._generator.submit(runtime.decoder.check).result() is None
+    assert answers[0] == answers[2] and answers[1] == answers[3]
 
 
 @pytest.mark.parametrize("with_adapter", [False, True])
