@@ -7,7 +7,8 @@ run here as processes, with the environment the services get.
   on the spot (documents loaded with ``python -m knowledge add``, a question asked over HTTP), then on the tiny
   model, which the training job below can train in seconds;
 - `finetune`: ``python -m finetune train --config finetune/configs/tiny-smoke.yaml backend=unsloth ...`` on
-  pairs written through the app's API, into ADAPTER_DIR, and the app follows the new adapter (``/health``).
+  pairs written through the app's API, into ADAPTER_DIR, and the app follows the new adapter (``/health``)
+  and answers with it.
 
 On the GPU machine, from the repository root (the venv with the gpu and dev extras):
 
@@ -43,6 +44,7 @@ from tests.container.end_to_end import (  # noqa: E402 - after the path is set
     QUESTIONS,
     StepFailed,
     free_port,
+    message_text,
     parse_json,
     passages_cited,
     run,
@@ -245,6 +247,14 @@ def check(work: Path, shape: str, summary: dict, cpu_dry_run: bool, embedding_st
                     raise RuntimeError(f"trained with the {info.get('backend')} backend, not {backend}")
                 health = wait_for(service, f"{url}/health", lambda h: h.get("adapter") == ADAPTER, 120)
                 notes.append(f"trained in {summary['train_s']} s; /health: {health}")
+            # /health names the adapter before the swap has captured the decode step again: ask once more, so
+            # that a swap that broke generation shows (a failed capture did, once, behind a passing /health).
+            with step("the app answers with the new adapter") as notes:
+                chat, _ = client(url).predict(QUESTIONS[0], 0.0, 16, True, api_name="/chat")
+                replies = [message_text(m) for m in chat if m["role"] == "assistant"]
+                if not any(r.strip() for r in replies) or any(r.startswith("**Cannot answer") for r in replies):
+                    raise RuntimeError(f"no answer after the swap: {replies!r:.300}")
+                notes.append(f"{len(replies)} messages")
     finally:
         chroma.stop()
 

@@ -159,13 +159,15 @@ def prepare_inputs(work: Path) -> tuple[Path, Path]:
     return models, inbox
 
 
+def message_text(message: dict) -> str:
+    """A chat message's text, whether its content is a string or a list of parts."""
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+
+
 def passages_cited(chat: list[dict]) -> dict[str, str]:
     """The chat's source passages: {"[1] name": text}."""
-    def text(message: dict) -> str:
-        content = message["content"]
-        return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
-
-    return {m["metadata"]["title"]: text(m) for m in chat
+    return {m["metadata"]["title"]: message_text(m) for m in chat
             if (m.get("metadata") or {}).get("title", "").startswith("[")}
 
 
