@@ -22,7 +22,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_tiny_model_dir(tmp_path_factory) -> Path:
-    """The tiny model with a tokenizer of the README's words, trained for a few hundred steps on the README.
+    """The tiny model with a tokenizer of its corpus's words, trained for a few hundred steps on that corpus (a
+    frozen copy of the README, tests/data/tiny-model-corpus.md, so that editing the README changes no test).
 
     Its logits are far from flat, so two numerically different decoding paths pick the same tokens, as they do
     with a real model (random weights tie within rounding, and greedy paths part after a few tokens)."""
@@ -31,7 +32,7 @@ def trained_tiny_model_dir(tmp_path_factory) -> Path:
 
     from finetune.tiny_model import build_tiny_model, build_tokenizer
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parent / "data" / "tiny-model-corpus.md").read_text(encoding="utf-8")
     text = text.replace("<|endoftext|>", "")  # spelled as a special token by the saved tokenizer
     folder = build_tiny_model(tmp_path_factory.mktemp("trained-tiny-model"),
                               tokenizer=build_tokenizer(corpus=text.splitlines()))
