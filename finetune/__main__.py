@@ -79,7 +79,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.plot:
         evaluation.plot(reports, args.plot)
     if args.json:
-        print(json.dumps({"models": [r.to_dict(with_completions=bool(args.completions)) for r in reports]},
+        print(json.dumps(evaluation.report_json(reports, with_completions=bool(args.completions)),
                          ensure_ascii=False, indent=2))
     else:
         print(evaluation.markdown_table(reports))

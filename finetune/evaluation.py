@@ -196,6 +196,12 @@ COLUMNS = ("think_rate", "duplication_rate", "duplicating_share", "answer_chars"
            "preference_accuracy", "margin")
 
 
+def report_json(reports: list[ModelReport], with_completions: bool = False) -> dict:
+    """The evaluation as `finetune eval --json` prints it and a training run saves it (eval.json):
+    ``{"models": [{"name", "think_rate", ...}, ...]}``."""
+    return {"models": [r.to_dict(with_completions=with_completions) for r in reports]}
+
+
 def markdown_table(reports: list[ModelReport]) -> str:
     def cell(value) -> str:
         if value is None:

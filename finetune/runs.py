@@ -339,5 +339,5 @@ def _evaluate(folder: Path, spec: RunSpec, held: list) -> None:
     prompts = list(dict.fromkeys(p.prompt for p in held))
     reports = evaluation.evaluate(spec.model_name, [folder], [evaluation.EvalPrompt(p) for p in prompts], held,
                                   evaluation.GenerationConfig(max_new_tokens=spec.eval_max_new_tokens))
-    write_json(folder / EVAL_NAME, {"models": [r.to_dict() for r in reports]})
+    write_json(folder / EVAL_NAME, evaluation.report_json(reports))
     evaluation.plot(reports, folder / EVAL_PLOT)
