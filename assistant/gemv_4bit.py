@@ -75,17 +75,23 @@ def supported(weight: Nf4Weight) -> str | None:
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """The kernel's tiling: rows per program, input elements per loop step, warps, pipelining depth."""
+    """The kernel's tiling: rows per program, input elements per loop step, warps, pipelining depth, and how a
+    tile's codes are unpacked: all eight codes of each word at once (a tile eight times the words' size in
+    registers), or one code position after another (``nibble_loop``: an eighth of the registers, so larger tiles
+    and more loads in flight)."""
 
     block_n: int = 8
     block_k: int = 512
     num_warps: int = 4
     num_stages: int = 2
+    nibble_loop: bool = False
 
 
 # Tilings tried at load time (fastest_config); the sweep in scripts/gpu_gemv_bench.py tries more.
 CANDIDATES = (GemvConfig(2, 512, 4), GemvConfig(4, 256, 4), GemvConfig(4, 512, 4), GemvConfig(8, 256, 4),
-              GemvConfig(8, 512, 4), GemvConfig(8, 1024, 8), GemvConfig(16, 256, 4), GemvConfig(16, 512, 8))
+              GemvConfig(8, 512, 4), GemvConfig(8, 1024, 8), GemvConfig(16, 256, 4), GemvConfig(16, 512, 8),
+              GemvConfig(8, 1024, 4, nibble_loop=True), GemvConfig(16, 1024, 4, nibble_loop=True),
+              GemvConfig(16, 2048, 8, nibble_loop=True), GemvConfig(32, 1024, 8, nibble_loop=True))
 
 
 def graph_ms(fn, replays: int = 20) -> float:
@@ -130,11 +136,8 @@ def fastest_config(weights: list[Nf4Weight], device: torch.device) -> tuple[Gemv
 
 
 def gemv(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = None,
-         config: GemvConfig = GemvConfig(), mode: int = 0) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for one row of input (``x``: [..., in] with one row in all), in ``x``'s dtype.
-
-    ``mode`` picks how a code becomes a value (for the benchmark; 0 is the product's): 0 the codebook read from
-    memory (cached), 1 affine int4 ((code - 8) * absmax: not nf4's values, the speed without a codebook)."""
+         config: GemvConfig = GemvConfig()) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for one row of input (``x``: [..., in] with one row in all), in ``x``'s dtype."""
     k, n = weight.in_features, weight.out_features
     if x.numel() != k:
         raise ValueError(f"gemv takes one row of {k} inputs, not {tuple(x.shape)}")
@@ -145,7 +148,7 @@ def gemv(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = None,
     _nf4_gemv[grid](x.reshape(-1), weight.packed.view(torch.int32), weight.absmax, weight.code, out,
                     bias if bias is not None else out, n, k,
                     HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=block_k,
-                    BLOCKSIZE=weight.blocksize, MODE=mode,
+                    BLOCKSIZE=weight.blocksize, NIBBLE_LOOP=config.nibble_loop,
                     num_warps=config.num_warps, num_stages=config.num_stages)
     return out.view(*x.shape[:-1], n)
 
@@ -153,27 +156,19 @@ def gemv(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = None,
 if triton is not None:
 
     @triton.jit
-    def _code_values(codes, code_ptr, MODE: tl.constexpr):
-        if MODE == 0:
-            return tl.load(code_ptr + codes)
-        else:
-            return (codes - 8).to(tl.float32)
-
-    @triton.jit
     def _nf4_gemv(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, bias_ptr, N, K,
                   HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  BLOCKSIZE: tl.constexpr, MODE: tl.constexpr):
+                  BLOCKSIZE: tl.constexpr, NIBBLE_LOOP: tl.constexpr):
         # The packed bytes are read as 32-bit words, 8 codes each (byte i of a word holds elements 2i, 2i + 1,
-        # the first in the high nibble). A tile is [BLOCK_N rows, BLOCKS absmax blocks, WORDS words, 8 codes];
-        # the next tile's words are loaded before this one's arithmetic, so a load is always in flight.
+        # the first in the high nibble). A tile is [BLOCK_N rows, BLOCKS absmax blocks, WORDS words]; the next
+        # tile's words are loaded before this one's arithmetic, so a load is always in flight. A code becomes its
+        # value by the codebook, read from memory (16 values: always in the L1 cache).
         BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE
         WORDS: tl.constexpr = BLOCKSIZE // 8
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         blocks = tl.arange(0, BLOCKS)
         words = tl.arange(0, WORDS)
-        nibble = tl.arange(0, 8)
-        shifts = 8 * (nibble // 2) + 4 * (1 - nibble % 2)
         row_words = rows[:, None, None].to(tl.int64) * (K // 8)
         word_in_tile = blocks[None, :, None] * WORDS + words[None, None, :]  # [1, BLOCKS, WORDS]
         words_per_row = K // 8
@@ -185,11 +180,21 @@ if triton is not None:
             first_word = (k0 + BLOCK_K) // 8
             w_next = tl.load(w_ptr + row_words + first_word + word_in_tile,
                              mask=row_ok[:, None, None] & (first_word + word_in_tile < words_per_row), other=0)
-            k = k0 + (blocks[:, None, None] * WORDS + words[None, :, None]) * 8 + nibble[None, None, :]
-            x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-            codes = (w[:, :, :, None] >> shifts[None, None, None, :]) & 15  # [BLOCK_N, BLOCKS, WORDS, 8]
-            products = _code_values(codes, code_ptr, MODE) * x[None, :, :, :]
-            block_sums = tl.sum(tl.sum(products, axis=3), axis=2)  # [BLOCK_N, BLOCKS]
+            k_word = k0 + (blocks[:, None] * WORDS + words[None, :]) * 8  # [BLOCKS, WORDS]: each word's first
+            if NIBBLE_LOOP:  # code position j of every word, one after another
+                part = tl.zeros([BLOCK_N, BLOCKS, WORDS], dtype=tl.float32)
+                for j in tl.static_range(8):
+                    x = tl.load(x_ptr + k_word + j, mask=k_word + j < K, other=0.0).to(tl.float32)
+                    codes = (w >> (8 * (j // 2) + 4 * (1 - j % 2))) & 15
+                    part += tl.load(code_ptr + codes) * x[None, :, :]
+                block_sums = tl.sum(part, axis=2)
+            else:  # all eight positions at once: [BLOCK_N, BLOCKS, WORDS, 8]
+                nibble = tl.arange(0, 8)
+                shifts = 8 * (nibble // 2) + 4 * (1 - nibble % 2)
+                k = k_word[:, :, None] + nibble[None, None, :]
+                x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+                codes = (w[:, :, :, None] >> shifts[None, None, None, :]) & 15
+                block_sums = tl.sum(tl.sum(tl.load(code_ptr + codes) * x[None, :, :, :], axis=3), axis=2)
             block = k0 // BLOCKSIZE + blocks
             scale = tl.load(absmax_ptr + rows[:, None].to(tl.int64) * (K // BLOCKSIZE) + block[None, :],
                             mask=row_ok[:, None] & (block < K // BLOCKSIZE)[None, :], other=0.0)

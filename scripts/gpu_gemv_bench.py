@@ -4,11 +4,12 @@
     python scripts/gpu_gemv_bench.py --shape 14b --out results.jsonl
 
 Random weights of a DeepSeek-R1-Distill-Qwen shape (every layer's own weights, so nothing is read from the L2
-cache). First a sweep of the kernel's tiling on each distinct layer size (eight layers' weights in turn, in one
-CUDA graph), for the codebook read from memory (mode 0, the product's) and for affine int4 arithmetic (mode 1,
-what a codebook costs); then all the layers of a token in one CUDA graph with the best tiling per size, against
-bitsandbytes' own batch-1 kernel and bf16 products. Each line: milliseconds per token or per launch, and the
-fraction of the copy bandwidth (bytes of weights and absmax read, over the time, against a large copy's rate).
+cache). First a sweep of the kernel's tilings (both ways of unpacking the codes, GemvConfig.nibble_loop) on each
+distinct layer size, eight layers' weights in turn in one CUDA graph; then all the layers of a token in one CUDA
+graph with the best tiling per size, against bitsandbytes' own batch-1 kernel and bf16 products. Each line:
+microseconds per launch or milliseconds per token, and the fraction of the copy bandwidth (bytes of weights and
+absmax read, over the time, against a large copy's rate). (An affine int4 variant of the kernel, without the
+codebook, was swept on 2026-11-29 and was no faster: docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -95,46 +96,39 @@ def main() -> None:
         emit({"what": "check", "projection": name, "relative_error": error, "bnb_relative_error": bnb_error})
 
     # The tiling sweep on each distinct size, eight layers' weights in turn.
-    configs = [GemvConfig(block_n, block_k, warps, stages) for block_n, block_k, warps, stages in
-               itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (2, 4, 8), (1,))]
+    configs = [GemvConfig(block_n, block_k, warps, 1, nibble_loop) for block_n, block_k, warps, nibble_loop in
+               itertools.product((2, 4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8), (False, True))]
     best: dict[tuple[int, int], tuple[float, GemvConfig]] = {}
     turns = min(8, layers)
 
-    def sweep(name: str, tried: list[GemvConfig], mode: int) -> list[tuple[float, GemvConfig]]:
-        """Each tiling on eight layers' weights of projection ``name``, fastest first."""
+    for name in ("q", "k", "gate", "down"):  # o is q's size, up is gate's
         x, ws = input_for(name), [weights[i][name] for i in range(turns)]
         read = sum(weight_bytes(w) for w in ws)
         results = []
-        for config in tried:
+        for config in configs:
             try:
-                ms = graph_ms(lambda config=config: [gemv(x, w, config=config, mode=mode) for w in ws])
+                ms = graph_ms(lambda x=x, ws=ws, config=config: [gemv(x, w, config=config) for w in ws])
             except Exception as e:  # noqa: BLE001 - a tiling the compiler refuses is a result too
-                emit({"what": "sweep", "projection": name, "mode": mode, "config": config.__dict__,
+                emit({"what": "sweep", "projection": name, "config": config.__dict__,
                       "error": str(e).splitlines()[0][:200]})
                 continue
             results.append((ms, config))
         results.sort(key=lambda r: r[0])
-        for ms, config in results[:3]:
-            emit({"what": "sweep", "projection": name, "size": sizes[name], "mode": mode, "config": config.__dict__,
-                  "us_per_launch": 1000 * ms / turns, "of_copy_bandwidth": read / (ms / 1000) / bandwidth})
-        return results
-
-    for name in ("q", "k", "gate", "down"):  # o is q's size, up is gate's
-        codebook = sweep(name, configs, mode=0)
-        sweep(name, [config for _, config in codebook[:3]], mode=1)  # what the codebook costs, at its best
-        if codebook:
-            best[sizes[name]] = codebook[0]
+        for nibble_loop in (False, True):
+            for ms, config in [r for r in results if r[1].nibble_loop == nibble_loop][:3]:
+                emit({"what": "sweep", "projection": name, "size": sizes[name], "config": config.__dict__,
+                      "us_per_launch": 1000 * ms / turns, "of_copy_bandwidth": read / (ms / 1000) / bandwidth})
+        if results:
+            best[sizes[name]] = results[0]
 
     def config_for(name: str) -> GemvConfig:
         return best.get(sizes[name], (0, GemvConfig()))[1]
 
     # A whole token's linear layers in one graph.
     nf4_read = sum(weight_bytes(w) for row in weights for w in row.values())
-    for mode in (0, 1):
-        ms = graph_ms(lambda mode=mode: [gemv(input_for(n), row[n], config=config_for(n), mode=mode)
-                                         for row in weights for n in PROJECTIONS])
-        emit({"what": "token", "path": f"triton gemv mode {mode}", "ms": ms, "gb": nf4_read / 1e9,
-              "of_copy_bandwidth": nf4_read / (ms / 1000) / bandwidth})
+    ms = graph_ms(lambda: [gemv(input_for(n), row[n], config=config_for(n)) for row in weights for n in PROJECTIONS])
+    emit({"what": "token", "path": "triton gemv", "ms": ms, "gb": nf4_read / 1e9,
+          "of_copy_bandwidth": nf4_read / (ms / 1000) / bandwidth})
     ms = graph_ms(lambda: [row[n](input_for(n)) for row in modules for n in PROJECTIONS])
     emit({"what": "token", "path": "bitsandbytes Linear4bit", "ms": ms, "gb": nf4_read / 1e9,
           "of_copy_bandwidth": nf4_read / (ms / 1000) / bandwidth})

@@ -34,6 +34,8 @@ def nf4_linear(linear: torch.nn.Linear, double_quant: bool = True):
     (48, 256, GemvConfig()),
     (40, 320, GemvConfig(block_n=16, block_k=256)),  # rows and inputs that do not fill the last tile
     (24, 192, GemvConfig(block_n=4, block_k=128)),
+    (48, 256, GemvConfig(nibble_loop=True)),
+    (40, 320, GemvConfig(block_n=16, block_k=256, nibble_loop=True)),
 ])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_the_gemv_multiplies_as_bitsandbytes_does(out_features, in_features, config, double_quant):
