@@ -23,9 +23,13 @@ import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from assistant.gemv_4bit import GemvConfig
 
 SUPPORTED_ARCHITECTURES = ("qwen2", "llama")
 
@@ -177,9 +181,9 @@ class FastDecoder:
         for layer in projections:
             row = {}
             for name, module in layer.items():
-                weight = Nf4Weight.from_bnb(_base(module))
-                config = self.nf4_choice[(weight.out_features, weight.in_features)]
-                row[name] = module if config is None else _Nf4Projection(module, weight, config)
+                config = self.nf4_choice[tuple(_base(module).weight.quant_state.shape)]
+                row[name] = module if config is None else _Nf4Projection(module, Nf4Weight.from_bnb(_base(module)),
+                                                                          config)
             bound.append(row)
         return bound
 
@@ -397,7 +401,7 @@ class _Nf4Projection:
         return y
 
 
-def _nf4_choice(layers, device: torch.device) -> dict[tuple[int, int], object]:
+def _nf4_choice(layers, device: torch.device) -> dict[tuple[int, int], GemvConfig | None]:
     """For each projection size (out, in), the GEMV's tiling timed fastest where it beats bitsandbytes' own
     product on this GPU, else None (bitsandbytes'), timed on eight layers' weights; off CUDA the GEMV's default."""
     from assistant.gemv_4bit import Nf4Weight, fastest_config, graph_ms
