@@ -71,14 +71,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Rotary embedding, the new key and value written at ``position``, and attention of one query over the cache.
-
-    The query heads that share a key head are one matrix against that head's keys, so the cache is read once
-    (transformers repeats it for every query head when a mask is given). Positions past ``position`` hold stale
-    keys of earlier answers and are masked out."""
-    kv_heads, length, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+def rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, and the new key and value written at ``position``; returns the rotated query as
+    [heads, head_dim]."""
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
     c, s = cos[position], sin[position]  # (1, head_dim)
     q = q.view(-1, head_dim)
     k = k.view(kv_heads, head_dim)
@@ -86,6 +83,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
     k = k * c + _rotate_half(k) * s
     k_cache.index_copy_(2, position, k.view(1, kv_heads, 1, head_dim))
     v_cache.index_copy_(2, position, v.view(1, kv_heads, 1, head_dim))
+    return q
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
+           scaling: float) -> torch.Tensor:
+    """Attention of one query ([heads, head_dim]) over the whole cache, positions past ``position`` masked out
+    (they hold stale keys of earlier answers); [1, 1, heads * head_dim].
+
+    The query heads that share a key head are one matrix against that head's keys, so the cache is read once
+    (transformers repeats it for every query head when a mask is given)."""
+    kv_heads, length, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     scores = torch.matmul(q.view(kv_heads, -1, head_dim), k_cache[0].transpose(1, 2)) * scaling
     future = torch.arange(length, device=q.device) > position
     probs = torch.softmax(scores.float().masked_fill(future, float("-inf")), dim=-1).to(q.dtype)
@@ -167,6 +175,41 @@ class FastDecoder:
         # the modules anew.
         self.nf4_choice = _nf4_choice(self.layers, self.device) if not self.fused and _nf4_linears(self.layers) else None
         self.projections = self._bind_projections()
+        self.attention = self._choose_attention(config.num_attention_heads, kv_heads, head_dim)
+        self.reads_written_positions_only = self.attention.__name__ == "written_positions"
+
+    def _choose_attention(self, heads: int, kv_heads: int, head_dim: int) -> Callable:
+        """Attention over the cache as the step calls it: the Triton kernels that read only the positions
+        written so far (assistant/decode_attention.py) where they run and, on a GPU, are faster than the whole
+        cache masked (timed at the cache's last position, their worst case); else the whole cache masked."""
+        from assistant.decode_attention import DecodeAttention
+        from assistant.triton_runtime import graph_ms, runs_on
+
+        def whole_cache(q, k_cache, v_cache):
+            return self.ops.attend(q, k_cache, v_cache, self.position, self.scaling)
+
+        if not runs_on(self.device) or head_dim & (head_dim - 1) or head_dim < 16:
+            return whole_cache
+        kernels = DecodeAttention(heads, kv_heads, self.max_len, head_dim, self.scaling, self.device)
+
+        def written_positions(q, k_cache, v_cache):
+            return kernels(q, k_cache, v_cache, self.position)
+
+        if not self.cuda:
+            return written_positions
+        saved = self.position.clone()
+        self.position.fill_(self.max_len - 1)
+        q = torch.randn(heads, head_dim, dtype=self.dtype, device=self.device)
+        caches = list(zip(self.k_cache, self.v_cache, strict=True))[:8]
+        with torch.no_grad():
+            times = {name: graph_ms(lambda fn=fn: [fn(q, k, v) for k, v in caches])
+                     for name, fn in (("whole", whole_cache), ("written", written_positions))}
+        self.position.copy_(saved)
+        faster = times["written"] < times["whole"]
+        print(f"generation: attention over {'the written positions (Triton)' if faster else 'the whole cache'}: "
+              f"{1000 * times['written'] / len(caches):.1f} us a layer at the cache's last position, against "
+              f"{1000 * times['whole'] / len(caches):.1f} for the whole cache masked", file=sys.stderr, flush=True)
+        return written_positions if faster else whole_cache
 
     def _bind_projections(self) -> list[dict]:
         """Each projection of each layer as the step calls it: the module itself, or for bitsandbytes 4-bit
@@ -201,7 +244,8 @@ class FastDecoder:
                 q, k, v = F.linear(h, *self.qkv[i]).split(self.qkv_sizes, dim=-1)
             else:
                 q, k, v = p["q"](h), p["k"](h), p["v"](h)
-            a = ops.attend(q, k, v, self.cos, self.sin, self.k_cache[i], self.v_cache[i], self.position, self.scaling)
+            q = ops.rotate_and_store(q, k, v, self.cos, self.sin, self.k_cache[i], self.v_cache[i], self.position)
+            a = self.attention(q, self.k_cache[i], self.v_cache[i])
             x, h = ops.add_rms_norm(x, _base(p["o"])(a) if self.fused else p["o"](a),
                                     layer.post_attention_layernorm.weight, eps)
             if self.fused:
@@ -368,9 +412,10 @@ def _plain_linears(layers) -> bool:
 def _nf4_linears(layers) -> bool:
     """Whether every projection is a bitsandbytes 4-bit layer that the Triton GEMV takes, where it can run."""
     from assistant import gemv_4bit
+    from assistant.triton_runtime import runs_on
 
     modules = [_base(layer.get_submodule(path)) for layer in layers for path in PROJECTIONS.values()]
-    if not gemv_4bit.runs_on(modules[0].weight.device) or not all(
+    if not runs_on(modules[0].weight.device) or not all(
             type(m).__name__ == "Linear4bit" and getattr(m.weight, "quant_state", None) is not None for m in modules):
         return False
     return all(gemv_4bit.supported(gemv_4bit.Nf4Weight.from_bnb(m)) is None for m in modules)
@@ -404,7 +449,8 @@ class _Nf4Projection:
 def _nf4_choice(layers, device: torch.device) -> dict[tuple[int, int], GemvConfig | None]:
     """For each projection size (out, in), the GEMV's tiling timed fastest where it beats bitsandbytes' own
     product on this GPU, else None (bitsandbytes'), timed on eight layers' weights; off CUDA the GEMV's default."""
-    from assistant.gemv_4bit import Nf4Weight, fastest_config, graph_ms
+    from assistant.gemv_4bit import Nf4Weight, fastest_config
+    from assistant.triton_runtime import graph_ms
 
     chosen, report = {}, []
     for path in PROJECTIONS.values():
@@ -446,7 +492,7 @@ def _fuse_rows(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
 class _Ops:
     def __init__(self, wrap):
         self.rms_norm, self.add_rms_norm = wrap(rms_norm), wrap(add_rms_norm)
-        self.silu_mul, self.attend = wrap(silu_mul), wrap(attend)
+        self.silu_mul, self.rotate_and_store, self.attend = wrap(silu_mul), wrap(rotate_and_store), wrap(attend)
 
 
 def _eager_ops() -> _Ops:

@@ -13,16 +13,14 @@ The model's own forward, prefill included, still runs bitsandbytes on the same b
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-try:  # CUDA builds of torch ship Triton; on CPU the reference product below serves
-    import triton
+from assistant.triton_runtime import graph_ms, triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
 
 
 @dataclass
@@ -57,13 +55,6 @@ class Nf4Weight:
         return values.view(self.out_features, self.in_features).to(dtype)
 
 
-def runs_on(device: torch.device) -> bool:
-    """Whether the kernel runs on ``device``: CUDA, or the CPU when Triton interprets kernels (the tests)."""
-    if triton is None:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def supported(weight: Nf4Weight) -> str | None:
     """Why the kernel cannot take ``weight``; None if it can."""
     if triton is None:
@@ -92,29 +83,6 @@ CANDIDATES = (GemvConfig(2, 512, 4), GemvConfig(4, 256, 4), GemvConfig(4, 512, 4
               GemvConfig(8, 512, 4), GemvConfig(8, 1024, 8), GemvConfig(16, 256, 4), GemvConfig(16, 512, 8),
               GemvConfig(8, 1024, 4, nibble_loop=True), GemvConfig(16, 1024, 4, nibble_loop=True),
               GemvConfig(16, 2048, 8, nibble_loop=True), GemvConfig(32, 1024, 8, nibble_loop=True))
-
-
-def graph_ms(fn, replays: int = 20) -> float:
-    """Milliseconds per call of ``fn`` captured in a CUDA graph (the median of ``replays``): how a decode step,
-    captured too, pays for its kernels."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def fastest_config(weights: list[Nf4Weight], device: torch.device) -> tuple[GemvConfig, float]:

@@ -42,6 +42,7 @@ def test_fast_decode_writes_what_generate_writes_greedily(trained_tiny_model_dir
     assert standard.decoder is None and "generation: the standard path" in capsys.readouterr().err
     written = answers(fast)
     assert int(fast.decoder.position) > 0  # the answers came from the fast decoder's cache
+    assert fast.decoder.reads_written_positions_only  # through the Triton attention, interpreted here
     assert written == answers(standard)
     assert all(text.strip() for text, _ in written)
 

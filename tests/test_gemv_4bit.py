@@ -1,23 +1,19 @@
-"""The Triton GEMV on bitsandbytes 4-bit weights (assistant/gemv_4bit.py), run on CPU by Triton's interpreter:
+"""The Triton GEMV on bitsandbytes 4-bit weights (assistant/gemv_4bit.py), run on CPU by Triton's interpreter
+(tests/conftest.py sets TRITON_INTERPRET):
 the same kernel the GPU compiles, its indexing checked against bitsandbytes' own product, and the fast decode
 path on a 4-bit model checked token for token against generate."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 
-# Kernels are built interpreted only if this is set when they are defined, so before assistant.gemv_4bit is
-# first imported; no other test module imports it.
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from assistant.fast_decode import PROJECTIONS, FastDecoder
+from assistant.gemv_4bit import GemvConfig, Nf4Weight, gemv
 
 bnb = pytest.importorskip("bitsandbytes")
-
-from assistant.fast_decode import PROJECTIONS, FastDecoder  # noqa: E402
-from assistant.gemv_4bit import GemvConfig, Nf4Weight, gemv  # noqa: E402
 
 PROMPTS = ["The knowledge store is", "Adapters are trained with"]
 
