@@ -201,9 +201,18 @@ class FastDecoder:
         self.position.fill_(self.max_len - 1)
         q = torch.randn(heads, head_dim, dtype=self.dtype, device=self.device)
         caches = list(zip(self.k_cache, self.v_cache, strict=True))[:8]
+        times = {}
         with torch.no_grad():
-            times = {name: graph_ms(lambda fn=fn: [fn(q, k, v) for k, v in caches])
-                     for name, fn in (("whole", whole_cache), ("written", written_positions))}
+            for name, fn in (("whole", whole_cache), ("written", written_positions)):
+                try:
+                    times[name] = graph_ms(lambda fn=fn: [fn(q, k, v) for k, v in caches])
+                except Exception as e:  # noqa: BLE001 - kernels this GPU's compiler refuses: the whole cache
+                    if name == "whole":
+                        raise
+                    print(f"generation: attention over the whole cache; the Triton kernels failed: {e}",
+                          file=sys.stderr, flush=True)
+                    self.position.copy_(saved)
+                    return whole_cache
         self.position.copy_(saved)
         faster = times["written"] < times["whole"]
         print(f"generation: attention over {'the written positions (Triton)' if faster else 'the whole cache'}: "
@@ -509,21 +518,21 @@ def start_fast_decoder(model, max_len: int, eos_token_ids: set[int],
 
     The check: the logits of one decode step after a short prompt agree with the model's own forward over
     the same tokens. A variant the step gets wrong (a patched model, an unusual RoPE) falls back here
-    rather than answering wrongly."""
-    try:
-        decoder = FastDecoder(model, max_len, eos_token_ids, answering)
-    except ValueError as e:
-        print(f"generation: the standard path (transformers generate); no fast decode for this model: {e}",
+    rather than answering wrongly; so does any failure to build, time, compile or capture the step."""
+    reason = unsupported_reason(model)
+    if reason:
+        print(f"generation: the standard path (transformers generate); no fast decode for this model: {reason}",
               file=sys.stderr, flush=True)
         return None
-    device = decoder.device
-    print(f"generation: fast decode ({'CUDA graphs' if decoder.cuda else 'eager, no CUDA'}), static cache of "
-          f"{max_len} positions; compiling and capturing the decode step...",
+    device = next(model.parameters()).device
+    print(f"generation: fast decode ({'CUDA graphs' if device.type == 'cuda' else 'eager, no CUDA'}), static "
+          f"cache of {max_len} positions; choosing kernels, compiling and capturing the decode step...",
           file=sys.stderr, flush=True)
     try:
+        decoder = FastDecoder(model, max_len, eos_token_ids, answering)
         seconds = decoder.capture()
         error = decoder.check()
-    except Exception as e:  # noqa: BLE001 - any failure to compile or capture means: use the standard path
+    except Exception as e:  # noqa: BLE001 - any failure to build, compile or capture means: use the standard path
         frames = traceback.extract_tb(e.__traceback__)
         ours = [f for f in frames if Path(f.filename).parent == Path(__file__).parent] or frames
         places = [f"{Path(f.filename).name}:{f.lineno} ({f.name})" for f in (frames[-1], ours[-1])]
