@@ -7,7 +7,8 @@ absmax) and sums against the input: the weight is read once, at the width of its
 
 The weight is bitsandbytes' own (``Params4bit`` and its quant state): codes packed two to a byte, the first
 element of a pair in the high nibble, row after row; one absmax per block of ``blocksize`` elements. Only the
-absmax is copied, decoded from its 8-bit double quantization into float32 once (an eighth of a bit per weight).
+absmax is copied, decoded from its 8-bit double quantization into float32 once (half a bit per weight, for
+the layer sizes the GEMV takes).
 The model's own forward, prefill included, still runs bitsandbytes on the same bytes.
 """
 
@@ -29,10 +30,11 @@ class Nf4Weight:
 
     packed: torch.Tensor  # uint8, out*in/2: two codes a byte, high nibble first
     absmax: torch.Tensor  # float32, out*in/blocksize
-    code: torch.Tensor  # float32, 16: the codebook (nf4 or fp4)
+    code: torch.Tensor  # float32, 16: the nf4 codebook
     out_features: int
     in_features: int
     blocksize: int
+    quant_type: str = "nf4"
 
     @classmethod
     def from_bnb(cls, module) -> Nf4Weight:
@@ -46,7 +48,7 @@ class Nf4Weight:
             absmax = bnbf.dequantize_blockwise(absmax, state.state2) + state.offset
         out_features, in_features = state.shape
         return cls(weight.data.view(-1), absmax.float().contiguous(), state.code.float().to(absmax.device),
-                   out_features, in_features, state.blocksize)
+                   out_features, in_features, state.blocksize, state.quant_type)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight as a dense [out, in] matrix (the reference the kernel is checked against)."""
@@ -59,7 +61,11 @@ def supported(weight: Nf4Weight) -> str | None:
     """Why the kernel cannot take ``weight``; None if it can."""
     if triton is None:
         return "Triton is not installed"
-    if weight.in_features % weight.blocksize or weight.blocksize % 2:
+    if weight.quant_type != "nf4":
+        return f"{weight.quant_type} weights (only nf4)"
+    if weight.blocksize < 8 or weight.blocksize & (weight.blocksize - 1):
+        return f"block size {weight.blocksize} (a power of two from 8)"
+    if weight.in_features % weight.blocksize:
         return f"in_features {weight.in_features} is not a multiple of the block size {weight.blocksize}"
     return None
 
