@@ -5,12 +5,16 @@ from a CUDA graph.
 of the bandwidth bound, docs/benchmarks.md). Here the prompt is prefilled by the model's own forward, its keys
 and values are copied into a cache of fixed size (CONTEXT_LENGTH), and every further token is one replay of a
 graph captured once: the decoder layers written out for batch 1 (bf16 weights read directly, q/k/v and
-gate/up each as one product; other layers, bitsandbytes 4-bit and its LoRA wrappers included, called as the
-model's own modules), the small operations between them fused by `torch.compile`, and
+gate/up each as one product; bitsandbytes 4-bit weights through a Triton GEMV on their own bytes
+(assistant/gemv_4bit.py) or bitsandbytes' kernel, with the LoRA products beside them; other layers called as
+the model's own modules), attention over the positions written so far (assistant/decode_attention.py) or over
+the whole cache masked, the small operations between them fused by `torch.compile`, and
 the choice of the next token (greedy, or temperature and top-p) inside the same graph. The host only reads each
-token back, one step behind the GPU, so the GPU never waits on Python.
+token back, one step behind the GPU, so the GPU never waits on Python. Where two ways exist, the GPU times both
+at load and the faster is kept.
 
-On CPU the same step runs eagerly, without capture: that is how the tests check it against `generate`.
+On CPU the same step runs eagerly, without capture (the Triton kernels interpreted by Triton when
+TRITON_INTERPRET=1): that is how the tests check it against `generate`.
 Architectures: the Llama family as transformers writes it (Qwen2 and Llama; DeepSeek-R1-Distill-Qwen and -Llama).
 """
 
