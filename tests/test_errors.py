@@ -88,13 +88,12 @@ def test_an_override_that_is_not_yaml_is_named(capsys):
     assert_user_error(code, *capsys.readouterr(), "override 'target_modules=[q_proj'", "not valid YAML")
 
 
-def test_four_bits_without_bitsandbytes_says_how_to_install_it_or_turn_it_off():
-    import importlib.util
+def test_four_bits_without_bitsandbytes_says_how_to_install_it_or_turn_it_off(monkeypatch):
+    import sys
 
     from finetune.quantization import require_bitsandbytes
 
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        pytest.skip("bitsandbytes is installed here")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # Python's mark of a module that cannot be imported
     with pytest.raises(ModelUnavailable, match=r"pip install '\.\[gpu\]'.*or set load_in_4bit=false"):
         require_bitsandbytes("load_in_4bit")
 
