@@ -1,6 +1,6 @@
 """The proof that ORPO removes the defect it exists for, reproduced from scratch on a CPU.
 
-    python -m benchmarks.orpo_proof --out outputs/orpo-proof        # about 45 minutes on 2 quiet cores
+    python -m benchmarks.orpo_proof --out outputs/orpo-proof        # about 15 minutes on 2 quiet cores
 
 The recipe ORPO-trains DeepSeek-R1-Distill so that it stops repeating its <think> reasoning as its answer.
 Here a small model gets that defect on purpose and ORPO takes it away, with nothing written by hand:
@@ -8,15 +8,15 @@ Here a small model gets that defect on purpose and ORPO takes it away, with noth
 1. A synthetic task in English and Japanese: look up who keeps a fictional place named in the question, and
    add two small numbers. The training answers repeat their reasoning three times in four, as R1-Distill's
    do in the recipe's example; the fourth answer is short. Prompts are the app's own (``answer_prompt``).
-2. A Qwen2-architecture model trained from scratch on that text (``train_base``): greedy, it repeats.
-3. ``python -m finetune pairs generate`` on the training questions, rule ``duplication``: four sampled answers
-   per question, the least and most repetitive kept as a pair when they differ clearly.
+2. A Qwen2-architecture model trained from scratch on that text, prompts included (``train_base``): greedy,
+   it repeats.
+3. ``python -m finetune pairs generate`` on the training questions, rules ``duplication,correct`` (the
+   questions carry their expected answers): eight sampled answers per question, the best and the worst kept as
+   a pair when they differ clearly, so a chosen answer is short and right and a rejected one repeats.
 4. ``python -m finetune train``: ORPO with LoRA on those pairs.
-5. Next rounds (``--rounds``), as an owner would run the loop: ``pairs generate`` again with the adapter just
-   trained (``--adapter``), rules ``duplication,correct`` (the questions carry their expected answers), and
-   ``train`` continuing that adapter (``init_adapter``) on the new pairs. A first round alone cuts the
-   repetition but teaches the model to stop short (numbers cut, repeated openings without their result); its
-   own wrong answers, sampled and rejected, are what teaches it back.
+5. Optional next rounds (``--rounds``), as an owner would run the loop: ``pairs generate`` again with the
+   adapter just trained (``--adapter``), rules ``--next-rules``, and ``train`` continuing that adapter
+   (``init_adapter``) on the new pairs.
 6. ``python -m finetune eval`` on held-out questions: base against each round's adapter; JSON, table, chart.
 
 What counts: duplication rate down by at least half, think rate not lower, accuracy not lower.
@@ -171,11 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--orpo-steps", type=int, default=300)
     parser.add_argument("--orpo-lr", type=float, default=3e-4)
     parser.add_argument("--orpo-beta", type=float, default=0.1, help="weight of ORPO's odds-ratio term")
-    parser.add_argument("--samples", type=int, default=4, help="answers per question in pairs generate")
+    parser.add_argument("--samples", type=int, default=8, help="answers per question in pairs generate")
     parser.add_argument("--margin", type=float, default=0.5, help="pairs generate's least score difference")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling for pairs generate")
-    parser.add_argument("--rules", default="duplication", help="pairs generate's rules in round 1")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of pairs generate + train")
+    parser.add_argument("--rules", default="duplication,correct", help="pairs generate's rules in round 1")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of pairs generate + train")
     parser.add_argument("--next-rules", default="duplication,correct", help="pairs generate's rules after round 1")
     parser.add_argument("--next-steps", type=int, default=150, help="ORPO steps of each round after the first")
     parser.add_argument("--seed", type=int, default=0)
