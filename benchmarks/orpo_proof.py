@@ -210,15 +210,16 @@ def main(argv: list[str] | None = None) -> int:
         pairs.unlink(missing_ok=True)
         rules = args.rules if number == 1 else args.next_rules
         generated.append(json.loads(run(
-            "-m", "finetune", "pairs", "generate", str(questions), "--out", str(pairs), "--samples", str(args.samples),
-            "--temperature", str(args.temperature), "--max-new-tokens", "160", "--rules", rules, "--margin", str(args.margin),
+            "-m", "finetune", "pairs", "generate", str(questions), "--out", str(pairs),
+            "--samples", str(args.samples), "--temperature", str(args.temperature), "--max-new-tokens", "160",
+            "--rules", rules, "--margin", str(args.margin),
             "--no-retrieval", "--json", *(["--adapter", str(adapter)] if adapter else []), env=env))["pairs"])
         trained_dir = args.out / f"adapter-round{number}"
         run("-m", "finetune", "train", "--config", "finetune/configs/tiny-smoke.yaml", f"model_name={model_dir}",
             f"data={pairs}", f"output_dir={trained_dir}", *([f"init_adapter={adapter}"] if adapter else []),
             f"max_steps={args.orpo_steps if number == 1 else args.next_steps}", f"learning_rate={args.orpo_lr}",
-            f"beta={args.orpo_beta}", "lora_r=16", "lora_alpha=32", "per_device_train_batch_size=8", "max_length=512",
-            "max_prompt_length=400", "save_steps=100000", "logging_steps=10", env=env)
+            f"beta={args.orpo_beta}", "lora_r=16", "lora_alpha=32", "per_device_train_batch_size=8",
+            "max_length=512", "max_prompt_length=400", "save_steps=100000", "logging_steps=10", env=env)
         adapter = trained_dir
         rounds.append(trained_dir)
     report = json.loads(run("-m", "finetune", "eval", "--model", str(model_dir),
