@@ -1,6 +1,6 @@
 """The proof that ORPO removes the defect it exists for, reproduced from scratch on a CPU.
 
-    python -m benchmarks.orpo_proof --out outputs/orpo-proof        # about 45 minutes on 2 quiet cores
+    python -m benchmarks.orpo_proof --out outputs/orpo-proof        # about 15 minutes on 2 quiet cores
 
 The recipe ORPO-trains DeepSeek-R1-Distill so that it stops repeating its <think> reasoning as its answer.
 Here a small model gets that defect on purpose and ORPO takes it away, with nothing written by hand:
@@ -8,15 +8,15 @@ Here a small model gets that defect on purpose and ORPO takes it away, with noth
 1. A synthetic task in English and Japanese: look up who keeps a fictional place named in the question, and
    add two small numbers. The training answers repeat their reasoning three times in four, as R1-Distill's
    do in the recipe's example; the fourth answer is short. Prompts are the app's own (``answer_prompt``).
-2. A Qwen2-architecture model trained from scratch on that text (``train_base``): greedy, it repeats.
-3. ``python -m finetune pairs generate`` on the training questions, rule ``duplication``: four sampled answers
-   per question, the least and most repetitive kept as a pair when they differ clearly.
+2. A Qwen2-architecture model trained from scratch on that text, prompts included (``train_base``): greedy,
+   it repeats.
+3. ``python -m finetune pairs generate`` on the training questions, rules ``duplication,correct`` (the
+   questions carry their expected answers): eight sampled answers per question, the best and the worst kept as
+   a pair when they differ clearly, so a chosen answer is short and right and a rejected one repeats.
 4. ``python -m finetune train``: ORPO with LoRA on those pairs.
-5. Next rounds (``--rounds``), as an owner would run the loop: ``pairs generate`` again with the adapter just
-   trained (``--adapter``), rules ``duplication,correct`` (the questions carry their expected answers), and
-   ``train`` continuing that adapter (``init_adapter``) on the new pairs. A first round alone cuts the
-   repetition but teaches the model to stop short (numbers cut, repeated openings without their result); its
-   own wrong answers, sampled and rejected, are what teaches it back.
+5. Optional next rounds (``--rounds``), as an owner would run the loop: ``pairs generate`` again with the
+   adapter just trained (``--adapter``), rules ``--next-rules``, and ``train`` continuing that adapter
+   (``init_adapter``) on the new pairs.
 6. ``python -m finetune eval`` on held-out questions: base against each round's adapter; JSON, table, chart.
 
 What counts: duplication rate down by at least half, think rate not lower, accuracy not lower.
@@ -89,7 +89,12 @@ def training_text(item: dict, rng: random.Random) -> tuple[str, str]:
 
 
 def train_base(out: Path, items: list[dict], steps: int, seed: int, hidden: int, layers: int) -> Path:
-    """Tokenizer and model from scratch, trained as a causal LM on the completions (prompts masked)."""
+    """Tokenizer and model from scratch, trained as a causal LM on the whole text, prompts included.
+
+    Prompts are learned too, as a pretrained model has learned text like them: ORPO's NLL term (TRL's) covers
+    the chosen answer's prompt, and on a base that never modelled prompts (14 nats a token) that term spends the
+    adapter on learning the prompt, which broke answers whatever the odds-ratio weight (docs/orpo-proof.md).
+    """
     import torch
 
     from finetune.prompts import prompt_token_ids
@@ -122,24 +127,26 @@ def train_base(out: Path, items: list[dict], steps: int, seed: int, hidden: int,
         chosen = [examples[rng.randrange(len(examples))] for _ in range(batch)]
         width = max(len(ids) for ids, _ in chosen)
         ids = torch.full((batch, width), tokenizer.pad_token_id)
-        labels = torch.full((batch, width), -100)
+        completion = torch.zeros((batch, width), dtype=torch.bool)
         for row, (tokens, prompt_len) in enumerate(chosen):
             ids[row, :len(tokens)] = torch.tensor(tokens)
-            labels[row, prompt_len:len(tokens)] = torch.tensor(tokens[prompt_len:])
-        mask = (labels != -100) | (ids != tokenizer.pad_token_id)
+            completion[row, prompt_len:len(tokens)] = True
+        mask = torch.arange(width)[None, :] < torch.tensor([len(tokens) for tokens, _ in chosen])[:, None]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            # Logits only where a completion token is predicted: the prompts are most of each row.
-            targets = labels[:, 1:]
-            logits = model.lm_head(hidden[:, :-1][targets != -100])
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets[targets != -100])
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        targets, real = ids[:, 1:], mask[:, 1:]
+        per_token = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+        loss = per_token[real].mean()
+        answer_loss = per_token[completion[:, 1:]].mean().item()  # logged: what the answers have learned
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         if step % 50 == 0 or step == steps - 1:
-            log.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - started)})
-            print(f"base model step {step}: loss {loss.item():.3f}", file=sys.stderr, flush=True)
+            log.append({"step": step, "loss": round(loss.item(), 4), "completion_loss": round(answer_loss, 4),
+                        "seconds": round(time.time() - started)})
+            print(f"base model step {step}: loss {loss.item():.3f}, completions {answer_loss:.3f}", file=sys.stderr,
+                  flush=True)
     model.save_pretrained(model_dir)
     (out / "base-training.json").write_text(json.dumps(log, indent=1))
     return model_dir
@@ -163,9 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", type=int, default=120)
     parser.add_argument("--orpo-steps", type=int, default=300)
     parser.add_argument("--orpo-lr", type=float, default=3e-4)
+    parser.add_argument("--orpo-beta", type=float, default=0.1, help="weight of ORPO's odds-ratio term")
+    parser.add_argument("--samples", type=int, default=8, help="answers per question in pairs generate")
+    parser.add_argument("--margin", type=float, default=0.5, help="pairs generate's least score difference")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling for pairs generate")
-    parser.add_argument("--rules", default="duplication", help="pairs generate's rules in round 1")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of pairs generate + train")
+    parser.add_argument("--rules", default="duplication,correct", help="pairs generate's rules in round 1")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of pairs generate + train")
     parser.add_argument("--next-rules", default="duplication,correct", help="pairs generate's rules after round 1")
     parser.add_argument("--next-steps", type=int, default=150, help="ORPO steps of each round after the first")
     parser.add_argument("--seed", type=int, default=0)
@@ -200,15 +210,16 @@ def main(argv: list[str] | None = None) -> int:
         pairs.unlink(missing_ok=True)
         rules = args.rules if number == 1 else args.next_rules
         generated.append(json.loads(run(
-            "-m", "finetune", "pairs", "generate", str(questions), "--out", str(pairs), "--samples", "4",
-            "--temperature", str(args.temperature), "--max-new-tokens", "160", "--rules", rules, "--margin", "0.5",
+            "-m", "finetune", "pairs", "generate", str(questions), "--out", str(pairs),
+            "--samples", str(args.samples), "--temperature", str(args.temperature), "--max-new-tokens", "160",
+            "--rules", rules, "--margin", str(args.margin),
             "--no-retrieval", "--json", *(["--adapter", str(adapter)] if adapter else []), env=env))["pairs"])
         trained_dir = args.out / f"adapter-round{number}"
         run("-m", "finetune", "train", "--config", "finetune/configs/tiny-smoke.yaml", f"model_name={model_dir}",
             f"data={pairs}", f"output_dir={trained_dir}", *([f"init_adapter={adapter}"] if adapter else []),
             f"max_steps={args.orpo_steps if number == 1 else args.next_steps}", f"learning_rate={args.orpo_lr}",
-            "beta=0.1", "lora_r=16", "lora_alpha=32", "per_device_train_batch_size=8", "max_length=512",
-            "max_prompt_length=400", "save_steps=100000", "logging_steps=10", env=env)
+            f"beta={args.orpo_beta}", "lora_r=16", "lora_alpha=32", "per_device_train_batch_size=8",
+            "max_length=512", "max_prompt_length=400", "save_steps=100000", "logging_steps=10", env=env)
         adapter = trained_dir
         rounds.append(trained_dir)
     report = json.loads(run("-m", "finetune", "eval", "--model", str(model_dir),
