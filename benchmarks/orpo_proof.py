@@ -1,6 +1,6 @@
 """The proof that ORPO removes the defect it exists for, reproduced from scratch on a CPU.
 
-    python -m benchmarks.orpo_proof --out outputs/orpo-proof        # about 15 minutes on 2 quiet cores
+    python -m benchmarks.orpo_proof --out outputs/orpo-proof        # about 30 minutes on 2 cores (half of it the base model)
 
 The recipe ORPO-trains DeepSeek-R1-Distill so that it stops repeating its <think> reasoning as its answer.
 Here a small model gets that defect on purpose and ORPO takes it away, with nothing written by hand:
