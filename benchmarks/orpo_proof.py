@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         generated.append(json.loads(run(
             "-m", "finetune", "pairs", "generate", str(questions), "--out", str(pairs),
             "--samples", str(args.samples), "--temperature", str(args.temperature), "--max-new-tokens", "160",
-            "--rules", rules, "--margin", str(args.margin),
+            "--rules", rules, "--margin", str(args.margin), "--seed", str(args.seed + number),
             "--no-retrieval", "--json", *(["--adapter", str(adapter)] if adapter else []), env=env))["pairs"])
         trained_dir = args.out / f"adapter-round{number}"
         run("-m", "finetune", "train", "--config", "finetune/configs/tiny-smoke.yaml", f"model_name={model_dir}",

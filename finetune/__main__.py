@@ -143,6 +143,10 @@ def _pairs_generate(args: argparse.Namespace) -> int:
         print(f"drafted {len(drafted)} questions from {args.from_store} passages of the knowledge store",
               file=sys.stderr)
         questions += drafted
+    if args.seed is not None:  # the same samples on the same machine, run after run
+        import torch
+
+        torch.manual_seed(args.seed)
     with tqdm(total=len(questions), unit="question", file=sys.stderr) as bar:
         report = generate_pairs(assistant, questions, out, config, progress=lambda _: bar.update())
     if args.json:
@@ -234,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                    "next round's pairs with the adapter the last round trained")
     g.add_argument("--margin", type=float, default=0.5, help="least score difference of a kept pair")
     g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--seed", type=int, default=None, help="seed the sampling (default: different samples each run)")
     g.add_argument("--max-new-tokens", type=int, default=1024)
     g.add_argument("--min-chars", type=int, default=1, help="the length rule's shortest answer")
     g.add_argument("--max-chars", type=int, default=2000, help="the length rule's longest answer")
