@@ -179,13 +179,14 @@ class FastDecoder:
         # the modules anew.
         self.nf4_choice = _nf4_choice(self.layers, self.device) if not self.fused and _nf4_linears(self.layers) else None
         self.projections = self._bind_projections()
-        self.attention = self._choose_attention(config.num_attention_heads, kv_heads, head_dim)
-        self.reads_written_positions_only = self.attention.__name__ == "written_positions"
+        self.attention, self.reads_written_positions_only = self._choose_attention(
+            config.num_attention_heads, kv_heads, head_dim)
 
-    def _choose_attention(self, heads: int, kv_heads: int, head_dim: int) -> Callable:
+    def _choose_attention(self, heads: int, kv_heads: int, head_dim: int) -> tuple[Callable, bool]:
         """Attention over the cache as the step calls it: the Triton kernels that read only the positions
         written so far (assistant/decode_attention.py) where they run and, on a GPU, are faster than the whole
-        cache masked (timed at the cache's last position, their worst case); else the whole cache masked."""
+        cache masked (timed at the cache's last position, their worst case); else the whole cache masked. Also
+        whether the chosen one reads the written positions only."""
         from assistant.decode_attention import DecodeAttention
         from assistant.triton_runtime import graph_ms, runs_on
 
@@ -193,14 +194,14 @@ class FastDecoder:
             return self.ops.attend(q, k_cache, v_cache, self.position, self.scaling)
 
         if not runs_on(self.device) or head_dim & (head_dim - 1) or head_dim < 16:
-            return whole_cache
+            return whole_cache, False
         kernels = DecodeAttention(heads, kv_heads, self.max_len, head_dim, self.scaling, self.device)
 
         def written_positions(q, k_cache, v_cache):
             return kernels(q, k_cache, v_cache, self.position)
 
         if not self.cuda:
-            return written_positions
+            return written_positions, True
         saved = self.position.clone()
         self.position.fill_(self.max_len - 1)
         q = torch.randn(heads, head_dim, dtype=self.dtype, device=self.device)
@@ -216,13 +217,13 @@ class FastDecoder:
                     print(f"generation: attention over the whole cache; the Triton kernels failed: {e}",
                           file=sys.stderr, flush=True)
                     self.position.copy_(saved)
-                    return whole_cache
+                    return whole_cache, False
         self.position.copy_(saved)
         faster = times["written"] < times["whole"]
         print(f"generation: attention over {'the written positions (Triton)' if faster else 'the whole cache'}: "
               f"{1000 * times['written'] / len(caches):.1f} us a layer at the cache's last position, against "
               f"{1000 * times['whole'] / len(caches):.1f} for the whole cache masked", file=sys.stderr, flush=True)
-        return written_positions if faster else whole_cache
+        return (written_positions, True) if faster else (whole_cache, False)
 
     def _bind_projections(self) -> list[dict]:
         """Each projection of each layer as the step calls it: the module itself, or for bitsandbytes 4-bit
