@@ -5,10 +5,13 @@ The captured decode step has one shape for every token, so the plain way attends
 of keys and values per token, a fifth of what the 4-bit weights take. Here the current position is read from the
 GPU's memory inside the kernels, so a graph captured once reads only the positions up to it. The cache is cut
 into chunks, each attended by its own program for one key-value head and the query heads that share it
-(flash-decoding: a running maximum and sum per chunk); a second kernel merges the chunks.
+(flash-decoding: a running maximum and sum per chunk); a second kernel merges the chunks. How long a chunk is
+trades programs in flight against chunks to merge: the fast decode path times the TILINGS at load.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -17,8 +20,19 @@ from assistant.triton_runtime import triton
 if triton is not None:
     import triton.language as tl
 
-CHUNK = 256  # cache positions per program
-BLOCK = 32  # positions per loop step inside a program
+@dataclass(frozen=True)
+class AttentionTiling:
+    """Cache positions per program (``chunk``), positions per loop step inside it (``block``), warps."""
+
+    chunk: int = 256
+    block: int = 32
+    num_warps: int = 4
+
+
+# Tried at load by the fast decode path: short chunks put more programs in flight (a 14B layer at 3,700
+# positions is 120 programs of 256 positions, fewer than an H200 has multiprocessors), long ones merge fewer.
+TILINGS = (AttentionTiling(256, 32), AttentionTiling(128, 32), AttentionTiling(64, 32), AttentionTiling(64, 64),
+           AttentionTiling(128, 64), AttentionTiling(32, 32, 2))
 
 
 class DecodeAttention:
@@ -26,11 +40,12 @@ class DecodeAttention:
     buffers are allocated once, so that the call can be captured in a CUDA graph."""
 
     def __init__(self, heads: int, kv_heads: int, max_len: int, head_dim: int, scaling: float,
-                 device: torch.device):
+                 device: torch.device, tiling: AttentionTiling = AttentionTiling()):
         self.heads, self.kv_heads, self.head_dim, self.scaling = heads, kv_heads, head_dim, scaling
+        self.tiling = tiling
         self.group = heads // kv_heads
         self.group_padded = max(16, triton.next_power_of_2(self.group))  # tl.dot takes 16 rows at least
-        self.chunks = triton.cdiv(max_len, CHUNK)
+        self.chunks = triton.cdiv(max_len, tiling.chunk)
         shape = (kv_heads, self.chunks, self.group_padded)
         self.maxima = torch.empty(shape, dtype=torch.float32, device=device)
         self.sums = torch.empty(shape, dtype=torch.float32, device=device)
@@ -42,13 +57,15 @@ class DecodeAttention:
         0..``position`` (a one-element tensor on the device). Returns [1, 1, heads * head_dim] in q's dtype."""
         out = torch.empty(self.heads, self.head_dim, dtype=q.dtype, device=q.device)
         k, v = k_cache[0], v_cache[0]
+        tiling = self.tiling
         _chunk_attention[(self.kv_heads, self.chunks)](
             q, k, v, position, self.maxima, self.sums, self.partial, self.scaling,
             k.stride(0), k.stride(1), self.chunks,
-            GROUP=self.group, GROUP_PADDED=self.group_padded, HEAD_DIM=self.head_dim, CHUNK=CHUNK, BLOCK=BLOCK)
+            GROUP=self.group, GROUP_PADDED=self.group_padded, HEAD_DIM=self.head_dim, CHUNK=tiling.chunk,
+            BLOCK=tiling.block, num_warps=tiling.num_warps)
         _merge_chunks[(self.heads,)](
             self.maxima, self.sums, self.partial, position, out, self.chunks,
-            GROUP=self.group, GROUP_PADDED=self.group_padded, HEAD_DIM=self.head_dim, CHUNK=CHUNK,
+            GROUP=self.group, GROUP_PADDED=self.group_padded, HEAD_DIM=self.head_dim, CHUNK=tiling.chunk,
             CHUNKS_PADDED=triton.next_power_of_2(self.chunks))
         return out.view(1, 1, -1)
 

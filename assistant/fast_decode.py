@@ -2,9 +2,10 @@
 from a CUDA graph.
 
 `generate` of transformers spends most of a batch-1 token in Python and kernel launches (a 14B model read at 0.17
-of the bandwidth bound, docs/benchmarks.md). Here the prompt is prefilled by the model's own forward, its keys
-and values are copied into a cache of fixed size (CONTEXT_LENGTH), and every further token is one replay of a
-graph captured once: the decoder layers written out for batch 1 (bf16 weights read directly, q/k/v and
+of the bandwidth bound, docs/benchmarks.md). Here the prompt is prefilled by the same layers written out for a
+whole prompt (the products of the step below, attention by PyTorch's fused kernel, the small operations fused by
+`torch.compile` for any prompt length), its keys and values written straight into a cache of fixed size
+(CONTEXT_LENGTH), and every further token is one replay of a graph captured once: the decoder layers written out for batch 1 (bf16 weights read directly, q/k/v and
 gate/up each as one product; bitsandbytes 4-bit weights through a Triton GEMV on their own bytes
 (assistant/gemv_4bit.py) or bitsandbytes' kernel, with the LoRA products beside them; other layers called as
 the model's own modules), attention over the positions written so far (assistant/decode_attention.py) or over
@@ -73,6 +74,11 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotary embedding of a prompt's queries and keys ([n, heads, head_dim]; cos and sin [n, 1, head_dim])."""
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -164,30 +170,31 @@ class FastDecoder:
         self.top_p = torch.ones(1, device=self.device)
         self.logits = torch.zeros(1, self.lm_head.weight.shape[0], device=self.device)  # Unsloth may pad the vocabulary
         self.cuda = self.device.type == "cuda"
-        self.ops = _compiled_ops() if self.cuda else _eager_ops()
+        self.ops = _compiled_ops(dynamic=False) if self.cuda else _eager_ops()
+        self.prefill_ops = _compiled_ops(dynamic=True) if self.cuda else self.ops  # for any prompt length
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._host = torch.zeros(max_len, dtype=torch.long, pin_memory=self.cuda)
         self.last_prefill_logits: torch.Tensor | None = None  # for checks against the model's own forward
-        self.fused = _plain_linears(self.layers)
-        if self.fused:
-            self.qkv = [_fuse_rows([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
-                        for layer in self.layers]
-            self.gate_up = [_fuse_rows([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
-            self.qkv_sizes = [config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-        # For bitsandbytes 4-bit weights, the product of each size (the Triton GEMV or bitsandbytes' own),
-        # chosen once by timing; the projections are bound again at every capture, as an adapter swap may wrap
-        # the modules anew.
-        self.nf4_choice = _nf4_choice(self.layers, self.device) if not self.fused and _nf4_linears(self.layers) else None
+        # Each layer's projections as four products (GROUPS), each over the rows of the projections that share
+        # an input. Float weights: the step reads them itself, fused (an adapter is merged into them). bitsandbytes
+        # 4-bit weights: the Triton GEMV on their bytes, fused too, for the groups where it was timed faster than
+        # bitsandbytes' own product; the projections are bound again at every capture, as an adapter swap may
+        # wrap the modules anew.
+        self.dense = [{group: _fuse_rows([layer.get_submodule(PROJECTIONS[n]) for n in names])
+                       for group, names in GROUPS.items()} for layer in self.layers] if _plain_linears(self.layers) else None
+        self.nf4, self.nf4_choice = (_nf4_choice(self.layers, self.device)
+                                     if self.dense is None and _nf4_linears(self.layers) else (None, None))
         self.projections = self._bind_projections()
         self.attention, self.reads_written_positions_only = self._choose_attention(
             config.num_attention_heads, kv_heads, head_dim)
 
     def _choose_attention(self, heads: int, kv_heads: int, head_dim: int) -> tuple[Callable, bool]:
         """Attention over the cache as the step calls it: the Triton kernels that read only the positions
-        written so far (assistant/decode_attention.py) where they run and, on a GPU, are faster than the whole
-        cache masked (timed at the cache's last position, their worst case); else the whole cache masked. Also
+        written so far (assistant/decode_attention.py), in the tiling timed fastest, where they run and, on a
+        GPU, are faster than the whole cache masked (all timed at the cache's middle position, where a long
+        retrieval prompt's answer is, and at its last, their worst case); else the whole cache masked. Also
         whether the chosen one reads the written positions only."""
-        from assistant.decode_attention import DecodeAttention
+        from assistant.decode_attention import TILINGS, DecodeAttention
         from assistant.triton_runtime import graph_ms, runs_on
 
         def whole_cache(q, k_cache, v_cache):
@@ -195,53 +202,61 @@ class FastDecoder:
 
         if not runs_on(self.device) or head_dim & (head_dim - 1) or head_dim < 16:
             return whole_cache, False
-        kernels = DecodeAttention(heads, kv_heads, self.max_len, head_dim, self.scaling, self.device)
 
-        def written_positions(q, k_cache, v_cache):
-            return kernels(q, k_cache, v_cache, self.position)
+        def written_positions(tiling=TILINGS[0]):
+            kernels = DecodeAttention(heads, kv_heads, self.max_len, head_dim, self.scaling, self.device, tiling)
+            return lambda q, k_cache, v_cache: kernels(q, k_cache, v_cache, self.position)
 
         if not self.cuda:
-            return written_positions, True
+            return written_positions(), True
         saved = self.position.clone()
-        self.position.fill_(self.max_len - 1)
         q = torch.randn(heads, head_dim, dtype=self.dtype, device=self.device)
         caches = list(zip(self.k_cache, self.v_cache, strict=True))[:8]
-        times = {}
+        candidates = {"the whole cache": whole_cache}
+        candidates.update({f"the written positions (Triton, {t.chunk}-position chunks, {t.block} a step)":
+                           written_positions(t) for t in TILINGS})
+        times, failure = {}, None
         with torch.no_grad():
-            for name, fn in (("whole", whole_cache), ("written", written_positions)):
+            for name, fn in candidates.items():
                 try:
-                    times[name] = graph_ms(lambda fn=fn: [fn(q, k, v) for k, v in caches])
-                except Exception as e:  # noqa: BLE001 - kernels this GPU's compiler refuses: the whole cache
-                    if name == "whole":
+                    times[name] = 0.0
+                    for position in (self.max_len // 2, self.max_len - 1):
+                        self.position.fill_(position)
+                        times[name] += graph_ms(lambda fn=fn: [fn(q, k, v) for k, v in caches]) / 2
+                except Exception as e:  # noqa: BLE001 - a tiling this GPU's compiler refuses is skipped
+                    if fn is whole_cache:
                         raise
-                    print(f"generation: attention over the whole cache; the Triton kernels failed: {e}",
-                          file=sys.stderr, flush=True)
-                    self.position.copy_(saved)
-                    return whole_cache, False
+                    del times[name]
+                    failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         self.position.copy_(saved)
-        faster = times["written"] < times["whole"]
-        print(f"generation: attention over {'the written positions (Triton)' if faster else 'the whole cache'}: "
-              f"{1000 * times['written'] / len(caches):.1f} us a layer at the cache's last position, against "
-              f"{1000 * times['whole'] / len(caches):.1f} for the whole cache masked", file=sys.stderr, flush=True)
-        return (written_positions, True) if faster else (whole_cache, False)
+        best = min(times, key=times.get)
+        print(f"generation: attention over {best}: {1000 * times[best] / len(caches):.1f} us a layer (the mean of "
+              f"the cache's middle and last positions), against {1000 * times['the whole cache'] / len(caches):.1f} "
+              f"for the whole cache masked" + (f" (a tiling failed: {failure})" if failure else ""),
+              file=sys.stderr, flush=True)
+        return candidates[best], candidates[best] is not whole_cache
 
-    def _bind_projections(self) -> list[dict]:
-        """Each projection of each layer as the step calls it: the module itself, or for bitsandbytes 4-bit
-        weights the Triton GEMV on their bytes (assistant/gemv_4bit.py) with the LoRA products beside it."""
-        from assistant.gemv_4bit import Nf4Weight
-
-        projections = [{name: layer.get_submodule(path) for name, path in PROJECTIONS.items()}
-                       for layer in self.layers]
-        if self.nf4_choice is None:
-            return projections
-        bound = []
-        for layer in projections:
-            row = {}
-            for name, module in layer.items():
-                config = self.nf4_choice[tuple(_base(module).weight.quant_state.shape)]
-                row[name] = module if config is None else _Nf4Projection(module, Nf4Weight.from_bnb(_base(module)),
-                                                                          config)
+    def _bind_projections(self) -> list[dict[str, Callable]]:
+        """Each layer's products as the step calls them (GROUPS), each returning its projections' outputs; and
+        as the prefill calls them (``self.prefill_projections``: the same, but the modules where the step runs
+        the one-row GEMV)."""
+        bound, prefill = [], []
+        for i, layer in enumerate(self.layers):
+            row, prefill_row = {}, {}
+            for group, names in GROUPS.items():
+                modules = [layer.get_submodule(PROJECTIONS[n]) for n in names]
+                sizes = [_base(m).out_features for m in modules]
+                if self.dense is not None:
+                    row[group] = prefill_row[group] = _DenseRows(*self.dense[i][group], sizes)
+                    continue
+                prefill_row[group] = _ModuleRows(modules)
+                if self.nf4 is not None and group in self.nf4[i]:
+                    row[group] = _Nf4Rows(modules, self.nf4[i][group], self.nf4_choice[group], sizes)
+                else:
+                    row[group] = prefill_row[group]
             bound.append(row)
+            prefill.append(prefill_row)
+        self.prefill_projections = prefill
         return bound
 
     # -- one step ------------------------------------------------------------------------------------------
@@ -254,19 +269,11 @@ class FastDecoder:
         h = ops.rms_norm(x, self.layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(self.layers):
             p = self.projections[i]
-            if self.fused:  # one product for q, k and v, one for gate and up
-                q, k, v = F.linear(h, *self.qkv[i]).split(self.qkv_sizes, dim=-1)
-            else:
-                q, k, v = p["q"](h), p["k"](h), p["v"](h)
+            q, k, v = p["qkv"](h)
             q = ops.rotate_and_store(q, k, v, self.cos, self.sin, self.k_cache[i], self.v_cache[i], self.position)
             a = self.attention(q, self.k_cache[i], self.v_cache[i])
-            x, h = ops.add_rms_norm(x, _base(p["o"])(a) if self.fused else p["o"](a),
-                                    layer.post_attention_layernorm.weight, eps)
-            if self.fused:
-                h = ops.silu_mul(*F.linear(h, self.gate_up[i][0]).chunk(2, dim=-1))
-                mlp_out = _base(p["down"])(h)
-            else:
-                mlp_out = p["down"](ops.silu_mul(p["gate"](h), p["up"](h)))
+            x, h = ops.add_rms_norm(x, p["o"](a)[0], layer.post_attention_layernorm.weight, eps)
+            mlp_out = p["down"](ops.silu_mul(*p["gate_up"](h)))[0]
             following = self.layers[i + 1].input_layernorm.weight if i + 1 < len(self.layers) else self.norm.weight
             x, h = ops.add_rms_norm(x, mlp_out, following, eps)
         logits = self.lm_head(h)[:, -1].float()
@@ -314,18 +321,25 @@ class FastDecoder:
 
     @torch.no_grad()
     def check(self) -> str | None:
-        """None if one decode step after a short prompt gives the logits of the model's own forward over the
-        same tokens, within the rounding that separates two eager paths of the model itself, else what differs.
+        """None if the prefill of a short prompt and one decode step after it give the logits of the model's own
+        forward over the same tokens, within the rounding that separates two eager paths of the model itself,
+        else what differs.
 
-        The tolerance is measured, not fixed: the model's own cached decode step against its full forward shows
-        how far bf16 rounding alone moves the logits (about 0.07 relative on random 14B-shape weights, 1e-6 in
-        float32), and a wrong step (a RoPE or layer it gets wrong) lands far beyond a few times that."""
+        The tolerance is measured, not fixed: how far bf16 rounding alone moves the logits, as the larger of the
+        model's own cached decode step against its full forward (about 0.07 relative on random 14B-shape weights,
+        1e-6 in float32) and of the prefill with its small operations fused against the same prefill unfused
+        (rounded once, or after each operation as the model does: 0.000 and 0.035 apart from the model's forward
+        on random 1.5B-shape weights, where its own cached step is exact). A wrong step or prefill (a RoPE or
+        layer it gets wrong) lands far beyond a few times that."""
         ids = torch.arange(1, 17, device=self.device)[None] % self.logits.shape[1]
         with self.answering():
+            unfused = self._prefill(ids, _eager_ops()) if self.prefill_ops is not self.ops else None
             self.prefill(ids)
-            first = choose_greedy(self.last_prefill_logits).view(1, 1)
+            prefill_logits = self.last_prefill_logits
+            first = choose_greedy(prefill_logits).view(1, 1)
             self.token.copy_(first)
             self.run_step(False)
+            prompt_reference = self.lm(input_ids=ids, return_dict=True).logits[:, -1].float()
             reference = self.lm(input_ids=torch.cat([ids, first], 1), return_dict=True).logits[:, -1].float()
             cache = self.lm(input_ids=ids, use_cache=True, return_dict=True).past_key_values
             # Unsloth's patched decode step reads position_ids (transformers infers them) and returns a tuple
@@ -333,36 +347,55 @@ class FastDecoder:
             eager_step = self.lm(input_ids=first, past_key_values=cache, use_cache=True, return_dict=True,
                                  position_ids=torch.full_like(first, ids.shape[1])).logits[:, -1].float()
 
-        def distance(logits: torch.Tensor) -> float:
-            return float((logits - reference).norm() / reference.norm())
+        def distance(logits: torch.Tensor, to: torch.Tensor) -> float:
+            return float((logits - to).norm() / to.norm())
 
-        error, rounding = distance(self.logits), distance(eager_step)
+        rounding = distance(eager_step, reference)
+        if unfused is not None:
+            rounding = max(rounding, distance(prefill_logits, unfused))
         # A floor for where rounding is nil: float32's is 0.002, as a step without RoPE was 0.008 off on the tests'
         # tiny model (a floor of 0.01 let it through); 16-bit weights keep the 0.01 their GPU runs passed with.
         floor = 0.002 if self.lm.dtype == torch.float32 else 0.01
-        if error <= 3 * rounding + floor:
-            return None
-        return (f"the decode step's logits are {error:.3f} (relative) from the model's forward, where its own "
-                f"cached step is {rounding:.3f}")
+        for what, error in (("prefill", distance(prefill_logits, prompt_reference)),
+                            ("decode step", distance(self.logits, reference))):
+            if error > 3 * rounding + floor:
+                return (f"the {what}'s logits are {error:.3f} (relative) from the model's forward, where its own "
+                        f"cached step is {rounding:.3f}")
+        return None
 
     # -- one answer ----------------------------------------------------------------------------------------
 
     def fits(self, prompt_tokens: int) -> bool:
         return 0 < prompt_tokens < self.max_len
 
-    @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> None:
-        """Run the prompt through the model's own forward and copy its keys and values into the static cache;
-        the position is then the prompt's length."""
-        n = input_ids.shape[1]
-        out = self.lm(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        for i in range(len(self.layers)):
-            keys, values = (cache.layers[i].keys, cache.layers[i].values) if hasattr(cache, "layers") else cache[i]
-            self.k_cache[i][:, :, :n].copy_(keys[:, :, -n:])
-            self.v_cache[i][:, :, :n].copy_(values[:, :, -n:])
-        self.last_prefill_logits = out.logits[:, -1].float()
+        """Run the prompt through the layers, writing its keys and values into the static cache; the position
+        is then the prompt's length, and ``last_prefill_logits`` the next token's logits."""
+        self.last_prefill_logits = self._prefill(input_ids, self.prefill_ops)
+
+    @torch.no_grad()
+    def _prefill(self, input_ids: torch.Tensor, ops: _Ops) -> torch.Tensor:
+        eps, n = self.eps, input_ids.shape[1]
+        head_dim = self.k_cache[0].shape[3]
+        cos, sin = self.cos[:n, None], self.sin[:n, None]  # [n, 1, head_dim]: every head
+        x = self.embed(input_ids)
+        h = ops.rms_norm(x, self.layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(self.layers):
+            p = self.prefill_projections[i]
+            q, k, v = p["qkv"](h)
+            q, k = ops.rotate(q.view(n, -1, head_dim), k.view(n, -1, head_dim), cos, sin)
+            self.k_cache[i][0, :, :n] = k.transpose(0, 1)
+            self.v_cache[i][0, :, :n] = v.view(n, -1, head_dim).transpose(0, 1)
+            a = F.scaled_dot_product_attention(q.transpose(0, 1)[None], self.k_cache[i][:, :, :n],
+                                               self.v_cache[i][:, :, :n], is_causal=True, scale=self.scaling,
+                                               enable_gqa=True)
+            x, h = ops.add_rms_norm(x, p["o"](a[0].transpose(0, 1).reshape(1, n, -1))[0],
+                                    layer.post_attention_layernorm.weight, eps)
+            mlp_out = p["down"](ops.silu_mul(*p["gate_up"](h)))[0]
+            following = self.layers[i + 1].input_layernorm.weight if i + 1 < len(self.layers) else self.norm.weight
+            x, h = ops.add_rms_norm(x, mlp_out, following, eps)
         self.position.fill_(n)
+        return self.lm_head(h[:, -1:])[:, -1].float()
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
@@ -414,6 +447,8 @@ def _base(module):
 
 PROJECTIONS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+# The products of a step: projections that take the same input are one product over their rows.
+GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
 
 
 def _plain_linears(layers) -> bool:
@@ -432,65 +467,93 @@ def _nf4_linears(layers) -> bool:
     if not runs_on(modules[0].weight.device) or not all(
             type(m).__name__ == "Linear4bit" and getattr(m.weight, "quant_state", None) is not None for m in modules):
         return False
-    return all(gemv_4bit.supported(gemv_4bit.Nf4Weight.from_bnb(m)) is None for m in modules)
+    return all(gemv_4bit.supported(m) is None for m in modules)
 
 
-class _Nf4Projection:
-    """A projection whose base weight is bitsandbytes 4-bit, for one row: the GEMV on the weight's own bytes,
-    plus the LoRA products of the adapters active when the step is captured (PEFT's forward for vanilla LoRA,
-    written out; any other variant runs the module itself)."""
+class _DenseRows:
+    """A product over fused float weights (an adapter merged into them), split into its projections' outputs."""
 
-    def __init__(self, module, weight, config):
-        self.module, self.weight, self.config = module, weight, config
-        self.bias = _base(module).bias
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]):
+        self.weight, self.bias, self.sizes = weight, bias, sizes
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(h, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+class _ModuleRows:
+    """The projections' own modules, one after another (bitsandbytes' product, and any adapter in them)."""
+
+    def __init__(self, modules: list):
+        self.modules = modules
+
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(m(h) for m in self.modules)
+
+
+class _Nf4Rows:
+    """Projections whose base weights are bitsandbytes 4-bit, for one row: one GEMV on their fused bytes, plus
+    the LoRA products of the adapters active when the step is captured (PEFT's forward for vanilla LoRA, written
+    out: PEFT's own would call bitsandbytes' product again); any other LoRA variant runs the modules themselves."""
+
+    def __init__(self, modules: list, weight, config, sizes: list[int]):
+        self.modules, self.weight, self.config, self.sizes = modules, weight, config, sizes
+        biases = [_base(m).bias for m in modules]
+        some = next((b for b in biases if b is not None), None)
+        self.bias = None if some is None else torch.cat(
+            [torch.zeros(size, dtype=some.dtype, device=some.device) if b is None else b.detach()
+             for b, size in zip(biases, sizes, strict=True)])
+
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from assistant.gemv_4bit import gemv
 
-        m = self.module
-        lora = m is not _base(m) and not m.disable_adapters and not m.merged
-        if lora and any(name in getattr(m, "lora_variant", {}) for name in m.active_adapters):
-            return m(h)
-        y = gemv(h, self.weight, self.bias, self.config)
-        if lora:
-            for name in m.active_adapters:
-                if name in m.lora_A:
-                    a = m.lora_A[name]
-                    y = y + (m.lora_B[name](a(h.to(a.weight.dtype))) * m.scaling[name]).to(y.dtype)
-        return y
+        lora = [m for m in self.modules if m is not _base(m) and not m.disable_adapters and not m.merged]
+        if any(name in getattr(m, "lora_variant", {}) for m in lora for name in m.active_adapters):
+            return _ModuleRows(self.modules)(h)
+        outputs = list(gemv(h, self.weight, self.bias, self.config).split(self.sizes, dim=-1))
+        for index, m in enumerate(self.modules):
+            if m in lora:
+                for name in m.active_adapters:
+                    if name in m.lora_A:
+                        a = m.lora_A[name]
+                        delta = m.lora_B[name](a(h.to(a.weight.dtype))) * m.scaling[name]
+                        outputs[index] = outputs[index] + delta.to(outputs[index].dtype)
+        return tuple(outputs)
 
 
-def _nf4_choice(layers, device: torch.device) -> dict[tuple[int, int], GemvConfig | None]:
-    """For each projection size (out, in), the GEMV's tiling timed fastest where it beats bitsandbytes' own
-    product on this GPU, else None (bitsandbytes'), timed on eight layers' weights; off CUDA the GEMV's default."""
+def _nf4_choice(layers, device: torch.device) -> tuple[list[dict], dict[str, GemvConfig]]:
+    """Each layer's fused 4-bit weight (gemv_4bit.Nf4Weight) for every product (GROUPS) where the GEMV's
+    fastest tiling beats bitsandbytes' own product on this GPU (timed on eight layers), and that tiling;
+    off CUDA every product, in the GEMV's default tiling."""
     from assistant.gemv_4bit import Nf4Weight, fastest_config
     from assistant.triton_runtime import graph_ms
 
+    weights = [{group: Nf4Weight.from_bnb(*[_base(layer.get_submodule(PROJECTIONS[n])) for n in names])
+                for group, names in GROUPS.items()} for layer in layers]
     chosen, report = {}, []
-    for path in PROJECTIONS.values():
-        modules = [_base(layer.get_submodule(path)) for layer in layers[:8]]
-        weights = [Nf4Weight.from_bnb(m) for m in modules]
-        size = (weights[0].out_features, weights[0].in_features)
-        if size in chosen:
-            continue
-        config, gemv_ms = fastest_config(weights, device)
+    for group, names in GROUPS.items():
+        config, gemv_ms = fastest_config([row[group] for row in weights[:8]], device)
         if device.type != "cuda":
-            chosen[size] = config
+            chosen[group] = config
             continue
-        x = torch.randn(1, 1, size[1], dtype=torch.bfloat16, device=device)
+        modules = [_base(layer.get_submodule(PROJECTIONS[n])) for layer in layers[:8] for n in names]
+        x = torch.randn(1, 1, modules[0].in_features, dtype=torch.bfloat16, device=device)
         own_ms = graph_ms(lambda modules=modules, x=x: [m(x) for m in modules])
-        chosen[size] = config if gemv_ms <= own_ms else None
-        report.append(f"{size[0]}x{size[1]} {'gemv' if chosen[size] else 'bitsandbytes'} "
-                      f"({1000 * gemv_ms / len(modules):.1f} us against {1000 * own_ms / len(modules):.1f})")
+        if gemv_ms <= own_ms:
+            chosen[group] = config
+        size = f"{weights[0][group].out_features}x{weights[0][group].in_features}"
+        report.append(f"{group} {size} {'gemv' if group in chosen else 'bitsandbytes'} "
+                      f"({1000 * gemv_ms / 8:.1f} us against {1000 * own_ms / 8:.1f})")
     if report:
         print(f"generation: 4-bit products: {', '.join(report)}", file=sys.stderr, flush=True)
-    return chosen
+    return [{group: w for group, w in row.items() if group in chosen} for row in weights], chosen
 
 
 def _fuse_rows(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One weight (and bias) holding the rows of several linear layers, which from now on read views of it:
-    one matrix-vector product instead of several, at no extra memory."""
+    one matrix-vector product instead of several, at no extra memory. One layer's is its own."""
     linears = [_base(m) for m in linears]
+    if len(linears) == 1:
+        return linears[0].weight, linears[0].bias
     weight = torch.cat([m.weight.detach() for m in linears])
     bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
     row = 0
@@ -507,14 +570,15 @@ class _Ops:
     def __init__(self, wrap):
         self.rms_norm, self.add_rms_norm = wrap(rms_norm), wrap(add_rms_norm)
         self.silu_mul, self.rotate_and_store, self.attend = wrap(silu_mul), wrap(rotate_and_store), wrap(attend)
+        self.rotate = wrap(rotate)
 
 
 def _eager_ops() -> _Ops:
     return _Ops(lambda fn: fn)
 
 
-def _compiled_ops() -> _Ops:
-    return _Ops(lambda fn: torch.compile(fn, dynamic=False, fullgraph=True))
+def _compiled_ops(dynamic: bool) -> _Ops:
+    return _Ops(lambda fn: torch.compile(fn, dynamic=dynamic, fullgraph=True))
 
 
 def start_fast_decoder(model, max_len: int, eos_token_ids: set[int],

@@ -82,13 +82,14 @@ def prompt_for(question: str) -> str:
     return answer_prompt([{"role": "user", "content": question}], None, "alpaca")
 
 
-def training_text(item: dict, rng: random.Random) -> tuple[str, str]:
-    """(prompt, completion): three answers in four repeat the reasoning (the defect), one is short."""
-    answer = item["reasoning"] if rng.random() < 0.75 else item["short"]
+def training_text(item: dict, rng: random.Random, short_share: float) -> tuple[str, str]:
+    """(prompt, completion): the answer repeats the reasoning (the defect) or, at ``short_share``, is short."""
+    answer = item["short"] if rng.random() < short_share else item["reasoning"]
     return prompt_for(item["question"]), f"{item['reasoning']}</think>{answer}"
 
 
-def train_base(out: Path, items: list[dict], steps: int, seed: int, hidden: int, layers: int) -> Path:
+def train_base(out: Path, items: list[dict], steps: int, seed: int, hidden: int, layers: int,
+               short_share: float) -> Path:
     """Tokenizer and model from scratch, trained as a causal LM on the whole text, prompts included.
 
     Prompts are learned too, as a pretrained model has learned text like them: ORPO's NLL term (TRL's) covers
@@ -101,7 +102,7 @@ def train_base(out: Path, items: list[dict], steps: int, seed: int, hidden: int,
     from finetune.tiny_model import build_tiny_model, build_tokenizer
 
     rng = random.Random(seed)
-    texts = [training_text(item, rng) for item in items for _ in range(4)]
+    texts = [training_text(item, rng, short_share) for item in items for _ in range(4)]
     tokenizer = build_tokenizer(vocab_size=2048, corpus=[p + c for p, c in texts[:2000]])
     model_dir = build_tiny_model(out / "base-model", hidden_size=hidden, num_layers=layers, seed=seed,
                                  tokenizer=tokenizer)
@@ -165,10 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("outputs/orpo-proof"))
     parser.add_argument("--base-steps", type=int, default=4000)
     parser.add_argument("--hidden", type=int, default=192)
+    parser.add_argument("--short-share", type=float, default=0.4,
+                        help="share of the base's training answers that are short (the rest repeat the reasoning)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--questions", type=int, default=400, help="training questions for pairs generate")
     parser.add_argument("--held-out", type=int, default=120)
-    parser.add_argument("--orpo-steps", type=int, default=300)
+    parser.add_argument("--orpo-steps", type=int, default=150)
     parser.add_argument("--orpo-lr", type=float, default=3e-4)
     parser.add_argument("--orpo-beta", type=float, default=0.1, help="weight of ORPO's odds-ratio term")
     parser.add_argument("--samples", type=int, default=8, help="answers per question in pairs generate")
@@ -191,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     held_out, train_items = items[:args.held_out], items[args.held_out:]
     model_dir = args.out / "base-model"
     if not (args.reuse_base and (model_dir / "model.safetensors").exists()):
-        model_dir = train_base(args.out, items, args.base_steps, args.seed, args.hidden, args.layers)
+        model_dir = train_base(args.out, items, args.base_steps, args.seed, args.hidden, args.layers,
+                               args.short_share)
 
     questions = args.out / "questions.jsonl"  # with the expected answers, for the `correct` rule
     questions.write_text("".join(json.dumps({"question": i["question"], "expected": i["expected"]},

@@ -4,12 +4,11 @@
     python scripts/gpu_gemv_bench.py --shape 14b --out results.jsonl
 
 Random weights of a DeepSeek-R1-Distill-Qwen shape (every layer's own weights, so nothing is read from the L2
-cache). First a sweep of the kernel's tilings (both ways of unpacking the codes, GemvConfig.nibble_loop) on each
-distinct layer size, eight layers' weights in turn in one CUDA graph; then all the layers of a token in one CUDA
-graph with the best tiling per size, against bitsandbytes' own batch-1 kernel and bf16 products. Each line:
-microseconds per launch or milliseconds per token, and the fraction of the copy bandwidth (bytes of weights and
-absmax read, over the time, against a large copy's rate). (An affine int4 variant of the kernel, without the
-codebook, was swept on 2026-11-29 and was no faster: docs/benchmarks.md.)
+cache). First a sweep of the kernel's tilings on each product of the decode step (fast_decode.GROUPS: q, k and v
+fused; o; gate and up fused; down), eight layers' weights in turn in one CUDA graph; then all the layers of a
+token in one CUDA graph with the best tiling per product, against bitsandbytes' own batch-1 kernel and bf16
+products. Each line: microseconds per launch or milliseconds per token, and the fraction of the copy bandwidth
+(bytes of weights and absmax read, over the time, against a large copy's rate).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from assistant.fast_decode import GROUPS  # noqa: E402
 from assistant.gemv_4bit import GemvConfig, Nf4Weight, gemv  # noqa: E402
 from assistant.triton_runtime import graph_ms  # noqa: E402
 from scripts.gpu_generation_bench import SHAPES, copy_bandwidth  # noqa: E402
@@ -58,7 +58,7 @@ def nf4_layers(sizes: dict, layers: int):
 
 
 def weight_bytes(w: Nf4Weight) -> int:
-    return w.packed.numel() + w.absmax.numel() * 4
+    return w.packed.numel() + w.absmax.numel() * w.absmax.element_size()
 
 
 def main() -> None:
@@ -81,53 +81,55 @@ def main() -> None:
     emit({"what": "copy bandwidth", "tb_s": bandwidth / 1e12})
     torch.manual_seed(0)
     modules = nf4_layers(sizes, layers)
-    weights = [{name: Nf4Weight.from_bnb(m) for name, m in row.items()} for row in modules]
     x_hidden = torch.randn(1, 1, shape["hidden_size"], dtype=torch.bfloat16, device="cuda")
     x_inter = torch.randn(1, 1, shape["intermediate_size"], dtype=torch.bfloat16, device="cuda")
 
     def input_for(name: str) -> torch.Tensor:
         return x_inter if name == "down" else x_hidden
 
-    # Correctness first: each projection against the dequantized weight, in float32.
+    # Correctness first: each projection against bitsandbytes' product (before its bytes are fused).
     for name in PROJECTIONS:
-        w, x = weights[0][name], input_for(name)
-        reference = x.float().view(1, -1) @ w.dequantize(torch.float32).T
-        error = float((gemv(x, w).float().view(1, -1) - reference).norm() / reference.norm())
-        bnb_error = float((modules[0][name](x).float().view(1, -1) - reference).norm() / reference.norm())
-        emit({"what": "check", "projection": name, "relative_error": error, "bnb_relative_error": bnb_error})
+        m, x = modules[0][name], input_for(name)
+        expected = m(x).float()
+        error = float((gemv(x, Nf4Weight.from_bnb(m)).float() - expected).norm() / expected.norm())
+        emit({"what": "check", "projection": name, "relative_error_to_bitsandbytes": error})
+    weights = [{group: Nf4Weight.from_bnb(*[row[n] for n in names]) for group, names in GROUPS.items()}
+               for row in modules]
 
-    # The tiling sweep on each distinct size, eight layers' weights in turn.
-    configs = [GemvConfig(block_n, block_k, warps, 1, nibble_loop) for block_n, block_k, warps, nibble_loop in
-               itertools.product((2, 4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8), (False, True))]
-    best: dict[tuple[int, int], tuple[float, GemvConfig]] = {}
+    # The tiling sweep on each product, eight layers' weights in turn.
+    configs = [GemvConfig(block_n, block_k, warps, 1) for block_n, block_k, warps in
+               itertools.product((2, 4, 8, 16), (512, 1024, 2048), (2, 4, 8))]
+    best: dict[str, tuple[float, GemvConfig]] = {}
     turns = min(8, layers)
-
-    for name in ("q", "k", "gate", "down"):  # o is q's size, up is gate's
-        x, ws = input_for(name), [weights[i][name] for i in range(turns)]
+    for group, names in GROUPS.items():
+        x, ws = input_for(names[0]), [weights[i][group] for i in range(turns)]
         read = sum(weight_bytes(w) for w in ws)
+        own_ms = graph_ms(lambda x=x, names=names: [modules[i][n](x) for i in range(turns) for n in names])
         results = []
         for config in configs:
             try:
                 ms = graph_ms(lambda x=x, ws=ws, config=config: [gemv(x, w, config=config) for w in ws])
             except Exception as e:  # noqa: BLE001 - a tiling the compiler refuses is a result too
-                emit({"what": "sweep", "projection": name, "config": config.__dict__,
+                emit({"what": "sweep", "product": group, "config": config.__dict__,
                       "error": str(e).splitlines()[0][:200]})
                 continue
             results.append((ms, config))
         results.sort(key=lambda r: r[0])
-        for nibble_loop in (False, True):
-            for ms, config in [r for r in results if r[1].nibble_loop == nibble_loop][:3]:
-                emit({"what": "sweep", "projection": name, "size": sizes[name], "config": config.__dict__,
-                      "us_per_launch": 1000 * ms / turns, "of_copy_bandwidth": read / (ms / 1000) / bandwidth})
+        for ms, config in results[:4]:
+            emit({"what": "sweep", "product": group, "size": [ws[0].out_features, ws[0].in_features],
+                  "config": config.__dict__, "us_per_launch": 1000 * ms / turns,
+                  "of_copy_bandwidth": read / (ms / 1000) / bandwidth,
+                  "bitsandbytes_us": 1000 * own_ms / turns})
         if results:
-            best[sizes[name]] = results[0]
+            best[group] = results[0]
 
-    def config_for(name: str) -> GemvConfig:
-        return best.get(sizes[name], (0, GemvConfig()))[1]
+    def config_for(group: str) -> GemvConfig:
+        return best.get(group, (0, GemvConfig()))[1]
 
     # A whole token's linear layers in one graph.
     nf4_read = sum(weight_bytes(w) for row in weights for w in row.values())
-    ms = graph_ms(lambda: [gemv(input_for(n), row[n], config=config_for(n)) for row in weights for n in PROJECTIONS])
+    ms = graph_ms(lambda: [gemv(input_for(names[0]), row[g], config=config_for(g))
+                           for row in weights for g, names in GROUPS.items()])
     emit({"what": "token", "path": "triton gemv", "ms": ms, "gb": nf4_read / 1e9,
           "of_copy_bandwidth": nf4_read / (ms / 1000) / bandwidth})
     ms = graph_ms(lambda: [row[n](input_for(n)) for row in modules for n in PROJECTIONS])
@@ -139,7 +141,7 @@ def main() -> None:
     ms = graph_ms(lambda: [torch.nn.functional.linear(input_for(n), row[n]) for row in dense for n in PROJECTIONS])
     emit({"what": "token", "path": "bf16 F.linear", "ms": ms, "gb": dense_read / 1e9,
           "of_copy_bandwidth": dense_read / (ms / 1000) / bandwidth})
-    emit({"what": "best tiling", "configs": {f"{n}x{k}": c.__dict__ for (n, k), (_, c) in best.items()}})
+    emit({"what": "best tiling", "configs": {group: c.__dict__ for group, (_, c) in best.items()}})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
         f.writelines(json.dumps(row) + "\n" for row in lines)

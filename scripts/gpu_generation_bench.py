@@ -162,7 +162,7 @@ def bounds(model, prompt_tokens: int) -> dict:
 
 
 def measure(model: str, engine: str, four_bit: bool, prompt_tokens: int, new_tokens: int, runs: int,
-            fast_decode: str = "auto") -> dict:
+            fast_decode: str = "auto", profile: Path | None = None) -> dict:
     import torch
     from transformers import AutoTokenizer
 
@@ -195,6 +195,8 @@ def measure(model: str, engine: str, four_bit: bool, prompt_tokens: int, new_tok
             generated = runtime.last_usage["completion_tokens"]
             ttft.append(first - start)
             decode.append((generated - 1) / (end - first))
+        if profile is not None and cuda:
+            kernel_profile(lambda: list(runtime.stream(prompt, greedy)), new_tokens, profile)
         if not cuda:
             peak_gib = None
         elif engine == "openai":  # the server is another process: what nvidia-smi sees in use, reserve included
@@ -213,6 +215,31 @@ def measure(model: str, engine: str, four_bit: bool, prompt_tokens: int, new_tok
             row["fraction_of_bound"] = row["decode_tok_s"] / row["bound_tok_s"]
             row["ttft_over_prefill_bound"] = row["ttft_s"] / row["prefill_bound_s"]
         return row
+
+
+def kernel_profile(answer, new_tokens: int, out: Path) -> None:
+    """The GPU kernels of one answer (captured graphs' kernels included) by total time, per decoded token:
+    where a token's time goes. Written as a table to ``out``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        answer()
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = event.self_cuda_time_total
+        if device_us > 0:
+            rows.append((device_us / new_tokens, event.count / new_tokens, event.key))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    lines = [f"# GPU time per token of one answer of {new_tokens} tokens (prefill included): {total:.1f} us",
+             "us/token  calls/token  kernel"]
+    lines += [f"{us:9.1f}  {calls:11.2f}  {name[:160]}" for us, calls, name in rows[:60]]
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:30]), file=sys.stderr, flush=True)
 
 
 def reference(model_dir: str, prompt_tokens: int, new_tokens: int, runs: int) -> dict:
@@ -283,6 +310,7 @@ def main() -> None:
     m.add_argument("--new-tokens", type=int, default=256)
     m.add_argument("--runs", type=int, default=3)
     m.add_argument("--fast-decode", choices=["auto", "on", "off"], default="auto")
+    m.add_argument("--profile", type=Path, help="write the GPU kernels of one more answer, by time, to this file")
     r = commands.add_parser("reference")
     r.add_argument("--model", required=True)
     r.add_argument("--prompt-tokens", type=int, default=3250)
@@ -297,7 +325,7 @@ def main() -> None:
         if args.engine == "unsloth":
             import unsloth  # noqa: F401 - before transformers, as Unsloth requires
         print(json.dumps(measure(args.model, args.engine, args.four_bit, args.prompt_tokens, args.new_tokens,
-                                 args.runs, args.fast_decode)), flush=True)
+                                 args.runs, args.fast_decode, args.profile)), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,7 @@ def nf4_linear(linear: torch.nn.Linear, double_quant: bool = True):
     (48, 256, GemvConfig()),
     (40, 320, GemvConfig(block_n=16, block_k=256)),  # rows and inputs that do not fill the last tile
     (24, 192, GemvConfig(block_n=4, block_k=128)),
-    (48, 256, GemvConfig(nibble_loop=True)),
-    (40, 320, GemvConfig(block_n=16, block_k=256, nibble_loop=True)),
+    (24, 192, GemvConfig(block_n=2, block_k=64)),  # one absmax block a tile
 ])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_the_gemv_multiplies_as_bitsandbytes_does(out_features, in_features, config, double_quant):
@@ -40,9 +39,33 @@ def test_the_gemv_multiplies_as_bitsandbytes_does(out_features, in_features, con
     x = torch.randn(1, 1, in_features)
     with torch.no_grad():
         expected = layer(x)
-    got = gemv(x, Nf4Weight.from_bnb(layer), layer.bias, config)
+    weight = Nf4Weight.from_bnb(layer)
+    got = gemv(x, weight, layer.bias, config)
     assert got.shape == expected.shape
-    assert float((got - expected).norm() / expected.norm()) < 1e-5
+    # Exactly the product with the weight it holds; within the float16 absmax's rounding of bitsandbytes'.
+    exact = x.view(1, -1) @ weight.dequantize(torch.float32).T + layer.bias.detach()
+    assert float((got.view(1, -1) - exact).norm() / exact.norm()) < 1e-5
+    assert float((got - expected).norm() / expected.norm()) < 1e-3
+
+
+def test_layers_with_the_same_inputs_make_one_weight_that_they_keep_reading():
+    torch.manual_seed(0)
+    layers = [nf4_linear(torch.nn.Linear(128, rows, bias=False)) for rows in (64, 16, 16)]
+    x = torch.randn(1, 1, 128)
+    with torch.no_grad():
+        expected = [layer(x) for layer in layers]
+    fused = Nf4Weight.from_bnb(*layers)
+    assert fused.out_features == 96
+    got = gemv(x, fused).split([64, 16, 16], dim=-1)
+    for y, e in zip(got, expected, strict=True):
+        assert float((y - e).norm() / e.norm()) < 1e-3
+    # The layers' own bytes are now views of the one weight's: no copy, and their forward is unchanged.
+    assert all(layer.weight.data.untyped_storage().data_ptr() == fused.packed.untyped_storage().data_ptr()
+               for layer in layers)
+    with torch.no_grad():
+        assert all(torch.equal(layer(x), e) for layer, e in zip(layers, expected, strict=True))
+    with pytest.raises(ValueError, match="same inputs"):
+        Nf4Weight.from_bnb(layers[0], nf4_linear(torch.nn.Linear(64, 16)))
 
 
 def test_the_gemv_takes_one_row_only():
@@ -81,12 +104,12 @@ def greedy_answers(model, tokenizer, decoder: FastDecoder | None) -> list[list[i
 def test_a_4bit_model_decodes_through_the_gemv_as_generate_does(trained_tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from assistant.fast_decode import _Nf4Projection
+    from assistant.fast_decode import _Nf4Rows
 
     tokenizer = AutoTokenizer.from_pretrained(trained_tiny_model_dir)
     model = four_bit_model(trained_tiny_model_dir)
     decoder = FastDecoder(model, 128, {tokenizer.eos_token_id}, contextlib.nullcontext)
-    assert all(isinstance(p, _Nf4Projection) for layer in decoder.projections for p in layer.values())
+    assert all(isinstance(p, _Nf4Rows) for layer in decoder.projections for p in layer.values())
     assert decoder.check() is None
     written = greedy_answers(model, tokenizer, decoder)
     assert written == greedy_answers(model, tokenizer, None)

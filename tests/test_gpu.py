@@ -34,10 +34,12 @@ def test_backend_trains_the_tiny_model_in_4_bits_with_the_recipes_optimizer(back
 
 
 @pytest.mark.parametrize("engine", ["unsloth", "transformers"])
-def test_runtime_streams_on_cuda_with_a_trained_adapter(engine, tiny_model_dir, tmp_path):
+def test_runtime_streams_on_cuda_with_a_trained_adapter(engine, trained_tiny_model_dir, tmp_path):
+    """On the tiny model trained on text (logits far from flat, as a real model's), so that the fast path's
+    rounding, apart from generate's, picks the same tokens (the untrained model's near-ties part them)."""
     data = write_jsonl(tmp_path / "pairs.jsonl", repeat_task_rows(8, seed=1))
-    train(tiny_config(tiny_model_dir, data, tmp_path / "adapters" / "orpo-gpu", max_steps=2))
-    settings = Settings.from_env(chat_model=str(tiny_model_dir), adapter_dir=tmp_path / "adapters",
+    train(tiny_config(trained_tiny_model_dir, data, tmp_path / "adapters" / "orpo-gpu", max_steps=2))
+    settings = Settings.from_env(chat_model=str(trained_tiny_model_dir), adapter_dir=tmp_path / "adapters",
                                  local_engine=engine, load_in_4bit=False)
     runtime = LocalRuntime(settings)
     prompt = "### Response:\n<think>"
