@@ -1,13 +1,14 @@
 """The proof that ORPO removes the defect it exists for, reproduced from scratch on a CPU.
 
-    python -m benchmarks.orpo_proof --out outputs/orpo-proof        # about 30 minutes on 2 cores (half of it the base model)
+    python -m benchmarks.orpo_proof --out outputs/orpo-proof        # about 20 minutes on 2 cores (most of it the base model)
 
 The recipe ORPO-trains DeepSeek-R1-Distill so that it stops repeating its <think> reasoning as its answer.
 Here a small model gets that defect on purpose and ORPO takes it away, with nothing written by hand:
 
 1. A synthetic task in English and Japanese: look up who keeps a fictional place named in the question, and
-   add two small numbers. The training answers repeat their reasoning three times in four, as R1-Distill's
-   do in the recipe's example; the fourth answer is short. Prompts are the app's own (``answer_prompt``).
+   add two small numbers. The training answers repeat their reasoning, as R1-Distill's do in the recipe's
+   example, three times in five; the others are short (``--short-share``). Prompts are the app's own
+   (``answer_prompt``).
 2. A Qwen2-architecture model trained from scratch on that text, prompts included (``train_base``): greedy,
    it repeats.
 3. ``python -m finetune pairs generate`` on the training questions, rules ``duplication,correct`` (the
