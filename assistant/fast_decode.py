@@ -77,7 +77,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotary embedding of a prompt's queries and keys ([n, heads, head_dim]; cos and sin [n, 1, head_dim])."""
+    """Rotary embedding of queries and keys ([..., heads, head_dim]; cos and sin broadcast against them: a
+    prompt's [n, 1, head_dim], one position's [1, head_dim])."""
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -87,10 +88,7 @@ def rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     [heads, head_dim]."""
     kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
     c, s = cos[position], sin[position]  # (1, head_dim)
-    q = q.view(-1, head_dim)
-    k = k.view(kv_heads, head_dim)
-    q = q * c + _rotate_half(q) * s
-    k = k * c + _rotate_half(k) * s
+    q, k = rotate(q.view(-1, head_dim), k.view(kv_heads, head_dim), c, s)
     k_cache.index_copy_(2, position, k.view(1, kv_heads, 1, head_dim))
     v_cache.index_copy_(2, position, v.view(1, kv_heads, 1, head_dim))
     return q

@@ -23,12 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from assistant.fast_decode import GROUPS  # noqa: E402
+from assistant.fast_decode import GROUPS, PROJECTIONS  # noqa: E402
 from assistant.gemv_4bit import GemvConfig, Nf4Weight, gemv  # noqa: E402
 from assistant.triton_runtime import graph_ms  # noqa: E402
 from scripts.gpu_generation_bench import SHAPES, copy_bandwidth  # noqa: E402
-
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def projection_sizes(shape: dict) -> dict[str, tuple[int, int]]:
