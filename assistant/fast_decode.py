@@ -27,14 +27,14 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from assistant.gemv_4bit import GemvConfig
+from assistant import rotary_store
+from assistant.triton_runtime import runs_on
 
 SUPPORTED_ARCHITECTURES = ("qwen2", "llama")
 
@@ -169,6 +169,8 @@ class FastDecoder:
         self.logits = torch.zeros(1, self.lm_head.weight.shape[0], device=self.device)  # Unsloth may pad the vocabulary
         self.cuda = self.device.type == "cuda"
         self.ops = _compiled_ops(dynamic=False) if self.cuda else _eager_ops()
+        if runs_on(self.device):  # rotary and both cache writes in one launch (assistant/rotary_store.py)
+            self.ops.rotate_and_store = rotary_store.rotate_and_store
         self.prefill_ops = _compiled_ops(dynamic=True) if self.cuda else self.ops  # for any prompt length
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._host = torch.zeros(max_len, dtype=torch.long, pin_memory=self.cuda)
@@ -180,7 +182,7 @@ class FastDecoder:
         # wrap the modules anew.
         self.dense = [{group: _fuse_rows([layer.get_submodule(PROJECTIONS[n]) for n in names])
                        for group, names in GROUPS.items()} for layer in self.layers] if _plain_linears(self.layers) else None
-        self.nf4, self.nf4_choice = (_nf4_choice(self.layers, self.device)
+        self.nf4, self.nf4_choice = (_nf4_choice(self.layers, self.device, self.dtype)
                                      if self.dense is None and _nf4_linears(self.layers) else (None, None))
         self.projections = self._bind_projections()
         self.attention, self.reads_written_positions_only = self._choose_attention(
@@ -193,7 +195,7 @@ class FastDecoder:
         retrieval prompt's answer is, and at its last, their worst case); else the whole cache masked. Also
         whether the chosen one reads the written positions only."""
         from assistant.decode_attention import TILINGS, DecodeAttention
-        from assistant.triton_runtime import graph_ms, runs_on
+        from assistant.triton_runtime import graph_ms
 
         def whole_cache(q, k_cache, v_cache):
             return self.ops.attend(q, k_cache, v_cache, self.position, self.scaling)
@@ -460,7 +462,6 @@ def _plain_linears(layers) -> bool:
 def _nf4_linears(layers) -> bool:
     """Whether every projection is a bitsandbytes 4-bit layer that the Triton GEMV takes, where it can run."""
     from assistant import gemv_4bit
-    from assistant.triton_runtime import runs_on
 
     modules = [_base(layer.get_submodule(path)) for layer in layers for path in PROJECTIONS.values()]
     if not runs_on(modules[0].weight.device) or not all(
@@ -490,12 +491,13 @@ class _ModuleRows:
 
 
 class _Nf4Rows:
-    """Projections whose base weights are bitsandbytes 4-bit, for one row: one GEMV on their fused bytes, plus
-    the LoRA products of the adapters active when the step is captured (PEFT's forward for vanilla LoRA, written
-    out: PEFT's own would call bitsandbytes' product again); any other LoRA variant runs the modules themselves."""
+    """Projections whose base weights are bitsandbytes 4-bit, for one row: one GEMV (``product``: a kernel of
+    gemv_4bit or gemv_4bit_mma in its chosen tiling) on their fused bytes, plus the LoRA products of the
+    adapters active when the step is captured (PEFT's forward for vanilla LoRA, written out: PEFT's own would
+    call bitsandbytes' product again); any other LoRA variant runs the modules themselves."""
 
-    def __init__(self, modules: list, weight, config, sizes: list[int]):
-        self.modules, self.weight, self.config, self.sizes = modules, weight, config, sizes
+    def __init__(self, modules: list, weight, product: Callable, sizes: list[int]):
+        self.modules, self.weight, self.product, self.sizes = modules, weight, product, sizes
         biases = [_base(m).bias for m in modules]
         some = next((b for b in biases if b is not None), None)
         self.bias = None if some is None else torch.cat(
@@ -503,12 +505,10 @@ class _Nf4Rows:
              for b, size in zip(biases, sizes, strict=True)])
 
     def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from assistant.gemv_4bit import gemv
-
         lora = [m for m in self.modules if m is not _base(m) and not m.disable_adapters and not m.merged]
         if any(name in getattr(m, "lora_variant", {}) for m in lora for name in m.active_adapters):
             return _ModuleRows(self.modules)(h)
-        outputs = list(gemv(h, self.weight, self.bias, self.config).split(self.sizes, dim=-1))
+        outputs = list(self.product(h, self.weight, self.bias).split(self.sizes, dim=-1))
         for index, m in enumerate(self.modules):
             if m in lora:
                 for name in m.active_adapters:
@@ -519,31 +519,39 @@ class _Nf4Rows:
         return tuple(outputs)
 
 
-def _nf4_choice(layers, device: torch.device) -> tuple[list[dict], dict[str, GemvConfig]]:
-    """Each layer's fused 4-bit weight (gemv_4bit.Nf4Weight) for every product (GROUPS) where the GEMV's
-    fastest tiling beats bitsandbytes' own product on this GPU (timed on eight layers), and that tiling;
-    off CUDA every product, in the GEMV's default tiling."""
-    from assistant.gemv_4bit import Nf4Weight, fastest_config
+def _nf4_choice(layers, device: torch.device, dtype: torch.dtype) -> tuple[list[dict], dict[str, Callable]]:
+    """Each layer's fused 4-bit weight (gemv_4bit.Nf4Weight) for every product (GROUPS) where a GEMV of ours,
+    in its fastest tiling, beats bitsandbytes' own product on this GPU (timed on eight layers), and that GEMV:
+    the tensor-core kernel (gemv_4bit_mma) where it compiles and takes the weight, else the Triton one; off
+    CUDA every product, the Triton GEMV in its default tiling."""
+    from assistant import gemv_4bit, gemv_4bit_mma
     from assistant.triton_runtime import graph_ms
 
-    weights = [{group: Nf4Weight.from_bnb(*[_base(layer.get_submodule(PROJECTIONS[n])) for n in names])
+    weights = [{group: gemv_4bit.Nf4Weight.from_bnb(*[_base(layer.get_submodule(PROJECTIONS[n])) for n in names])
                 for group, names in GROUPS.items()} for layer in layers]
     chosen, report = {}, []
     for group, names in GROUPS.items():
-        config, gemv_ms = fastest_config([row[group] for row in weights[:8]], device)
+        sample = [row[group] for row in weights[:8]]
+        config, triton_ms = gemv_4bit.fastest_config(sample, device)
+        kernels = {"triton gemv": (partial(gemv_4bit.gemv, config=config), triton_ms)}
+        if dtype == torch.bfloat16 and gemv_4bit_mma.supported(sample[0], device) is None:
+            config, mma_ms = gemv_4bit.fastest_config(sample, device, gemv_4bit_mma.gemv, gemv_4bit_mma.CANDIDATES,
+                                                      gemv_4bit_mma.MmaConfig())
+            kernels["tensor-core gemv"] = (partial(gemv_4bit_mma.gemv, config=config), mma_ms)
+        name = min(kernels, key=lambda k: kernels[k][1])
         if device.type != "cuda":
-            chosen[group] = config
+            chosen[group] = kernels[name][0]
             continue
         modules = [_base(layer.get_submodule(PROJECTIONS[n])) for layer in layers[:8] for n in names]
         x = torch.randn(1, 1, modules[0].in_features, dtype=torch.bfloat16, device=device)
         own_ms = graph_ms(lambda modules=modules, x=x: [m(x) for m in modules])
-        if gemv_ms <= own_ms:
-            chosen[group] = config
-        size = f"{weights[0][group].out_features}x{weights[0][group].in_features}"
-        report.append(f"{group} {size} {'gemv' if group in chosen else 'bitsandbytes'} "
-                      f"({1000 * gemv_ms / 8:.1f} us against {1000 * own_ms / 8:.1f})")
+        if kernels[name][1] <= own_ms:
+            chosen[group] = kernels[name][0]
+        timings = ", ".join(f"{k} {1000 * ms / 8:.1f} us" for k, (_, ms) in kernels.items())
+        report.append(f"{group} {sample[0].out_features}x{sample[0].in_features} "
+                      f"{name if group in chosen else 'bitsandbytes'} ({timings}, bitsandbytes {1000 * own_ms / 8:.1f})")
     if report:
-        print(f"generation: 4-bit products: {', '.join(report)}", file=sys.stderr, flush=True)
+        print(f"generation: 4-bit products: {'; '.join(report)}", file=sys.stderr, flush=True)
     return [{group: w for group, w in row.items() if group in chosen} for row in weights], chosen
 
 

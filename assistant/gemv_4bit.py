@@ -16,6 +16,7 @@ The model's own forward, prefill included, still runs bitsandbytes on the same b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ class Nf4Weight:
     in_features: int
     blocksize: int
     quant_type: str = "nf4"
+    pairs: torch.Tensor | None = None  # the tensor-core kernel's table of byte values (gemv_4bit_mma), on first use
 
     @classmethod
     def from_bnb(cls, *modules) -> Nf4Weight:
@@ -104,20 +106,23 @@ CANDIDATES = (GemvConfig(2, 1024, 2), GemvConfig(4, 512, 4), GemvConfig(4, 1024,
               GemvConfig(16, 256, 4), GemvConfig(16, 512, 4), GemvConfig(16, 512, 8), GemvConfig(32, 256, 8))
 
 
-def fastest_config(weights: list[Nf4Weight], device: torch.device) -> tuple[GemvConfig, float]:
-    """The candidate tiling that takes ``weights`` (same size; several layers', so the L2 cache does not serve
-    them) fastest on this GPU, and its milliseconds for all of them; elsewhere the default, untimed (inf)."""
+def fastest_config(weights: list[Nf4Weight], device: torch.device, kernel: Callable | None = None,
+                   candidates: tuple = CANDIDATES, default=GemvConfig()) -> tuple[object, float]:
+    """The candidate tiling in which ``kernel`` (this module's GEMV, or another with its signature) takes
+    ``weights`` (same size; several layers', so the L2 cache does not serve them) fastest on this GPU, and its
+    milliseconds for all of them; elsewhere, or where no candidate compiles, the default, untimed (inf)."""
     if device.type != "cuda":
-        return GemvConfig(), float("inf")
+        return default, float("inf")
+    kernel = kernel or gemv
     x = torch.randn(weights[0].in_features, dtype=torch.bfloat16, device=device)
     times = {}
-    for config in CANDIDATES:
+    for config in candidates:
         try:
-            times[config] = graph_ms(lambda config=config: [gemv(x, w, config=config) for w in weights])
+            times[config] = graph_ms(lambda config=config: [kernel(x, w, config=config) for w in weights])
         except Exception:  # noqa: BLE001, S112 - a tiling this GPU's compiler refuses is skipped
             continue
     if not times:
-        return GemvConfig(), float("inf")
+        return default, float("inf")
     best = min(times, key=times.get)
     return best, times[best]
 

@@ -1,5 +1,5 @@
-"""The linear layers of one decode token, alone, on the GPU: bf16, bitsandbytes nf4, and the Triton GEMV of
-``assistant/gemv_4bit.py`` on the same nf4 bytes.
+"""The linear layers of one decode token, alone, on the GPU: bf16, bitsandbytes nf4, and our GEMVs on the same nf4
+bytes: the Triton one (``assistant/gemv_4bit.py``) and the tensor-core one (``assistant/gemv_4bit_mma.py``).
 
     python scripts/gpu_gemv_bench.py --shape 14b --out results.jsonl
 
@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from assistant import gemv_4bit_mma  # noqa: E402
 from assistant.fast_decode import GROUPS, PROJECTIONS  # noqa: E402
-from assistant.gemv_4bit import GemvConfig, Nf4Weight, gemv  # noqa: E402
+from assistant.gemv_4bit import CANDIDATES, GemvConfig, Nf4Weight, gemv  # noqa: E402
 from assistant.triton_runtime import graph_ms  # noqa: E402
 from scripts.gpu_generation_bench import SHAPES, copy_bandwidth  # noqa: E402
 
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=0, help="layers built (default: the shape's)")
+    parser.add_argument("--full-sweep", action="store_true",
+                        help="sweep 36 Triton tilings (default: the ones tried at load, gemv_4bit.CANDIDATES)")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     sizes = projection_sizes(shape)
@@ -89,15 +92,23 @@ def main() -> None:
     for name in PROJECTIONS:
         m, x = modules[0][name], input_for(name)
         expected = m(x).float()
-        error = float((gemv(x, Nf4Weight.from_bnb(m)).float() - expected).norm() / expected.norm())
-        emit({"what": "check", "projection": name, "relative_error_to_bitsandbytes": error})
+        weight = Nf4Weight.from_bnb(m)
+        error = float((gemv(x, weight).float() - expected).norm() / expected.norm())
+        mma_error = float((gemv_4bit_mma.gemv(x, weight).float() - expected).norm() / expected.norm())
+        truth = x.double().view(-1) @ weight.dequantize(torch.float64).T  # the same weights, in float64
+        emit({"what": "check", "projection": name, "relative_error_to_bitsandbytes": error,
+              "tensor_core_relative_error_to_bitsandbytes": mma_error,
+              "bitsandbytes_to_float64": float((expected.double().view(-1) - truth).norm() / truth.norm()),
+              "tensor_core_to_float64": float((gemv_4bit_mma.gemv(x, weight).double() - truth).norm()
+                                              / truth.norm())})
     weights = [{group: Nf4Weight.from_bnb(*[row[n] for n in names]) for group, names in GROUPS.items()}
                for row in modules]
 
     # The tiling sweep on each product, eight layers' weights in turn.
     configs = [GemvConfig(block_n, block_k, warps, 1) for block_n, block_k, warps in
-               itertools.product((2, 4, 8, 16), (512, 1024, 2048), (2, 4, 8))]
+               itertools.product((2, 4, 8, 16), (512, 1024, 2048), (2, 4, 8))] if args.full_sweep else CANDIDATES
     best: dict[str, tuple[float, GemvConfig]] = {}
+    best_mma: dict[str, gemv_4bit_mma.MmaConfig] = {}
     turns = min(8, layers)
     for group, names in GROUPS.items():
         x, ws = input_for(names[0]), [weights[i][group] for i in range(turns)]
@@ -120,6 +131,14 @@ def main() -> None:
                   "bitsandbytes_us": 1000 * own_ms / turns})
         if results:
             best[group] = results[0]
+        mma = []
+        for config in gemv_4bit_mma.CANDIDATES:
+            ms = graph_ms(lambda x=x, ws=ws, config=config: [gemv_4bit_mma.gemv(x, w, config=config) for w in ws])
+            mma.append((ms, config))
+            emit({"what": "sweep", "kernel": "tensor-core", "product": group,
+                  "size": [ws[0].out_features, ws[0].in_features], "config": config.__dict__,
+                  "us_per_launch": 1000 * ms / turns, "of_copy_bandwidth": read / (ms / 1000) / bandwidth})
+        best_mma[group] = min(mma, key=lambda r: r[0])[1]
 
     def config_for(group: str) -> GemvConfig:
         return best.get(group, (0, GemvConfig()))[1]
@@ -129,6 +148,10 @@ def main() -> None:
     ms = graph_ms(lambda: [gemv(input_for(names[0]), row[g], config=config_for(g))
                            for row in weights for g, names in GROUPS.items()])
     emit({"what": "token", "path": "triton gemv", "ms": ms, "gb": nf4_read / 1e9,
+          "of_copy_bandwidth": nf4_read / (ms / 1000) / bandwidth})
+    ms = graph_ms(lambda: [gemv_4bit_mma.gemv(input_for(names[0]), row[g], config=best_mma[g])
+                           for row in weights for g, names in GROUPS.items()])
+    emit({"what": "token", "path": "tensor-core gemv", "ms": ms, "gb": nf4_read / 1e9,
           "of_copy_bandwidth": nf4_read / (ms / 1000) / bandwidth})
     ms = graph_ms(lambda: [row[n](input_for(n)) for row in modules for n in PROJECTIONS])
     emit({"what": "token", "path": "bitsandbytes Linear4bit", "ms": ms, "gb": nf4_read / 1e9,

@@ -129,3 +129,57 @@ def test_fast_decode_logits_match_the_eager_forward_on_the_1_5b_shape(with_adapt
 
     # Within bf16 tolerance: no further from float32 than twice what the eager bf16 forward itself is.
     assert error(fast) <= 2 * error(eager) + 1e-3, (error(fast), error(eager))
+
+
+@pytest.mark.parametrize("out_features, in_features", [(64, 1024), (2048, 1536), (5120, 13824), (48, 5120 + 192)])
+def test_the_tensor_core_gemv_multiplies_as_bitsandbytes_on_cuda(out_features, in_features):
+    """Every tiling, with a bias and without, against the same nf4 weights in float64: no further from it than
+    bitsandbytes' own product (both round to bf16); inputs whose blocks do not fill a warp's last round too."""
+    import bitsandbytes as bnb
+
+    from assistant import gemv_4bit_mma
+    from assistant.gemv_4bit import Nf4Weight
+
+    torch.manual_seed(out_features)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=True, compute_dtype=torch.bfloat16,
+                              quant_type="nf4", compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features, dtype=torch.bfloat16) * 0.02,
+                                     requires_grad=False, quant_type="nf4", compress_statistics=True)
+    layer = layer.cuda()
+    layer.bias.data = torch.randn(out_features, device="cuda").to(torch.bfloat16)
+    x = torch.randn(1, 1, in_features, dtype=torch.bfloat16, device="cuda")
+    weight = Nf4Weight.from_bnb(layer)
+    assert gemv_4bit_mma.supported(weight, x.device) is None
+    truth = x.double().view(-1) @ weight.dequantize(torch.float64).T
+    with torch.no_grad():
+        own = layer(x).double().view(-1)
+
+    def error(y, with_bias):
+        expected = truth + layer.bias.double() if with_bias else truth
+        return float((y.double().view(-1) - expected).norm() / expected.norm())
+
+    for config in gemv_4bit_mma.CANDIDATES:
+        got = gemv_4bit_mma.gemv(x, weight, layer.bias, config)
+        assert got.shape == (1, 1, out_features)
+        assert error(got, True) <= 2 * error(own, True) + 1e-4, (config, error(got, True), error(own, True))
+        assert error(gemv_4bit_mma.gemv(x, weight, None, config), False) <= 2 * error(own, True) + 1e-4
+
+
+def test_the_fused_rotary_kernel_rounds_as_the_eager_formula_on_cuda():
+    """bf16 on the GPU (Triton's interpreter on the CPU computes bf16 wrongly): bit for bit."""
+    from assistant.fast_decode import rotate_and_store as eager
+    from assistant.rotary_store import rotate_and_store as fused
+
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim, max_len = 40, 8, 128, 64
+    with torch.device("cuda"):
+        qkv = torch.randn(1, 1, (heads + 2 * kv_heads) * head_dim, dtype=torch.bfloat16) * 10
+        cos, sin = torch.randn(max_len, head_dim, dtype=torch.bfloat16), torch.randn(max_len, head_dim,
+                                                                                    dtype=torch.bfloat16)
+        caches = torch.randn(2, 1, kv_heads, max_len, head_dim, dtype=torch.bfloat16)
+        position = torch.tensor([33])
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    expected_caches = caches.clone()
+    expected = eager(q, k, v, cos, sin, *expected_caches, position)
+    assert torch.equal(fused(q, k, v, cos, sin, *caches, position), expected)
+    assert torch.equal(caches, expected_caches)
