@@ -38,7 +38,10 @@ class Nf4Weight:
     in_features: int
     blocksize: int
     quant_type: str = "nf4"
-    pairs: torch.Tensor | None = None  # the tensor-core kernel's table of byte values (gemv_4bit_mma), on first use
+    # The tensor-core kernel's (gemv_4bit_mma), made on its first use: its table of byte values, the absmax as
+    # it reads them (a copy: 1/32 of the bytes)
+    pairs: torch.Tensor | None = None
+    tiled_absmax: torch.Tensor | None = None
 
     @classmethod
     def from_bnb(cls, *modules) -> Nf4Weight:

@@ -52,55 +52,79 @@ __device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// y[16 rows of this block] = W x. packed: [N, K/2] (the first code of a pair in the high nibble); absmax: fp16,
-// [N, K/64]; pairs: 256 bf16 pairs, a byte's two codes' values (first in the low half); x, y, bias: bf16.
+struct Round {  // what one round of a warp reads: UNROLL blocks of its two rows, their absmax, the input
+  uint2 w0[UNROLL], w8[UNROLL];
+  uint4 xa[UNROLL], xb[UNROLL];
+  u32 s[UNROLL];  // the absmax of rows g (low half) and g + 8 (high half), fp16
+};
+
+__device__ __forceinline__ void load_round(Round& r, int first, int blocks, const u8* w0, const u8* w8,
+                                           const u32* scales, const u16* xt) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int blk = first + u < blocks ? first + u : blocks - 1;  // past the end: a block read, never used
+    r.w0[u] = load_streaming(w0 + blk * 32);
+    r.w8[u] = load_streaming(w8 + blk * 32);
+    const uint4* xv = reinterpret_cast<const uint4*>(xt + blk * 64);
+    r.xa[u] = __ldg(xv);
+    r.xb[u] = __ldg(xv + 1);
+    r.s[u] = __ldg(scales + blk * 8);
+  }
+}
+
+__device__ __forceinline__ void multiply_round(const Round& r, int first, int blocks, const u32* tab,
+                                               float& acc0, float& acc8) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    if (first + u < blocks) {
+      const u32 xs[8] = {r.xa[u].x, r.xa[u].y, r.xa[u].z, r.xa[u].w, r.xb[u].x, r.xb[u].y, r.xb[u].z, r.xb[u].w};
+      const u32 q0[2] = {r.w0[u].x, r.w0[u].y}, q8[2] = {r.w8[u].x, r.w8[u].y};
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {  // mma m: bytes 2m and 2m+1 of each row, inputs 4m..4m+3 of the 16
+        const u32 a = q0[m >> 1] >> (16 * (m & 1)), b = q8[m >> 1] >> (16 * (m & 1));
+        mma(c, tab[(a & 0xFF) << 5], tab[(b & 0xFF) << 5], tab[((a >> 8) & 0xFF) << 5],
+            tab[((b >> 8) & 0xFF) << 5], xs[2 * m], xs[2 * m + 1]);
+      }
+      acc0 += c[0] * half_to_float(r.s[u] & 0xFFFF);
+      acc8 += c[2] * half_to_float(r.s[u] >> 16);
+    }
+  }
+}
+
+#if !STAGES
+// y[16 rows of this block] = W x. packed: [N, K/2] (the first code of a pair in the high nibble); scales: the
+// absmax in fp16 pairs, [N/16, K/64, 8] (rows g and g+8 of a 16-row tile, so that a warp reads one sector a
+// block); pairs: 256 bf16 pairs, a byte's two codes' values (first in the low half); x, y, bias: bf16.
+// A warp's rounds are double-buffered: the next round's loads are in flight while this one is multiplied, and
+// the first round's while the table is built.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
-nf4_mma_gemv(const u8* __restrict__ packed, const u16* __restrict__ absmax, const u32* __restrict__ pairs,
+nf4_mma_gemv(const u8* __restrict__ packed, const u32* __restrict__ scales, const u32* __restrict__ pairs,
              const u16* __restrict__ x, u16* __restrict__ y, const u16* __restrict__ bias, int has_bias, int K) {
   __shared__ __align__(16) u32 table[256 * 32];  // table[byte * 32 + lane]: each lane its own bank
   __shared__ float partial[WARPS][16];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;  // the mma's group (row) and thread in group
+  const int row0 = blockIdx.x * 16, blocks = K >> 6, row_bytes = K >> 1;
+  const u8* w0 = packed + (size_t)(row0 + g) * row_bytes + 8 * t;
+  const u8* w8 = w0 + (size_t)8 * row_bytes;
+  const u32* tile_scales = scales + (size_t)blockIdx.x * blocks * 8 + g;
+  const u16* xt = x + 16 * t;
+  Round current, following;
+  int first = warp * UNROLL;
+  load_round(current, first, blocks, w0, w8, tile_scales, xt);
   for (int i = threadIdx.x; i < 256 * 8; i += WARPS * 32) {
     const u32 v = __ldg(pairs + (i >> 3));
     reinterpret_cast<uint4*>(table)[i] = make_uint4(v, v, v, v);
   }
   __syncthreads();
-  const int g = lane >> 2, t = lane & 3;  // the mma's group (row) and thread in group
-  const int row0 = blockIdx.x * 16, blocks = K >> 6, row_bytes = K >> 1;
-  const u8* w0 = packed + (size_t)(row0 + g) * row_bytes + 8 * t;
-  const u8* w8 = w0 + (size_t)8 * row_bytes;
-  const u16* s0 = absmax + (size_t)(row0 + g) * blocks;
-  const u16* s8 = s0 + (size_t)8 * blocks;
-  const u16* xt = x + 16 * t;
   const u32* tab = table + lane;
   float acc0 = 0.f, acc8 = 0.f;
-  for (int first = warp * UNROLL; first < blocks; first += WARPS * UNROLL) {
-    uint2 q0[UNROLL], q8[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {  // every load of this round in flight before any arithmetic
-      const int blk = first + u < blocks ? first + u : first;
-      q0[u] = load_streaming(w0 + blk * 32);
-      q8[u] = load_streaming(w8 + blk * 32);
-    }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int blk = first + u;
-      if (blk < blocks) {
-        const uint4* xv = reinterpret_cast<const uint4*>(xt + blk * 64);
-        const uint4 xa = __ldg(xv), xb = __ldg(xv + 1);
-        const u32 xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-        const u32 r0[2] = {q0[u].x, q0[u].y}, r8[2] = {q8[u].x, q8[u].y};
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int m = 0; m < 4; ++m) {
-          const u32 a = r0[m >> 1] >> (16 * (m & 1)), b = r8[m >> 1] >> (16 * (m & 1));
-          mma(c, tab[(a & 0xFF) << 5], tab[(b & 0xFF) << 5], tab[((a >> 8) & 0xFF) << 5],
-              tab[((b >> 8) & 0xFF) << 5], xs[2 * m], xs[2 * m + 1]);
-        }
-        acc0 += c[0] * half_to_float(s0[blk]);
-        acc8 += c[2] * half_to_float(s8[blk]);
-      }
-    }
+  for (; first < blocks; first += WARPS * UNROLL) {
+    const int next = first + WARPS * UNROLL;
+    if (next < blocks) load_round(following, next, blocks, w0, w8, tile_scales, xt);
+    multiply_round(current, first, blocks, tab, acc0, acc8);
+    current = following;
   }
   if (t == 0) {
     partial[warp][g] = acc0;
@@ -115,18 +139,124 @@ nf4_mma_gemv(const u8* __restrict__ packed, const u16* __restrict__ absmax, cons
     y[row0 + threadIdx.x] = float_to_bf16(sum);
   }
 }
+#else
+__device__ __forceinline__ u32 shared_address(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+__device__ __forceinline__ void copy_async(void* to, const void* from) {  // 16 bytes, past L1
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(to)), "l"(from));
+}
+
+// The same product, the weights and absmax copied into shared memory by cp.async (no registers held while they
+// are in flight, every 16 bytes of a row read whole): a ring of STAGES rounds for each warp, STAGES - 1 in flight.
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+nf4_mma_gemv(const u8* __restrict__ packed, const u32* __restrict__ scales, const u32* __restrict__ pairs,
+             const u16* __restrict__ x, u16* __restrict__ y, const u16* __restrict__ bias, int has_bias, int K) {
+  constexpr int ROUND = UNROLL * 512 + UNROLL * 32;  // a round's weights (16 rows x 32 bytes a block), absmax
+  __shared__ __align__(16) u32 table[256 * 32];
+  extern __shared__ __align__(16) u8 ring[];  // [WARPS][STAGES][ROUND]: dynamic, beyond the static 48 KB
+  __shared__ float partial[WARPS][16];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * 16, blocks = K >> 6, row_bytes = K >> 1;
+  const int rounds = blocks > warp * UNROLL ? (blocks - warp * UNROLL + WARPS * UNROLL - 1) / (WARPS * UNROLL) : 0;
+  const u8* copy_from = packed + (size_t)(row0 + (lane >> 1)) * row_bytes + 16 * (lane & 1);  // lane: 16 bytes of a row
+  const u32* tile_scales = scales + (size_t)blockIdx.x * blocks * 8;
+  u8* mine = ring + warp * STAGES * ROUND;
+  auto issue = [&](int r) {
+    u8* to = mine + (r % STAGES) * ROUND;
+    const int first = (r * WARPS + warp) * UNROLL;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int blk = first + u < blocks ? first + u : blocks - 1;
+      copy_async(to + u * 512 + lane * 16, copy_from + blk * 32);
+    }
+    if (lane < 2 * UNROLL) {
+      const int blk = first + (lane >> 1) < blocks ? first + (lane >> 1) : blocks - 1;
+      copy_async(to + UNROLL * 512 + lane * 16, tile_scales + blk * 8 + 4 * (lane & 1));
+    }
+  };
+#pragma unroll
+  for (int r = 0; r < STAGES - 1; ++r) {
+    if (r < rounds) issue(r);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  }
+  for (int i = threadIdx.x; i < 256 * 8; i += WARPS * 32) {
+    const u32 v = __ldg(pairs + (i >> 3));
+    reinterpret_cast<uint4*>(table)[i] = make_uint4(v, v, v, v);
+  }
+  __syncthreads();
+  const u32* tab = table + lane;
+  const u16* xt = x + 16 * t;
+  float acc0 = 0.f, acc8 = 0.f;
+  for (int r = 0; r < rounds; ++r) {
+    const int first = (r * WARPS + warp) * UNROLL;
+    uint4 xa[UNROLL], xb[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int blk = first + u < blocks ? first + u : blocks - 1;
+      const uint4* xv = reinterpret_cast<const uint4*>(xt + blk * 64);
+      xa[u] = __ldg(xv);
+      xb[u] = __ldg(xv + 1);
+    }
+    asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2) : "memory");
+    __syncwarp();
+    const u8* from = mine + (r % STAGES) * ROUND;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      if (first + u < blocks) {
+        const uint2 w0 = *reinterpret_cast<const uint2*>(from + u * 512 + g * 32 + 8 * t);
+        const uint2 w8 = *reinterpret_cast<const uint2*>(from + u * 512 + 256 + g * 32 + 8 * t);
+        const u32 sc = *reinterpret_cast<const u32*>(from + UNROLL * 512 + u * 32 + 4 * g);
+        const u32 xs[8] = {xa[u].x, xa[u].y, xa[u].z, xa[u].w, xb[u].x, xb[u].y, xb[u].z, xb[u].w};
+        const u32 q0[2] = {w0.x, w0.y}, q8[2] = {w8.x, w8.y};
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          const u32 a = q0[m >> 1] >> (16 * (m & 1)), b = q8[m >> 1] >> (16 * (m & 1));
+          mma(c, tab[(a & 0xFF) << 5], tab[(b & 0xFF) << 5], tab[((a >> 8) & 0xFF) << 5],
+              tab[((b >> 8) & 0xFF) << 5], xs[2 * m], xs[2 * m + 1]);
+        }
+        acc0 += c[0] * half_to_float(sc & 0xFFFF);
+        acc8 += c[2] * half_to_float(sc >> 16);
+      }
+    }
+    __syncwarp();  // every lane is done with this slot before it is filled again
+    if (r + STAGES - 1 < rounds) issue(r + STAGES - 1);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  }
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+  if (t == 0) {
+    partial[warp][g] = acc0;
+    partial[warp][g + 8] = acc8;
+  }
+  __syncthreads();
+  if (threadIdx.x < 16) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sum += partial[w][threadIdx.x];
+    if (has_bias) sum += __uint_as_float(((u32)bias[row0 + threadIdx.x]) << 16);
+    y[row0 + threadIdx.x] = float_to_bf16(sum);
+  }
+}
+#endif
 """
 
 
 @dataclass(frozen=True)
 class MmaConfig:
-    """Warps per thread block (they split the row's blocks between them), and blocks each warp loads at once."""
+    """Warps per thread block (they split the row's blocks between them), blocks each warp loads at once, and
+    how: into registers, two rounds in flight (``stages`` 0), or into shared memory, ``stages - 1`` in flight."""
 
-    warps: int = 4
-    unroll: int = 4
+    warps: int = 8
+    unroll: int = 2
+    stages: int = 0
 
 
-CANDIDATES = (MmaConfig(4, 4), MmaConfig(4, 8), MmaConfig(8, 2), MmaConfig(8, 4), MmaConfig(2, 8))
+CANDIDATES = (MmaConfig(8, 1), MmaConfig(8, 2), MmaConfig(4, 2, 4), MmaConfig(4, 4, 3), MmaConfig(8, 1, 4),
+              MmaConfig(8, 2, 3), MmaConfig(8, 2, 4), MmaConfig(16, 1, 3))
 
 
 def supported(weight: Nf4Weight, device: torch.device) -> str | None:
@@ -142,10 +272,18 @@ def supported(weight: Nf4Weight, device: torch.device) -> str | None:
     return None
 
 
+def _ring_bytes(config: MmaConfig) -> int:
+    """The staged kernel's dynamic shared memory: each warp's ring of rounds (weights, then absmax)."""
+    return config.warps * config.stages * config.unroll * (512 + 32)
+
+
 @cache
 def _kernel(config: MmaConfig):
-    source = f"#define WARPS {config.warps}\n#define UNROLL {config.unroll}\n{SOURCE}"
-    return torch.cuda._compile_kernel(source, "nf4_mma_gemv")
+    source = f"#define WARPS {config.warps}\n#define UNROLL {config.unroll}\n#define STAGES {config.stages}\n{SOURCE}"
+    kernel = torch.cuda._compile_kernel(source, "nf4_mma_gemv")
+    if config.stages:  # with the static table, more than the 48 KB a block gets unasked
+        kernel.set_shared_memory_config(max(_ring_bytes(config), 48 * 1024))
+    return kernel
 
 
 def _pairs(weight: Nf4Weight) -> torch.Tensor:
@@ -156,6 +294,13 @@ def _pairs(weight: Nf4Weight) -> torch.Tensor:
     return torch.where(pairs >= 2**31, pairs - 2**32, pairs).to(torch.int32)
 
 
+def _tiled_absmax(weight: Nf4Weight) -> torch.Tensor:
+    """The absmax as the kernel reads it: for each 16-row tile and block, rows 0, 8, 1, 9, ... 7, 15 (float16)."""
+    blocks = weight.in_features // BLOCKSIZE
+    tiles = weight.absmax.view(-1, 2, 8, blocks)  # [tile, row // 8, row % 8, block]
+    return tiles.permute(0, 3, 2, 1).contiguous()
+
+
 def gemv(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = None,
          config: MmaConfig = MmaConfig()) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for one row of bf16 input (``x``: [..., in] with one row in all), in bf16."""
@@ -163,9 +308,9 @@ def gemv(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = None,
     if x.numel() != k or x.dtype != torch.bfloat16:
         raise ValueError(f"the kernel takes one bf16 row of {k} inputs, not {tuple(x.shape)} {x.dtype}")
     if weight.pairs is None:
-        weight.pairs = _pairs(weight)
+        weight.pairs, weight.tiled_absmax = _pairs(weight), _tiled_absmax(weight)
     out = torch.empty(n, dtype=torch.bfloat16, device=x.device)
-    _kernel(config)(grid=(n // ROWS, 1, 1), block=(32 * config.warps, 1, 1),
-                    args=[weight.packed, weight.absmax, weight.pairs, x.reshape(-1).contiguous(), out,
+    _kernel(config)(grid=(n // ROWS, 1, 1), block=(32 * config.warps, 1, 1), shared_mem=_ring_bytes(config),
+                    args=[weight.packed, weight.tiled_absmax, weight.pairs, x.reshape(-1).contiguous(), out,
                           bias if bias is not None else out, int(bias is not None), k])
     return out.view(*x.shape[:-1], n)

@@ -3,8 +3,9 @@
 The decode step's small operations between its products cost a launch each (docs/benchmarks.md: rotary and the
 two cache writes were three kernels, 0.18 ms of a 14B token). Here one program per head rotates a query head,
 or rotates a key head and writes it and its value head at the current position, read from the GPU's memory
-so that a graph captured once writes where each replay is. The roundings are those of the eager formula
-(``q * cos + rotate_half(q) * sin`` in the model's dtype), so the step stays the model's own arithmetic.
+so that a graph captured once writes where each replay is. ``q * cos + rotate_half(q) * sin`` is computed in
+float32 and rounded once to the model's dtype, as the compiled step did: in float32 the eager formula's numbers,
+in bf16 within half a rounding step of the exact value, where the eager formula rounds three times.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ if triton is not None:
             source = k_ptr + (head - heads) * 2 * HALF
         x1, x2 = tl.load(source + first, mask=ok), tl.load(source + second, mask=ok)
         dtype = x1.dtype
-        # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1): each product and the sum rounded to dtype
-        y1 = ((x1 * cos1).to(dtype) + (-x2 * sin1).to(dtype)).to(dtype)
-        y2 = ((x2 * cos2).to(dtype) + (x1 * sin2).to(dtype)).to(dtype)
+        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+        # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
+        y1 = (x1 * cos1.to(tl.float32) - x2 * sin1.to(tl.float32)).to(dtype)
+        y2 = (x2 * cos2.to(tl.float32) + x1 * sin2.to(tl.float32)).to(dtype)
         if head < heads:
             tl.store(out_ptr + head * 2 * HALF + first, y1, mask=ok)
             tl.store(out_ptr + head * 2 * HALF + second, y2, mask=ok)

@@ -133,7 +133,13 @@ def main() -> None:
             best[group] = results[0]
         mma = []
         for config in gemv_4bit_mma.CANDIDATES:
-            ms = graph_ms(lambda x=x, ws=ws, config=config: [gemv_4bit_mma.gemv(x, w, config=config) for w in ws])
+            try:
+                ms = graph_ms(lambda x=x, ws=ws, config=config: [gemv_4bit_mma.gemv(x, w, config=config)
+                                                                  for w in ws])
+            except Exception as e:  # noqa: BLE001 - a tiling that fails to compile or launch is a result too
+                emit({"what": "sweep", "kernel": "tensor-core", "product": group, "config": config.__dict__,
+                      "error": str(e).splitlines()[0][:200]})
+                continue
             mma.append((ms, config))
             emit({"what": "sweep", "kernel": "tensor-core", "product": group,
                   "size": [ws[0].out_features, ws[0].in_features], "config": config.__dict__,

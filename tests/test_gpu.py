@@ -165,8 +165,9 @@ def test_the_tensor_core_gemv_multiplies_as_bitsandbytes_on_cuda(out_features, i
         assert error(gemv_4bit_mma.gemv(x, weight, None, config), False) <= 2 * error(own, True) + 1e-4
 
 
-def test_the_fused_rotary_kernel_rounds_as_the_eager_formula_on_cuda():
-    """bf16 on the GPU (Triton's interpreter on the CPU computes bf16 wrongly): bit for bit."""
+def test_the_fused_rotary_kernel_rounds_once_on_cuda():
+    """bf16 on the GPU (Triton's interpreter on the CPU computes bf16 wrongly): each value within half a bf16
+    rounding step of the exact rotation (the eager formula rounds three times), the value copied exactly."""
     from assistant.fast_decode import rotate_and_store as eager
     from assistant.rotary_store import rotate_and_store as fused
 
@@ -179,7 +180,20 @@ def test_the_fused_rotary_kernel_rounds_as_the_eager_formula_on_cuda():
         caches = torch.randn(2, 1, kv_heads, max_len, head_dim, dtype=torch.bfloat16)
         position = torch.tensor([33])
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    expected_caches = caches.clone()
-    expected = eager(q, k, v, cos, sin, *expected_caches, position)
-    assert torch.equal(fused(q, k, v, cos, sin, *caches, position), expected)
-    assert torch.equal(caches, expected_caches)
+    exact_caches = caches.double()
+    exact = eager(q.double(), k.double(), v.double(), cos.double(), sin.double(), *exact_caches, position)
+    got = fused(q, k, v, cos, sin, *caches, position)
+
+    def within_half_a_step(value: torch.Tensor, truth: torch.Tensor, x: torch.Tensor) -> bool:
+        step = torch.exp2(torch.floor(torch.log2(truth.abs().clamp_min(1e-30))) - 7)  # bf16: 8 significant bits
+        x, c, s, half = x.view(-1, head_dim).double().abs(), cos[33].double().abs(), sin[33].double().abs(), head_dim // 2
+        terms = torch.cat([x[:, :half] * c[:half] + x[:, half:] * s[:half],  # float32's own rounding: of these
+                           x[:, half:] * c[half:] + x[:, :half] * s[half:]], dim=-1)
+        return bool(((value.double() - truth).abs() <= 0.5 * step + 2**-22 * terms).all())
+
+    assert within_half_a_step(got, exact, q)
+    assert within_half_a_step(caches[0, 0, :, 33], exact_caches[0, 0, :, 33], k)
+    assert torch.equal(caches[1, 0, :, 33], v.view(kv_heads, head_dim))
+    untouched = torch.ones(max_len, dtype=torch.bool)
+    untouched[33] = False
+    assert torch.equal(caches[:, :, :, untouched].double(), exact_caches[:, :, :, untouched])

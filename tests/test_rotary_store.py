@@ -1,5 +1,6 @@
 """The decode step's fused rotary embedding and cache write (assistant/rotary_store.py), run by Triton's
-interpreter on the CPU, against the eager formula it replaces: the same numbers, written in the same places."""
+interpreter on the CPU, against the eager formula it replaces: in float32 the same numbers, written in the same
+places (bf16, which the interpreter computes wrongly, is tested on the GPU: tests/test_gpu.py)."""
 
 from __future__ import annotations
 
