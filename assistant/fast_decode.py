@@ -6,13 +6,14 @@ of the bandwidth bound, docs/benchmarks.md). Here the prompt is prefilled by the
 whole prompt (the products of the step below, attention by PyTorch's fused kernel, the small operations fused by
 `torch.compile` for any prompt length), its keys and values written straight into a cache of fixed size
 (CONTEXT_LENGTH), and every further token is one replay of a graph captured once: the decoder layers written
-out for batch 1 (bf16 weights read directly, q/k/v and gate/up each as one product; bitsandbytes 4-bit weights through a Triton GEMV on their own bytes
+out for batch 1 (bf16 weights read directly, q/k/v and gate/up each as one product; bitsandbytes 4-bit weights
+on their own bytes through a tensor-core GEMV compiled at load (assistant/gemv_4bit_mma.py), a Triton GEMV
 (assistant/gemv_4bit.py) or bitsandbytes' kernel, with the LoRA products beside them; other layers called as
-the model's own modules), attention over the positions written so far (assistant/decode_attention.py) or over
-the whole cache masked, the small operations between them fused by `torch.compile`, and
-the choice of the next token (greedy, or temperature and top-p) inside the same graph. The host only reads each
-token back, one step behind the GPU, so the GPU never waits on Python. Where two ways exist, the GPU times both
-at load and the faster is kept.
+the model's own modules), rotary embedding and the cache writes in one kernel (assistant/rotary_store.py),
+attention over the positions written so far (assistant/decode_attention.py) or over the whole cache masked, the
+other small operations between them fused by `torch.compile`, and the choice of the next token (greedy, or
+temperature and top-p) inside the same graph. The host only reads each token back, one step behind the GPU, so
+the GPU never waits on Python. Where several ways exist, the GPU times them at load and the fastest is kept.
 
 On CPU the same step runs eagerly, without capture (the Triton kernels interpreted by Triton when
 TRITON_INTERPRET=1): that is how the tests check it against `generate`.

@@ -38,8 +38,8 @@ class Nf4Weight:
     in_features: int
     blocksize: int
     quant_type: str = "nf4"
-    # The tensor-core kernel's (gemv_4bit_mma), made on its first use: its table of byte values, the absmax as
-    # it reads them (a copy: 1/32 of the bytes)
+    # The tensor-core kernel's (gemv_4bit_mma), made on its first use: its table of byte values, and the absmax
+    # in the order it reads them (a second copy: a sixteenth of the packed bytes)
     pairs: torch.Tensor | None = None
     tiled_absmax: torch.Tensor | None = None
 
