@@ -52,6 +52,50 @@ __device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// One 64-element block of rows g and g+8: this thread's 8 bytes of each (16 codes), its 16 inputs, the two
+// rows' absmax. mma m takes bytes 2m and 2m+1 of each row and inputs 4m..4m+3; a byte's two codes become their
+// bf16 values with one read of the table (this lane's copy).
+__device__ __forceinline__ void multiply_block(uint2 w0, uint2 w8, uint4 xa, uint4 xb, u32 scale, const u32* tab,
+                                               float& acc0, float& acc8) {
+  const u32 xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+  const u32 q0[2] = {w0.x, w0.y}, q8[2] = {w8.x, w8.y};
+  float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    const u32 a = q0[m >> 1] >> (16 * (m & 1)), b = q8[m >> 1] >> (16 * (m & 1));
+    mma(c, tab[(a & 0xFF) << 5], tab[(b & 0xFF) << 5], tab[((a >> 8) & 0xFF) << 5], tab[((b >> 8) & 0xFF) << 5],
+        xs[2 * m], xs[2 * m + 1]);
+  }
+  acc0 += c[0] * half_to_float(scale & 0xFFFF);
+  acc8 += c[2] * half_to_float(scale >> 16);
+}
+
+__device__ __forceinline__ void build_table(u32* table, const u32* pairs) {  // table[byte * 32 + lane]
+  for (int i = threadIdx.x; i < 256 * 8; i += WARPS * 32) {
+    const u32 v = __ldg(pairs + (i >> 3));
+    reinterpret_cast<uint4*>(table)[i] = make_uint4(v, v, v, v);
+  }
+}
+
+// The 16 rows' sums over the warps (each warp's thread t == 0 of group g holds rows g and g+8), plus the bias.
+__device__ __forceinline__ void write_rows(float (*partial)[16], float acc0, float acc8, int row0, u16* y,
+                                           const u16* bias, int has_bias) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if ((lane & 3) == 0) {
+    partial[warp][lane >> 2] = acc0;
+    partial[warp][(lane >> 2) + 8] = acc8;
+  }
+  __syncthreads();
+  if (threadIdx.x < 16) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sum += partial[w][threadIdx.x];
+    if (has_bias) sum += __uint_as_float(((u32)bias[row0 + threadIdx.x]) << 16);
+    y[row0 + threadIdx.x] = float_to_bf16(sum);
+  }
+}
+
+#if !STAGES
 struct Round {  // what one round of a warp reads: UNROLL blocks of its two rows, their absmax, the input
   uint2 w0[UNROLL], w8[UNROLL];
   uint4 xa[UNROLL], xb[UNROLL];
@@ -75,24 +119,10 @@ __device__ __forceinline__ void load_round(Round& r, int first, int blocks, cons
 __device__ __forceinline__ void multiply_round(const Round& r, int first, int blocks, const u32* tab,
                                                float& acc0, float& acc8) {
 #pragma unroll
-  for (int u = 0; u < UNROLL; ++u) {
-    if (first + u < blocks) {
-      const u32 xs[8] = {r.xa[u].x, r.xa[u].y, r.xa[u].z, r.xa[u].w, r.xb[u].x, r.xb[u].y, r.xb[u].z, r.xb[u].w};
-      const u32 q0[2] = {r.w0[u].x, r.w0[u].y}, q8[2] = {r.w8[u].x, r.w8[u].y};
-      float c[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int m = 0; m < 4; ++m) {  // mma m: bytes 2m and 2m+1 of each row, inputs 4m..4m+3 of the 16
-        const u32 a = q0[m >> 1] >> (16 * (m & 1)), b = q8[m >> 1] >> (16 * (m & 1));
-        mma(c, tab[(a & 0xFF) << 5], tab[(b & 0xFF) << 5], tab[((a >> 8) & 0xFF) << 5],
-            tab[((b >> 8) & 0xFF) << 5], xs[2 * m], xs[2 * m + 1]);
-      }
-      acc0 += c[0] * half_to_float(r.s[u] & 0xFFFF);
-      acc8 += c[2] * half_to_float(r.s[u] >> 16);
-    }
-  }
+  for (int u = 0; u < UNROLL; ++u)
+    if (first + u < blocks) multiply_block(r.w0[u], r.w8[u], r.xa[u], r.xb[u], r.s[u], tab, acc0, acc8);
 }
 
-#if !STAGES
 // y[16 rows of this block] = W x. packed: [N, K/2] (the first code of a pair in the high nibble); scales: the
 // absmax in fp16 pairs, [N/16, K/64, 8] (rows g and g+8 of a 16-row tile, so that a warp reads one sector a
 // block); pairs: 256 bf16 pairs, a byte's two codes' values (first in the low half); x, y, bias: bf16.
@@ -113,10 +143,7 @@ nf4_mma_gemv(const u8* __restrict__ packed, const u32* __restrict__ scales, cons
   Round current, following;
   int first = warp * UNROLL;
   load_round(current, first, blocks, w0, w8, tile_scales, xt);
-  for (int i = threadIdx.x; i < 256 * 8; i += WARPS * 32) {
-    const u32 v = __ldg(pairs + (i >> 3));
-    reinterpret_cast<uint4*>(table)[i] = make_uint4(v, v, v, v);
-  }
+  build_table(table, pairs);
   __syncthreads();
   const u32* tab = table + lane;
   float acc0 = 0.f, acc8 = 0.f;
@@ -126,18 +153,7 @@ nf4_mma_gemv(const u8* __restrict__ packed, const u32* __restrict__ scales, cons
     multiply_round(current, first, blocks, tab, acc0, acc8);
     current = following;
   }
-  if (t == 0) {
-    partial[warp][g] = acc0;
-    partial[warp][g + 8] = acc8;
-  }
-  __syncthreads();
-  if (threadIdx.x < 16) {
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) sum += partial[w][threadIdx.x];
-    if (has_bias) sum += __uint_as_float(((u32)bias[row0 + threadIdx.x]) << 16);
-    y[row0 + threadIdx.x] = float_to_bf16(sum);
-  }
+  write_rows(partial, acc0, acc8, row0, y, bias, has_bias);
 }
 #else
 __device__ __forceinline__ u32 shared_address(const void* p) {
@@ -183,10 +199,7 @@ nf4_mma_gemv(const u8* __restrict__ packed, const u32* __restrict__ scales, cons
     if (r < rounds) issue(r);
     asm volatile("cp.async.commit_group;" ::: "memory");
   }
-  for (int i = threadIdx.x; i < 256 * 8; i += WARPS * 32) {
-    const u32 v = __ldg(pairs + (i >> 3));
-    reinterpret_cast<uint4*>(table)[i] = make_uint4(v, v, v, v);
-  }
+  build_table(table, pairs);
   __syncthreads();
   const u32* tab = table + lane;
   const u16* xt = x + 16 * t;
@@ -206,40 +219,17 @@ nf4_mma_gemv(const u8* __restrict__ packed, const u32* __restrict__ scales, cons
     const u8* from = mine + (r % STAGES) * ROUND;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      if (first + u < blocks) {
-        const uint2 w0 = *reinterpret_cast<const uint2*>(from + u * 512 + g * 32 + 8 * t);
-        const uint2 w8 = *reinterpret_cast<const uint2*>(from + u * 512 + 256 + g * 32 + 8 * t);
-        const u32 sc = *reinterpret_cast<const u32*>(from + UNROLL * 512 + u * 32 + 4 * g);
-        const u32 xs[8] = {xa[u].x, xa[u].y, xa[u].z, xa[u].w, xb[u].x, xb[u].y, xb[u].z, xb[u].w};
-        const u32 q0[2] = {w0.x, w0.y}, q8[2] = {w8.x, w8.y};
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int m = 0; m < 4; ++m) {
-          const u32 a = q0[m >> 1] >> (16 * (m & 1)), b = q8[m >> 1] >> (16 * (m & 1));
-          mma(c, tab[(a & 0xFF) << 5], tab[(b & 0xFF) << 5], tab[((a >> 8) & 0xFF) << 5],
-              tab[((b >> 8) & 0xFF) << 5], xs[2 * m], xs[2 * m + 1]);
-        }
-        acc0 += c[0] * half_to_float(sc & 0xFFFF);
-        acc8 += c[2] * half_to_float(sc >> 16);
-      }
+      if (first + u < blocks)
+        multiply_block(*reinterpret_cast<const uint2*>(from + u * 512 + g * 32 + 8 * t),
+                       *reinterpret_cast<const uint2*>(from + u * 512 + 256 + g * 32 + 8 * t), xa[u], xb[u],
+                       *reinterpret_cast<const u32*>(from + UNROLL * 512 + u * 32 + 4 * g), tab, acc0, acc8);
     }
     __syncwarp();  // every lane is done with this slot before it is filled again
     if (r + STAGES - 1 < rounds) issue(r + STAGES - 1);
     asm volatile("cp.async.commit_group;" ::: "memory");
   }
   asm volatile("cp.async.wait_group 0;" ::: "memory");
-  if (t == 0) {
-    partial[warp][g] = acc0;
-    partial[warp][g + 8] = acc8;
-  }
-  __syncthreads();
-  if (threadIdx.x < 16) {
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) sum += partial[w][threadIdx.x];
-    if (has_bias) sum += __uint_as_float(((u32)bias[row0 + threadIdx.x]) << 16);
-    y[row0 + threadIdx.x] = float_to_bf16(sum);
-  }
+  write_rows(partial, acc0, acc8, row0, y, bias, has_bias);
 }
 #endif
 """
