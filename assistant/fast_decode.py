@@ -548,7 +548,8 @@ def _nf4_choice(layers, device: torch.device, dtype: torch.dtype) -> tuple[list[
         own_ms = graph_ms(lambda modules=modules, x=x: [m(x) for m in modules])
         if kernels[name][1] <= own_ms:
             chosen[group] = kernels[name][0]
-        timings = ", ".join(f"{k} {1000 * ms / 8:.1f} us" for k, (_, ms) in kernels.items())
+        timings = ", ".join(f"{k} {1000 * ms / 8:.1f} us" if ms < float("inf") else f"{k} failed to compile or run"
+                            for k, (_, ms) in kernels.items())
         report.append(f"{group} {sample[0].out_features}x{sample[0].in_features} "
                       f"{name if group in chosen else 'bitsandbytes'} ({timings}, bitsandbytes {1000 * own_ms / 8:.1f})")
     if report:
