@@ -114,7 +114,7 @@ class Settings:
         "auto", "FAST_DECODE",
         "MODEL_BACKEND=local only: decode with a static KV cache and the decode step captured in a CUDA graph "
         "(Qwen2 and Llama architectures; compiled and captured at load, 7 s at the 1.5B shape on an H200). "
-        "auto: on with CUDA (either engine; bitsandbytes 4-bit weights through a Triton GEMV where it is faster), "
+        "auto: on with CUDA (either engine; bitsandbytes 4-bit weights through our GEMVs where they are faster), "
         "off on CPU; "
         "on: also on CPU (no graphs; for tests); off: transformers' generate. The start-up log names the path.")
     context_length: int = _setting(
