@@ -178,9 +178,9 @@ class FastDecoder:
         self.last_prefill_logits: torch.Tensor | None = None  # for checks against the model's own forward
         # Each layer's projections as four products (GROUPS), each over the rows of the projections that share
         # an input. Float weights: the step reads them itself, fused (an adapter is merged into them). bitsandbytes
-        # 4-bit weights: the Triton GEMV on their bytes, fused too, for the groups where it was timed faster than
-        # bitsandbytes' own product; the projections are bound again at every capture, as an adapter swap may
-        # wrap the modules anew.
+        # 4-bit weights: one of our GEMVs on their bytes (_nf4_choice), fused too, for the groups where it was
+        # timed faster than bitsandbytes' own product; the projections are bound again at every capture, as an
+        # adapter swap may wrap the modules anew.
         self.dense = [{group: _fuse_rows([layer.get_submodule(PROJECTIONS[n]) for n in names])
                        for group, names in GROUPS.items()} for layer in self.layers] if _plain_linears(self.layers) else None
         self.nf4, self.nf4_choice = (_nf4_choice(self.layers, self.device, self.dtype)
@@ -548,10 +548,11 @@ def _nf4_choice(layers, device: torch.device, dtype: torch.dtype) -> tuple[list[
         own_ms = graph_ms(lambda modules=modules, x=x: [m(x) for m in modules])
         if kernels[name][1] <= own_ms:
             chosen[group] = kernels[name][0]
-        timings = ", ".join(f"{k} {1000 * ms / 8:.1f} us" if ms < float("inf") else f"{k} failed to compile or run"
+        per_layer = 1000 / len(sample)  # microseconds per layer's product
+        timings = ", ".join(f"{k} {ms * per_layer:.1f} us" if ms < float("inf") else f"{k} failed to compile or run"
                             for k, (_, ms) in kernels.items())
         report.append(f"{group} {sample[0].out_features}x{sample[0].in_features} "
-                      f"{name if group in chosen else 'bitsandbytes'} ({timings}, bitsandbytes {1000 * own_ms / 8:.1f})")
+                      f"{name if group in chosen else 'bitsandbytes'} ({timings}, bitsandbytes {own_ms * per_layer:.1f})")
     if report:
         print(f"generation: 4-bit products: {'; '.join(report)}", file=sys.stderr, flush=True)
     return [{group: w for group, w in row.items() if group in chosen} for row in weights], chosen
