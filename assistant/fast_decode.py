@@ -540,6 +540,7 @@ def _nf4_choice(layers, device: torch.device, dtype: torch.dtype) -> tuple[list[
                                                       gemv_4bit_mma.MmaConfig())
             kernels["tensor-core gemv"] = (partial(gemv_4bit_mma.gemv, config=config), mma_ms)
         name = min(kernels, key=lambda k: kernels[k][1])
+        tiling = ", ".join(f"{k}={v}" for k, v in vars(kernels[name][0].keywords["config"]).items())
         if device.type != "cuda":
             chosen[group] = kernels[name][0]
             continue
@@ -552,7 +553,8 @@ def _nf4_choice(layers, device: torch.device, dtype: torch.dtype) -> tuple[list[
         timings = ", ".join(f"{k} {ms * per_layer:.1f} us" if ms < float("inf") else f"{k} failed to compile or run"
                             for k, (_, ms) in kernels.items())
         report.append(f"{group} {sample[0].out_features}x{sample[0].in_features} "
-                      f"{name if group in chosen else 'bitsandbytes'} ({timings}, bitsandbytes {own_ms * per_layer:.1f})")
+                      f"{f'{name} [{tiling}]' if group in chosen else 'bitsandbytes'} ({timings}, "
+                      f"bitsandbytes {own_ms * per_layer:.1f})")
     if report:
         print(f"generation: 4-bit products: {'; '.join(report)}", file=sys.stderr, flush=True)
     return [{group: w for group, w in row.items() if group in chosen} for row in weights], chosen

@@ -9,12 +9,22 @@ thread finds its rows' sums in its own accumulators; a 64-element block's sum is
 
 Which input a code meets is ours to choose, as long as the weight's and the input's agree: thread ``t`` of a
 group reads 8 bytes (16 codes) of its row's block at byte ``8 t``, and mma ``m`` takes bytes ``2m`` and ``2m+1``
-of them, so the input it needs is 16 consecutive elements, two 16-byte loads. The weights are bitsandbytes'
-own bytes where they lie (``gemv_4bit.Nf4Weight``); the values differ from bitsandbytes' only in rounding: the
-codebook is rounded to bf16 before the absmax scales the block's sum, where bitsandbytes rounds their product.
+of them, so the input it needs is 16 consecutive elements, two 16-byte loads.
+
+The wide variant halves the cache-line requests a weight byte costs (they, with the table reads, are what the
+load/store unit is busy with): thread ``t`` reads 16 bytes of a row, threads 0 and 1 the first block of a pair,
+2 and 3 the second, and the B operand carries the first block's inputs in columns 0-3 (zero where they would
+meet the second block's codes) and the second's in columns 4-7, so each thread's accumulator again holds its
+own block's sum, scaled by that block's absmax. On an H200 it reads the 14B shape's products at 0.45 of the copy
+bandwidth, the 8-byte variant at 0.39.
+
+The weights are bitsandbytes' own bytes where they lie (``gemv_4bit.Nf4Weight``); the values differ from
+bitsandbytes' only in rounding: the codebook is rounded to bf16 before the absmax scales the block's sum, where
+bitsandbytes rounds their product.
 
 CUDA only (compiled by NVRTC, which CUDA builds of PyTorch ship); nf4 with 64-element blocks, rows a multiple of
-16. The fast decode path times it at load against the Triton GEMV and bitsandbytes, and keeps the fastest.
+16. The fast decode path times the variants at load against the Triton GEMV and bitsandbytes, and keeps the
+fastest.
 """
 
 from __future__ import annotations
@@ -70,6 +80,31 @@ __device__ __forceinline__ void multiply_block(uint2 w0, uint2 w8, uint4 xa, uin
   acc8 += c[2] * half_to_float(scale >> 16);
 }
 
+__device__ __forceinline__ uint4 load_streaming16(const u8* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// Two 64-element blocks (a chunk) of rows g and g+8, thread t holding 16 bytes of each row: threads 0 and 1 the
+// first block's, 2 and 3 the second's. mma j takes bytes 2j and 2j+1 of them; its B columns 0-3 carry the first
+// block's inputs (lanes of t < 2; zero in the rest), columns 4-7 the second's, so c[0] and c[2] of thread t are
+// rows g and g+8 summed over its own block, scaled by that block's absmax.
+__device__ __forceinline__ void multiply_chunk(uint4 w0, uint4 w8, const u32 (&xs)[16], u32 scale, const u32* tab,
+                                               float& acc0, float& acc8) {
+  const u32 q0[4] = {w0.x, w0.y, w0.z, w0.w}, q8[4] = {w8.x, w8.y, w8.z, w8.w};
+  float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const u32 a = q0[j >> 1] >> (16 * (j & 1)), b = q8[j >> 1] >> (16 * (j & 1));
+    mma(c, tab[(a & 0xFF) << 5], tab[(b & 0xFF) << 5], tab[((a >> 8) & 0xFF) << 5], tab[((b >> 8) & 0xFF) << 5],
+        xs[2 * j], xs[2 * j + 1]);
+  }
+  acc0 += c[0] * half_to_float(scale & 0xFFFF);
+  acc8 += c[2] * half_to_float(scale >> 16);
+}
+
 __device__ __forceinline__ void build_table(u32* table, const u32* pairs) {  // table[byte * 32 + lane]
   for (int i = threadIdx.x; i < 256 * 8; i += WARPS * 32) {
     const u32 v = __ldg(pairs + (i >> 3));
@@ -81,6 +116,10 @@ __device__ __forceinline__ void build_table(u32* table, const u32* pairs) {  // 
 __device__ __forceinline__ void write_rows(float (*partial)[16], float acc0, float acc8, int row0, u16* y,
                                            const u16* bias, int has_bias) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#if WIDE  // threads t and t + 2 hold a row's two blocks
+  acc0 += __shfl_xor_sync(0xffffffffu, acc0, 2);
+  acc8 += __shfl_xor_sync(0xffffffffu, acc8, 2);
+#endif
   if ((lane & 3) == 0) {
     partial[warp][lane >> 2] = acc0;
     partial[warp][(lane >> 2) + 8] = acc8;
@@ -95,7 +134,72 @@ __device__ __forceinline__ void write_rows(float (*partial)[16], float acc0, flo
   }
 }
 
-#if !STAGES
+#if WIDE
+struct Round {  // what one round of a warp reads: UNROLL chunks of rows g and g + 8, their absmax
+  uint4 w0[UNROLL], w8[UNROLL];
+  u32 s[UNROLL];
+};
+
+// Chunk c's bytes and absmax for this thread; past the last block (K of an odd number of blocks) the other
+// block's bytes, whose inputs are then zero.
+__device__ __forceinline__ void load_round(Round& r, int first, int chunks, int blocks, const u8* w0, const u8* w8,
+                                           const u32* scales, int half) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int c = first + u < chunks ? first + u : chunks - 1;  // past the end: a chunk read, never used
+    const bool past = 2 * c + half >= blocks;
+    const int offset = 64 * c - (past ? 32 : 0);
+    r.w0[u] = load_streaming16(w0 + offset);
+    r.w8[u] = load_streaming16(w8 + offset);
+    r.s[u] = __ldg(scales + (past ? blocks - 1 : 2 * c + half) * 8);
+  }
+}
+
+// y[16 rows of this block] = W x, each thread reading 16 bytes of a row a chunk (half the cache-line requests
+// of 8): the warps take rounds of UNROLL chunks in turn, each warp's double-buffered. The inputs, read from the
+// L1 cache, are loaded as they are multiplied.
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+nf4_mma_gemv(const u8* __restrict__ packed, const u32* __restrict__ scales, const u32* __restrict__ pairs,
+             const u16* __restrict__ x, u16* __restrict__ y, const u16* __restrict__ bias, int has_bias, int K) {
+  __shared__ __align__(16) u32 table[256 * 32];
+  __shared__ float partial[WARPS][16];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3, half = t >> 1;
+  const int row0 = blockIdx.x * 16, blocks = K >> 6, chunks = (blocks + 1) >> 1, row_bytes = K >> 1;
+  const bool columns_mine = (g < 4) == (t < 2);  // this lane's B column belongs to its own block
+  const u8* w0 = packed + (size_t)(row0 + g) * row_bytes + 16 * t;
+  const u8* w8 = w0 + (size_t)8 * row_bytes;
+  const u32* tile_scales = scales + (size_t)blockIdx.x * blocks * 8 + g;
+  const uint4* xt = reinterpret_cast<const uint4*>(x + 32 * t);
+  Round current, following;
+  int first = warp * UNROLL;
+  load_round(current, first, chunks, blocks, w0, w8, tile_scales, half);
+  build_table(table, pairs);
+  __syncthreads();
+  const u32* tab = table + lane;
+  float acc0 = 0.f, acc8 = 0.f;
+  for (; first < chunks; first += WARPS * UNROLL) {
+    const int next = first + WARPS * UNROLL;
+    if (next < chunks) load_round(following, next, chunks, blocks, w0, w8, tile_scales, half);
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int c = first + u;
+      if (c < chunks) {
+        u32 xs[16];
+        const bool use = columns_mine && 2 * c + half < blocks;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint4 v = use ? __ldg(xt + 16 * c + i) : make_uint4(0, 0, 0, 0);
+          xs[4 * i] = v.x; xs[4 * i + 1] = v.y; xs[4 * i + 2] = v.z; xs[4 * i + 3] = v.w;
+        }
+        multiply_chunk(current.w0[u], current.w8[u], xs, current.s[u], tab, acc0, acc8);
+      }
+    }
+    current = following;
+  }
+  write_rows(partial, acc0, acc8, row0, y, bias, has_bias);
+}
+#elif !STAGES
 struct Round {  // what one round of a warp reads: UNROLL blocks of its two rows, their absmax, the input
   uint2 w0[UNROLL], w8[UNROLL];
   uint4 xa[UNROLL], xb[UNROLL];
@@ -238,15 +342,19 @@ nf4_mma_gemv(const u8* __restrict__ packed, const u32* __restrict__ scales, cons
 @dataclass(frozen=True)
 class MmaConfig:
     """Warps per thread block (they split the row's blocks between them), blocks each warp loads at once, and
-    how: into registers, two rounds in flight (``stages`` 0), or into shared memory, ``stages - 1`` in flight."""
+    how: into registers, two rounds in flight (``stages`` 0), or into shared memory, ``stages - 1`` in flight;
+    ``wide``: each thread reads 16 bytes of a row (a warp two blocks at a time, into registers, ``unroll``
+    pairs of blocks a round)."""
 
     warps: int = 8
     unroll: int = 2
     stages: int = 0
+    wide: bool = False
 
 
-CANDIDATES = (MmaConfig(8, 1), MmaConfig(8, 2), MmaConfig(4, 2, 4), MmaConfig(4, 4, 3), MmaConfig(8, 1, 4),
-              MmaConfig(8, 2, 3), MmaConfig(8, 2, 4), MmaConfig(16, 1, 3))
+# Timed at load; on an H200 the wide loads won every product of the 14B shape (docs/benchmarks.md).
+CANDIDATES = (MmaConfig(8, 1, wide=True), MmaConfig(8, 2, wide=True), MmaConfig(16, 1, wide=True),
+              MmaConfig(8, 1), MmaConfig(8, 2), MmaConfig(4, 2, 4), MmaConfig(4, 4, 3), MmaConfig(8, 2, 3))
 
 
 def supported(weight: Nf4Weight, device: torch.device) -> str | None:
@@ -257,6 +365,8 @@ def supported(weight: Nf4Weight, device: torch.device) -> str | None:
         return "bf16 tensor cores need compute capability 8.0"
     if weight.quant_type != "nf4" or weight.blocksize != BLOCKSIZE:
         return f"{weight.quant_type} in blocks of {weight.blocksize} (only nf4 in blocks of {BLOCKSIZE})"
+    if weight.in_features % BLOCKSIZE:
+        return f"{weight.in_features} inputs (a multiple of {BLOCKSIZE})"
     if weight.out_features % ROWS:
         return f"{weight.out_features} rows (a multiple of {ROWS})"
     return None
@@ -264,14 +374,15 @@ def supported(weight: Nf4Weight, device: torch.device) -> str | None:
 
 def _ring_bytes(config: MmaConfig) -> int:
     """The staged kernel's dynamic shared memory: each warp's ring of rounds (weights, then absmax)."""
-    return config.warps * config.stages * config.unroll * (512 + 32)
+    return 0 if config.wide else config.warps * config.stages * config.unroll * (512 + 32)
 
 
 @cache
 def _kernel(config: MmaConfig):
-    source = f"#define WARPS {config.warps}\n#define UNROLL {config.unroll}\n#define STAGES {config.stages}\n{SOURCE}"
+    source = (f"#define WARPS {config.warps}\n#define UNROLL {config.unroll}\n#define STAGES {config.stages}\n"
+              f"#define WIDE {int(config.wide)}\n{SOURCE}")
     kernel = torch.cuda._compile_kernel(source, "nf4_mma_gemv")
-    if config.stages:  # with the static table, more than the 48 KB a block gets unasked
+    if config.stages and not config.wide:  # with the static table, more than the 48 KB a block gets unasked
         kernel.set_shared_memory_config(max(_ring_bytes(config), 48 * 1024))
     return kernel
 

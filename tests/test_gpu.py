@@ -134,7 +134,8 @@ def test_fast_decode_logits_match_the_eager_forward_on_the_1_5b_shape(with_adapt
 @pytest.mark.parametrize("out_features, in_features", [(64, 1024), (2048, 1536), (5120, 13824), (48, 5120 + 192)])
 def test_the_tensor_core_gemv_multiplies_as_bitsandbytes_on_cuda(out_features, in_features):
     """Every tiling, with a bias and without, against the same nf4 weights in float64: no further from it than
-    bitsandbytes' own product (both round to bf16); inputs whose blocks do not fill a warp's last round too."""
+    bitsandbytes' own product (both round to bf16); inputs whose blocks do not fill a warp's last round, or (83
+    blocks) the last pair of blocks that a thread of the wide-load kernel reads, too."""
     import bitsandbytes as bnb
 
     from assistant import gemv_4bit_mma
@@ -163,6 +164,26 @@ def test_the_tensor_core_gemv_multiplies_as_bitsandbytes_on_cuda(out_features, i
         assert got.shape == (1, 1, out_features)
         assert error(got, True) <= 2 * error(own, True) + 1e-4, (config, error(got, True), error(own, True))
         assert error(gemv_4bit_mma.gemv(x, weight, None, config), False) <= 2 * error(own, True) + 1e-4
+
+
+def test_every_attention_tiling_attends_as_softmax_attention_does_on_cuda():
+    """bf16 on the GPU, the 14B model's heads (40 query heads on 8 key heads, 128 dims) at a retrieval answer's
+    position: each tiling the fast path may choose against float64 softmax attention, within bf16 rounding."""
+    import math
+
+    from assistant.decode_attention import TILINGS, DecodeAttention
+    from tests.test_decode_attention import reference
+
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim, max_len, position = 40, 8, 128, 8192, 3701
+    q = torch.randn(heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(1, kv_heads, max_len, head_dim, device="cuda", dtype=torch.bfloat16)
+                        for _ in range(2))
+    expected = reference(q.cpu(), k_cache.cpu(), v_cache.cpu(), position)
+    for tiling in TILINGS:
+        kernels = DecodeAttention(heads, kv_heads, max_len, head_dim, 1 / math.sqrt(head_dim), q.device, tiling)
+        got = kernels(q, k_cache, v_cache, torch.tensor([position], device="cuda")).cpu()
+        assert float((got.double() - expected).norm() / expected.norm()) < 1e-2, tiling
 
 
 def test_the_fused_rotary_kernel_rounds_once_on_cuda():
