@@ -62,22 +62,30 @@ __device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// One 64-element block of rows g and g+8: this thread's 8 bytes of each (16 codes), its 16 inputs, the two
-// rows' absmax. mma m takes bytes 2m and 2m+1 of each row and inputs 4m..4m+3; a byte's two codes become their
-// bf16 values with one read of the table (this lane's copy).
-__device__ __forceinline__ void multiply_block(uint2 w0, uint2 w8, uint4 xa, uint4 xb, u32 scale, const u32* tab,
-                                               float& acc0, float& acc8) {
-  const u32 xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-  const u32 q0[2] = {w0.x, w0.y}, q8[2] = {w8.x, w8.y};
+// This thread's WORDS words of rows g and g+8 (4 * WORDS bytes each, two codes a byte) against its inputs: mma m
+// takes bytes 2m and 2m+1 of each row and input words 2m and 2m+1; a byte's two codes become their bf16 values
+// with one read of the table (this lane's copy). The sum over the bytes' block is scaled by its absmax once.
+template <int WORDS>
+__device__ __forceinline__ void multiply(const u32 (&q0)[WORDS], const u32 (&q8)[WORDS], const u32 (&xs)[4 * WORDS],
+                                         u32 scale, const u32* tab, float& acc0, float& acc8) {
   float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-  for (int m = 0; m < 4; ++m) {
+  for (int m = 0; m < 2 * WORDS; ++m) {
     const u32 a = q0[m >> 1] >> (16 * (m & 1)), b = q8[m >> 1] >> (16 * (m & 1));
     mma(c, tab[(a & 0xFF) << 5], tab[(b & 0xFF) << 5], tab[((a >> 8) & 0xFF) << 5], tab[((b >> 8) & 0xFF) << 5],
         xs[2 * m], xs[2 * m + 1]);
   }
   acc0 += c[0] * half_to_float(scale & 0xFFFF);
   acc8 += c[2] * half_to_float(scale >> 16);
+}
+
+// One 64-element block of rows g and g+8: this thread's 8 bytes of each (16 codes), its 16 inputs, the two
+// rows' absmax.
+__device__ __forceinline__ void multiply_block(uint2 w0, uint2 w8, uint4 xa, uint4 xb, u32 scale, const u32* tab,
+                                               float& acc0, float& acc8) {
+  const u32 xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+  const u32 q0[2] = {w0.x, w0.y}, q8[2] = {w8.x, w8.y};
+  multiply<2>(q0, q8, xs, scale, tab, acc0, acc8);
 }
 
 __device__ __forceinline__ uint4 load_streaming16(const u8* p) {
@@ -88,21 +96,13 @@ __device__ __forceinline__ uint4 load_streaming16(const u8* p) {
 }
 
 // Two 64-element blocks (a chunk) of rows g and g+8, thread t holding 16 bytes of each row: threads 0 and 1 the
-// first block's, 2 and 3 the second's. mma j takes bytes 2j and 2j+1 of them; its B columns 0-3 carry the first
-// block's inputs (lanes of t < 2; zero in the rest), columns 4-7 the second's, so c[0] and c[2] of thread t are
-// rows g and g+8 summed over its own block, scaled by that block's absmax.
+// first block's, 2 and 3 the second's. The mma's B columns 0-3 carry the first block's inputs (lanes of t < 2;
+// zero in the rest), columns 4-7 the second's, so c[0] and c[2] of thread t are rows g and g+8 summed over its
+// own block, scaled by that block's absmax.
 __device__ __forceinline__ void multiply_chunk(uint4 w0, uint4 w8, const u32 (&xs)[16], u32 scale, const u32* tab,
                                                float& acc0, float& acc8) {
   const u32 q0[4] = {w0.x, w0.y, w0.z, w0.w}, q8[4] = {w8.x, w8.y, w8.z, w8.w};
-  float c[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const u32 a = q0[j >> 1] >> (16 * (j & 1)), b = q8[j >> 1] >> (16 * (j & 1));
-    mma(c, tab[(a & 0xFF) << 5], tab[(b & 0xFF) << 5], tab[((a >> 8) & 0xFF) << 5], tab[((b >> 8) & 0xFF) << 5],
-        xs[2 * j], xs[2 * j + 1]);
-  }
-  acc0 += c[0] * half_to_float(scale & 0xFFFF);
-  acc8 += c[2] * half_to_float(scale >> 16);
+  multiply<4>(q0, q8, xs, scale, tab, acc0, acc8);
 }
 
 __device__ __forceinline__ void build_table(u32* table, const u32* pairs) {  // table[byte * 32 + lane]
