@@ -540,7 +540,6 @@ def _nf4_choice(layers, device: torch.device, dtype: torch.dtype) -> tuple[list[
                                                       gemv_4bit_mma.MmaConfig())
             kernels["tensor-core gemv"] = (partial(gemv_4bit_mma.gemv, config=config), mma_ms)
         name = min(kernels, key=lambda k: kernels[k][1])
-        tiling = ", ".join(f"{k}={v}" for k, v in vars(kernels[name][0].keywords["config"]).items())
         if device.type != "cuda":
             chosen[group] = kernels[name][0]
             continue
@@ -550,6 +549,7 @@ def _nf4_choice(layers, device: torch.device, dtype: torch.dtype) -> tuple[list[
         if kernels[name][1] <= own_ms:
             chosen[group] = kernels[name][0]
         per_layer = 1000 / len(sample)  # microseconds per layer's product
+        tiling = ", ".join(f"{k}={v}" for k, v in vars(kernels[name][0].keywords["config"]).items())
         timings = ", ".join(f"{k} {ms * per_layer:.1f} us" if ms < float("inf") else f"{k} failed to compile or run"
                             for k, (_, ms) in kernels.items())
         report.append(f"{group} {sample[0].out_features}x{sample[0].in_features} "
