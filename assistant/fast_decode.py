@@ -9,9 +9,10 @@ whole prompt (the products of the step below, attention by PyTorch's fused kerne
 out for batch 1 (bf16 weights read directly, q/k/v and gate/up each as one product; bitsandbytes 4-bit weights
 on their own bytes through a tensor-core GEMV compiled at load (assistant/gemv_4bit_mma.py), a Triton GEMV
 (assistant/gemv_4bit.py) or bitsandbytes' kernel, with the LoRA products beside them; other layers called as
-the model's own modules), rotary embedding and the cache writes in one kernel (assistant/rotary_store.py),
-attention over the positions written so far (assistant/decode_attention.py) or over the whole cache masked, the
-other small operations between them fused by `torch.compile`, and the choice of the next token (greedy, or
+the model's own modules), rotary embedding, the cache writes and attention over the positions written so far in
+Triton kernels (assistant/decode_attention.py; or rotary and the writes in one kernel, assistant/rotary_store.py,
+and the whole cache masked), the residual sums and norms in one program each (assistant/residual_norm.py), the
+other small operations fused by `torch.compile`, and the choice of the next token (greedy, or
 temperature and top-p) inside the same graph. The host only reads each token back, one step behind the GPU, so
 the GPU never waits on Python. Where several ways exist, the GPU times them at load and the fastest is kept.
 
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from assistant import rotary_store
+from assistant import residual_norm, rotary_store
 from assistant.triton_runtime import runs_on
 
 SUPPORTED_ARCHITECTURES = ("qwen2", "llama")
@@ -170,8 +171,9 @@ class FastDecoder:
         self.logits = torch.zeros(1, self.lm_head.weight.shape[0], device=self.device)  # Unsloth may pad the vocabulary
         self.cuda = self.device.type == "cuda"
         self.ops = _compiled_ops(dynamic=False) if self.cuda else _eager_ops()
-        if runs_on(self.device):  # rotary and both cache writes in one launch (assistant/rotary_store.py)
+        if runs_on(self.device):  # the small operations as Triton kernels: rotary and cache writes, residual norms
             self.ops.rotate_and_store = rotary_store.rotate_and_store
+            self.ops.add_rms_norm = self._choose_add_rms_norm(config.hidden_size)
         self.prefill_ops = _compiled_ops(dynamic=True) if self.cuda else self.ops  # for any prompt length
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._host = torch.zeros(max_len, dtype=torch.long, pin_memory=self.cuda)
@@ -189,16 +191,37 @@ class FastDecoder:
         self.attention, self.reads_written_positions_only = self._choose_attention(
             config.num_attention_heads, kv_heads, head_dim)
 
+    def _choose_add_rms_norm(self, hidden: int) -> Callable:
+        """The residual sum and RMSNorm as the step calls it: one Triton program a row (assistant/residual_norm.py)
+        in the warps timed fastest, unless torch.compile's kernel is faster (on CUDA; elsewhere the Triton one)."""
+        from assistant.triton_runtime import graph_ms
+
+        if not self.cuda:
+            return residual_norm.add_rms_norm
+        x, delta = (torch.randn(1, 1, hidden, dtype=self.dtype, device=self.device) for _ in range(2))
+        candidates = {"torch.compile": self.ops.add_rms_norm}
+        candidates.update({f"one Triton program of {warps} warps": partial(residual_norm.add_rms_norm,
+                                                                           num_warps=warps) for warps in (4, 8, 16)})
+        with torch.no_grad():
+            times = {name: graph_ms(lambda fn=fn: [fn(x, delta, self.norm.weight, self.eps) for _ in range(16)]) / 16
+                     for name, fn in candidates.items()}
+        best = min(times, key=times.get)
+        print(f"generation: residual sum and RMSNorm by {best} (" + ", ".join(
+            f"{name} {1000 * ms:.1f} us" for name, ms in times.items()) + ")", file=sys.stderr, flush=True)
+        return candidates[best]
+
     def _choose_attention(self, heads: int, kv_heads: int, head_dim: int) -> tuple[Callable, bool]:
-        """Attention over the cache as the step calls it: the Triton kernels that read only the positions
-        written so far (assistant/decode_attention.py), in the tiling timed fastest, where they run and, on a
-        GPU, are faster than the whole cache masked (all timed at the cache's middle position, where a long
-        retrieval prompt's answer is, and at its last, their worst case); else the whole cache masked. Also
-        whether the chosen one reads the written positions only."""
+        """The new token's rotary embedding, cache write and attention, as the step calls them: the Triton kernels
+        that do all three and read only the positions written so far (assistant/decode_attention.py), in the
+        tiling timed fastest, where they run and, on a GPU, are faster than the whole cache masked after the
+        rotary kernel (all timed at the cache's middle position, where a long retrieval prompt's answer is, and
+        at its last, their worst case); else the latter. Also whether the chosen one reads the written positions
+        only."""
         from assistant.decode_attention import TILINGS, DecodeAttention
         from assistant.triton_runtime import graph_ms
 
-        def whole_cache(q, k_cache, v_cache):
+        def whole_cache(q, k, v, k_cache, v_cache):
+            q = self.ops.rotate_and_store(q, k, v, self.cos, self.sin, k_cache, v_cache, self.position)
             return self.ops.attend(q, k_cache, v_cache, self.position, self.scaling)
 
         if not runs_on(self.device) or head_dim & (head_dim - 1) or head_dim < 16:
@@ -206,15 +229,17 @@ class FastDecoder:
 
         def written_positions(tiling=TILINGS[0]):
             kernels = DecodeAttention(heads, kv_heads, self.max_len, head_dim, self.scaling, self.device, tiling)
-            return lambda q, k_cache, v_cache: kernels(q, k_cache, v_cache, self.position)
+            return lambda q, k, v, k_cache, v_cache: kernels(q, k, v, self.cos, self.sin, k_cache, v_cache,
+                                                             self.position)
 
         if not self.cuda:
             return written_positions(), True
         saved = self.position.clone()
-        q = torch.randn(heads, head_dim, dtype=self.dtype, device=self.device)
+        q, k, v = (torch.randn(n * head_dim, dtype=self.dtype, device=self.device)
+                   for n in (heads, kv_heads, kv_heads))
         caches = list(zip(self.k_cache, self.v_cache, strict=True))[:8]
         candidates = {"the whole cache": whole_cache}
-        candidates.update({f"the written positions (Triton, {t.chunk}-position chunks, {t.block} a step)":
+        candidates.update({f"the written positions (Triton, {t.runs} runs a key head, {t.block} positions a step)":
                            written_positions(t) for t in TILINGS})
         times, failure = {}, None
         with torch.no_grad():
@@ -223,7 +248,7 @@ class FastDecoder:
                     times[name] = 0.0
                     for position in (self.max_len // 2, self.max_len - 1):
                         self.position.fill_(position)
-                        times[name] += graph_ms(lambda fn=fn: [fn(q, k, v) for k, v in caches]) / 2
+                        times[name] += graph_ms(lambda fn=fn: [fn(q, k, v, *cache) for cache in caches]) / 2
                 except Exception as e:  # noqa: BLE001 - a tiling this GPU's compiler refuses is skipped
                     if fn is whole_cache:
                         raise
@@ -271,8 +296,7 @@ class FastDecoder:
         for i, layer in enumerate(self.layers):
             p = self.projections[i]
             q, k, v = p["qkv"](h)
-            q = ops.rotate_and_store(q, k, v, self.cos, self.sin, self.k_cache[i], self.v_cache[i], self.position)
-            a = self.attention(q, self.k_cache[i], self.v_cache[i])
+            a = self.attention(q, k, v, self.k_cache[i], self.v_cache[i])
             x, h = ops.add_rms_norm(x, p["o"](a)[0], layer.post_attention_layernorm.weight, eps)
             mlp_out = p["down"](ops.silu_mul(*p["gate_up"](h)))[0]
             following = self.layers[i + 1].input_layernorm.weight if i + 1 < len(self.layers) else self.norm.weight

@@ -42,6 +42,8 @@ class Nf4Weight:
     # in the order it reads them (a second copy: a sixteenth of the packed bytes)
     pairs: torch.Tensor | None = None
     tiled_absmax: torch.Tensor | None = None
+    split_sums: torch.Tensor | None = None  # float32: the partial sums of a row tile split over thread blocks
+    arrivals: torch.Tensor | None = None  # int32, a row tile's blocks finished (zero between launches)
 
     @classmethod
     def from_bnb(cls, *modules) -> Nf4Weight:

@@ -8,7 +8,8 @@ Random weights of the real shapes serve (speed does not depend on the values). O
 `measure` goes through the runtime's `stream` and `assistant.prompting.answer_prompt`, exactly what a chat
 turn runs, and prints one JSON line (`--fast-decode on|off` picks the path, as FAST_DECODE does). Each line
 carries the bounds measured in the same process: decode tokens/s at the copy bandwidth of the card (the
-weights read once per token, the embedding table excepted) and prefill seconds at the rate of a large bf16
+weights read once per token, the embedding table excepted; and the same with the keys and values a token reads,
+at the answer's mean position) and prefill seconds at the rate of a large bf16
 matrix product. `reference` times the stock compiled loop (transformers' StaticCache, one decode step under
 `torch.compile(mode="reduce-overhead", fullgraph=True)`) on the same prompt length, for comparison. `--engine openai` measures `OpenAIRuntime` against `transformers serve`
 started with the same model (the server needs `transformers[serving]`: fastapi, uvicorn, openai). Run each
@@ -143,8 +144,12 @@ def matmul_rate() -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - start)
 
 
-def bounds(model, prompt_tokens: int) -> dict:
-    """What one token must read, and what the prompt must compute, and the best times for them on this card."""
+def bounds(model, prompt_tokens: int, new_tokens: int) -> dict:
+    """What one token must read, and what the prompt must compute, and the best times for them on this card.
+
+    Two decode bounds: the weights alone (``bound_tok_s``, as every row before 2026-11-30 reported it), and the
+    weights plus the bf16 keys and values of the positions before the token, at the answer's mean position
+    (``bound_with_kv_tok_s``: issue 18's definition of the bound)."""
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     embedding = base.get_input_embeddings().weight
@@ -154,10 +159,13 @@ def bounds(model, prompt_tokens: int) -> dict:
     if linear_params * 2 < read / 2:  # packed 4-bit parameters count two weights per element
         linear_params *= 2
     layers, hidden = config.num_hidden_layers, config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv = layers * 2 * config.num_key_value_heads * head_dim * 2 * (prompt_tokens + new_tokens / 2)
     flops = 2 * linear_params * prompt_tokens + 2 * layers * hidden * prompt_tokens**2  # causal QK^T and PV
     flops += 2 * hidden * config.vocab_size  # the output layer, for the last position only
     bandwidth, rate = copy_bandwidth(), matmul_rate()
-    return {"read_gb_per_token": read / 1e9, "copy_tb_s": bandwidth / 1e12, "bound_tok_s": bandwidth / read,
+    return {"read_gb_per_token": read / 1e9, "kv_gb_per_token": kv / 1e9, "copy_tb_s": bandwidth / 1e12,
+            "bound_tok_s": bandwidth / read, "bound_with_kv_tok_s": bandwidth / (read + kv),
             "prefill_tflop": flops / 1e12, "matmul_tflop_s": rate / 1e12, "prefill_bound_s": flops / rate}
 
 
@@ -211,8 +219,9 @@ def measure(model: str, engine: str, four_bit: bool, prompt_tokens: int, new_tok
                "decode_tok_s": sorted(decode)[len(decode) // 2], "peak_gib": peak_gib,
                "gpu": torch.cuda.get_device_name() if cuda else "cpu"}
         if cuda and engine != "openai":
-            row.update(bounds(runtime.model, row["prompt_tokens"]))
+            row.update(bounds(runtime.model, row["prompt_tokens"], generated))
             row["fraction_of_bound"] = row["decode_tok_s"] / row["bound_tok_s"]
+            row["fraction_of_bound_with_kv"] = row["decode_tok_s"] / row["bound_with_kv_tok_s"]
             row["ttft_over_prefill_bound"] = row["ttft_s"] / row["prefill_bound_s"]
         return row
 
@@ -283,8 +292,9 @@ def reference(model_dir: str, prompt_tokens: int, new_tokens: int, runs: int) ->
            "weights": "bf16", "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "warm_up_s": warm_up_s,
            "ttft_s": sorted(ttft)[len(ttft) // 2], "decode_tok_s": sorted(decode)[len(decode) // 2],
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "gpu": torch.cuda.get_device_name()}
-    row.update(bounds(model, prompt_tokens))
+    row.update(bounds(model, prompt_tokens, new_tokens))
     row["fraction_of_bound"] = row["decode_tok_s"] / row["bound_tok_s"]
+    row["fraction_of_bound_with_kv"] = row["decode_tok_s"] / row["bound_with_kv_tok_s"]
     return row
 
 

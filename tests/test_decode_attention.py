@@ -1,6 +1,6 @@
-"""Attention over the written positions of the cache (assistant/decode_attention.py), run by Triton's
-interpreter on the CPU, against plain softmax attention; and the whole-cache masked attention the fast decode
-step falls back to, against the same."""
+"""Attention over the written positions of the cache, the new token's rotary embedding and cache write included
+(assistant/decode_attention.py), run by Triton's interpreter on the CPU, against the eager rotary and plain
+softmax attention; and the whole-cache masked attention the fast decode step falls back to, against the same."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from assistant.decode_attention import TILINGS, AttentionTiling, DecodeAttention
-from assistant.fast_decode import attend
+from assistant.fast_decode import attend, rotate_and_store
 
 
 def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: int) -> torch.Tensor:
@@ -24,30 +24,44 @@ def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos
     return torch.stack(out).view(1, 1, -1)
 
 
-CHUNK = AttentionTiling().chunk
+EDGES = AttentionTiling(runs=8, block=16)
+RUN = EDGES.runs * EDGES.block  # written positions where runs grow past one step
 
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim, position, tiling", [
     (4, 2, 16, 0, AttentionTiling()),  # one position
-    *[(4, 2, 16, p, AttentionTiling()) for p in (CHUNK - 1, CHUNK, 2 * CHUNK + 7)],  # chunk edges
-    *[(4, 2, 16, 2 * t.chunk + t.block + 3, t) for t in TILINGS],  # every tiling, mid-chunk and mid-block
+    (4, 2, 16, 40, AttentionTiling()),  # fewer positions than runs: most runs read nothing
+    *[(4, 2, 16, p, EDGES) for p in (RUN - 1, RUN, RUN + 7)],  # one step a run, then two (5 runs used)
+    *[(4, 2, 16, 1000, t) for t in TILINGS],  # every tiling, the last run short, mid-step
     (12, 2, 32, 700, AttentionTiling()),  # the 1.5B model's grouping (6 query heads a key head)
     (40, 8, 16, 599, AttentionTiling(64, 64)),  # the 14B model's (5), at the cache's last position
 ])
 def test_attention_reads_the_written_positions_as_softmax_attention_does(heads, kv_heads, head_dim, position,
                                                                          tiling):
+    """The kernels take the new token's projections before rotary embedding: they rotate them, write the key and
+    value at the position, and attend over it and the positions before it."""
     torch.manual_seed(position)
     max_len = 600 if heads == 40 else 1024
-    q = torch.randn(heads, head_dim)
+    q, k, v = (torch.randn(n * head_dim) for n in (heads, kv_heads, kv_heads))
+    cos, sin = torch.randn(max_len, head_dim), torch.randn(max_len, head_dim)
     k_cache, v_cache = torch.randn(1, kv_heads, max_len, head_dim), torch.randn(1, kv_heads, max_len, head_dim)
-    expected = reference(q, k_cache, v_cache, position)
+    expected_k_cache, expected_v_cache = k_cache.clone(), v_cache.clone()
+    rotated = rotate_and_store(q, k, v, cos, sin, expected_k_cache, expected_v_cache, torch.tensor([position]))
+    expected = reference(rotated, expected_k_cache, expected_v_cache, position)
     kernels = DecodeAttention(heads, kv_heads, max_len, head_dim, 1 / math.sqrt(head_dim), torch.device("cpu"),
                               tiling)
-    got = kernels(q, k_cache, v_cache, torch.tensor([position]))
+    got = kernels(q, k, v, cos, sin, k_cache, v_cache, torch.tensor([position]))
     assert float((got.double() - expected).norm() / expected.norm()) < 1e-5
+    assert torch.equal(k_cache, expected_k_cache) and torch.equal(v_cache, expected_v_cache)
     # Positions past the current one (stale keys of earlier answers) change nothing.
     k_cache[:, :, position + 1:] = 1e4
-    assert torch.allclose(kernels(q, k_cache, v_cache, torch.tensor([position])), got)
+    assert torch.allclose(kernels(q, k, v, cos, sin, k_cache, v_cache, torch.tensor([position])), got)
+    # A shorter answer after it: fewer runs in use, the longer answer's partial sums left in the scratch buffers.
+    earlier = position // 3
+    rotated = rotate_and_store(q, k, v, cos, sin, expected_k_cache, expected_v_cache, torch.tensor([earlier]))
+    expected = reference(rotated, expected_k_cache, expected_v_cache, earlier)
+    got = kernels(q, k, v, cos, sin, k_cache, v_cache, torch.tensor([earlier]))
+    assert float((got.double() - expected).norm() / expected.norm()) < 1e-5
 
 
 def test_the_whole_cache_masked_attends_as_softmax_attention_does():

@@ -6,6 +6,7 @@ Unsloth must be imported before transformers, so this module imports it first wh
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -20,6 +21,10 @@ from settings import Settings  # noqa: E402
 from tests.finetune_fixtures import repeat_task_rows, tiny_config, write_jsonl
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+# Two logits closer than this may swap places between two bf16 paths: bf16 keeps 8 significant bits (steps of
+# 1/16 near 10), and the paths' roundings compound over the layers.
+NEAR_TIE = 0.25
 
 
 @pytest.mark.parametrize("backend", ["unsloth", "hf"])
@@ -46,16 +51,27 @@ def test_runtime_streams_on_cuda_with_a_trained_adapter(engine, trained_tiny_mod
     text = "".join(runtime.stream(prompt, GenerationParams(max_new_tokens=16, temperature=0.0)))
     assert (runtime.engine, runtime.adapter, runtime.device.type) == (engine, "orpo-gpu", "cuda")
     assert runtime.decoder is not None  # FAST_DECODE=auto takes the fast path on CUDA, either engine
-    # What streamed is what the same model writes greedily in one call, up to its end-of-text token.
+    # What streamed is what the same model writes greedily in one call, up to its end-of-text token, or up to the
+    # first step where that model's two likeliest tokens are within bf16 rounding of each other (NEAR_TIE): the
+    # fast path's kernels and Unsloth's or transformers' own round differently (their timed choices, too), so a
+    # near-tie may break either way.
     ids = prompt_token_ids(runtime.tokenizer, prompt)
     with runtime._answering_model():  # the fast path holds the adapter merged into the weights
         out = runtime.model.generate(input_ids=torch.tensor([ids], device="cuda"), max_new_tokens=16,
-                                     do_sample=False,
+                                     do_sample=False, output_scores=True, return_dict_in_generate=True,
                                      attention_mask=torch.ones(1, len(ids), dtype=torch.long, device="cuda"),
                                      pad_token_id=runtime.tokenizer.pad_token_id or runtime.tokenizer.eos_token_id)
-    written = runtime.tokenizer.decode(out[0, len(ids):], skip_special_tokens=False)
-    assert text == written.split(runtime.tokenizer.eos_token)[0] != ""
-    assert runtime.last_usage["completion_tokens"] == out.shape[1] - len(ids)
+    new = out.sequences[0, len(ids):]
+    margins = [float(top[0] - top[1]) for top in (scores[0].float().topk(2).values for scores in out.scores)]
+    print(f"streamed {text!r}; generate's top-two margins {[round(m, 3) for m in margins]}", file=sys.stderr)
+    decisive = next((i for i, margin in enumerate(margins) if margin < NEAR_TIE), len(margins))
+    written = runtime.tokenizer.decode(new, skip_special_tokens=False).split(runtime.tokenizer.eos_token)[0]
+    if decisive == len(margins):
+        assert text == written != ""
+        assert runtime.last_usage["completion_tokens"] == len(new)
+    else:
+        assert decisive >= 1, "a near-tie at the first token: nothing to compare"
+        assert text.startswith(runtime.tokenizer.decode(new[:decisive], skip_special_tokens=False))
 
 
 @pytest.mark.parametrize("engine, four_bit", [("unsloth", True), ("transformers", True), ("transformers", False)])
@@ -168,22 +184,57 @@ def test_the_tensor_core_gemv_multiplies_as_bitsandbytes_on_cuda(out_features, i
 
 def test_every_attention_tiling_attends_as_softmax_attention_does_on_cuda():
     """bf16 on the GPU, the 14B model's heads (40 query heads on 8 key heads, 128 dims) at a retrieval answer's
-    position: each tiling the fast path may choose against float64 softmax attention, within bf16 rounding."""
+    position: each tiling the fast path may choose (rotary embedding and the cache write included) against the
+    eager rotary and float64 softmax attention, within bf16 rounding; the new key written as the fused rotary
+    kernel writes it (within a bf16 step: the two may contract their float32 products differently), the value
+    copied, nothing else touched."""
     import math
 
     from assistant.decode_attention import TILINGS, DecodeAttention
+    from assistant.rotary_store import rotate_and_store
     from tests.test_decode_attention import reference
 
     torch.manual_seed(0)
     heads, kv_heads, head_dim, max_len, position = 40, 8, 128, 8192, 3701
-    q = torch.randn(heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    k_cache, v_cache = (torch.randn(1, kv_heads, max_len, head_dim, device="cuda", dtype=torch.bfloat16)
-                        for _ in range(2))
-    expected = reference(q.cpu(), k_cache.cpu(), v_cache.cpu(), position)
+    with torch.device("cuda"):
+        q, k, v = (torch.randn(n * head_dim, dtype=torch.bfloat16) for n in (heads, kv_heads, kv_heads))
+        angles = torch.arange(max_len)[:, None] * torch.rand(head_dim // 2).repeat(2)[None]
+        cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+        k_cache, v_cache = (torch.randn(1, kv_heads, max_len, head_dim, dtype=torch.bfloat16) for _ in range(2))
+    expected_k_cache, expected_v_cache = k_cache.clone(), v_cache.clone()
+    rotated = rotate_and_store(q, k, v, cos, sin, expected_k_cache, expected_v_cache, torch.tensor([position]).cuda())
+    expected = reference(rotated.cpu(), expected_k_cache.cpu(), expected_v_cache.cpu(), position)
     for tiling in TILINGS:
         kernels = DecodeAttention(heads, kv_heads, max_len, head_dim, 1 / math.sqrt(head_dim), q.device, tiling)
-        got = kernels(q, k_cache, v_cache, torch.tensor([position], device="cuda")).cpu()
+        got = kernels(q, k, v, cos, sin, k_cache, v_cache, torch.tensor([position], device="cuda")).cpu()
         assert float((got.double() - expected).norm() / expected.norm()) < 1e-2, tiling
+        assert torch.equal(v_cache, expected_v_cache), tiling
+        new_key, expected_key = k_cache[0, :, position].double(), expected_k_cache[0, :, position].double()
+        assert bool(((new_key - expected_key).abs() <= 2**-7 * expected_key.abs()).all()), tiling
+        k_cache[0, :, position] = expected_k_cache[0, :, position]
+        assert torch.equal(k_cache, expected_k_cache), tiling
+
+
+def test_the_residual_norm_program_rounds_as_the_formula_does_on_cuda():
+    """bf16 on the GPU at the 14B width: the sum exactly the formula's; the normed row within two bf16 rounding
+    steps of the formula's (the two differ only in the order the squares are summed and in the rsqrt, which can
+    flip the rounding of the normalised value, then multiplied by a weight up to 1.5 and rounded again), and no
+    further from the float64 norm than the formula is."""
+    from assistant.fast_decode import add_rms_norm as eager
+    from assistant.residual_norm import add_rms_norm as fused
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        x, delta = torch.randn(2, 1, 5120, dtype=torch.bfloat16) * 4, torch.randn(2, 1, 5120, dtype=torch.bfloat16)
+        weight = (torch.rand(5120) + 0.5).to(torch.bfloat16)
+    expected_total, expected = eager(x, delta, weight, 1e-6)
+    for warps in (4, 8, 16):
+        total, normed = fused(x, delta, weight, 1e-6, num_warps=warps)
+        assert torch.equal(total, expected_total)
+        step = torch.exp2(torch.floor(torch.log2(expected.double().abs().clamp_min(1e-30))) - 7)
+        assert bool(((normed.double() - expected.double()).abs() <= 2 * step).all()), warps
+        truth = eager(x.double(), delta.double(), weight.double(), 1e-6)[1]
+        assert (normed.double() - truth).norm() <= 1.01 * (expected.double() - truth).norm(), warps
 
 
 def test_the_fused_rotary_kernel_rounds_once_on_cuda():
