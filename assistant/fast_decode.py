@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from assistant import residual_norm, rotary_store
-from assistant.triton_runtime import runs_on
+from assistant.triton_runtime import graph_ms, runs_on
 
 SUPPORTED_ARCHITECTURES = ("qwen2", "llama")
 
@@ -194,8 +194,6 @@ class FastDecoder:
     def _choose_add_rms_norm(self, hidden: int) -> Callable:
         """The residual sum and RMSNorm as the step calls it: one Triton program a row (assistant/residual_norm.py)
         in the warps timed fastest, unless torch.compile's kernel is faster (on CUDA; elsewhere the Triton one)."""
-        from assistant.triton_runtime import graph_ms
-
         if not self.cuda:
             return residual_norm.add_rms_norm
         x, delta = (torch.randn(1, 1, hidden, dtype=self.dtype, device=self.device) for _ in range(2))
@@ -218,7 +216,6 @@ class FastDecoder:
         at its last, their worst case); else the latter. Also whether the chosen one reads the written positions
         only."""
         from assistant.decode_attention import TILINGS, DecodeAttention
-        from assistant.triton_runtime import graph_ms
 
         def whole_cache(q, k, v, k_cache, v_cache):
             q = self.ops.rotate_and_store(q, k, v, self.cos, self.sin, k_cache, v_cache, self.position)
@@ -550,7 +547,6 @@ def _nf4_choice(layers, device: torch.device, dtype: torch.dtype) -> tuple[list[
     the tensor-core kernel (gemv_4bit_mma) where it compiles and takes the weight, else the Triton one; off
     CUDA every product, the Triton GEMV in its default tiling."""
     from assistant import gemv_4bit, gemv_4bit_mma
-    from assistant.triton_runtime import graph_ms
 
     weights = [{group: gemv_4bit.Nf4Weight.from_bnb(*[_base(layer.get_submodule(PROJECTIONS[n])) for n in names])
                 for group, names in GROUPS.items()} for layer in layers]

@@ -274,12 +274,13 @@ def gemv(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = None,
         raise ValueError(f"the kernel takes one bf16 row of {k} inputs, not {tuple(x.shape)} {x.dtype}")
     if weight.pairs is None:
         weight.pairs, weight.tiled_absmax = _pairs(weight), _tiled_absmax(weight)
-        tiles = n // ROWS  # a split product's slots, and its count of blocks arrived (zero between launches)
+    if config.split > 1 and weight.arrivals is None:  # slots for every split, so that they are made once
+        tiles = n // ROWS  # each tile's partial sums, and its count of blocks arrived (zero between launches)
         weight.split_sums = torch.empty(tiles * MAX_SPLIT * ROWS, dtype=torch.float32, device=x.device)
         weight.arrivals = torch.zeros(tiles, dtype=torch.int32, device=x.device)
     out = torch.empty(n, dtype=torch.bfloat16, device=x.device)
+    slots = (weight.split_sums, weight.arrivals) if config.split > 1 else (out, out)  # unread unsplit
     _kernel(config)(grid=(n // ROWS, config.split, 1), block=(32 * config.warps, 1, 1),
                     args=[weight.packed, weight.tiled_absmax, weight.pairs, x.reshape(-1).contiguous(), out,
-                          bias if bias is not None else out, int(bias is not None), k, weight.split_sums,
-                          weight.arrivals])
+                          bias if bias is not None else out, int(bias is not None), k, *slots])
     return out.view(*x.shape[:-1], n)
