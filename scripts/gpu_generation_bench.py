@@ -144,6 +144,23 @@ def matmul_rate() -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - start)
 
 
+def prefill_flops(model, prompt_tokens: int) -> int:
+    """The matrix products of a prompt's prefill: every layer's weights once per position, causal attention, and
+    the output layer for the last position. A 4-bit weight counts its unpacked shape (bitsandbytes packs two
+    weights a byte and keeps the shape in ``quant_state``), so both formats owe the same FLOPs."""
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    weights = 0
+    for name, parameter in base.named_parameters():
+        if "layers." in name and parameter.dim() == 2:
+            state = getattr(parameter, "quant_state", None)
+            weights += state.shape.numel() if state is not None else parameter.numel()
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    attention = 2 * layers * hidden * prompt_tokens**2  # causal QK^T and PV: half of 2 * 2 * hidden * n^2
+    return 2 * weights * prompt_tokens + attention + 2 * hidden * config.vocab_size
+
+
 def bounds(model, prompt_tokens: int, new_tokens: int) -> dict:
     """What one token must read, and what the prompt must compute, and the best times for them on this card.
 
@@ -155,14 +172,10 @@ def bounds(model, prompt_tokens: int, new_tokens: int) -> dict:
     embedding = base.get_input_embeddings().weight
     read = model.get_memory_footprint() - embedding.numel() * embedding.element_size()
     config = base.config
-    linear_params = sum(p.numel() for n, p in base.named_parameters() if "layers." in n and p.dim() == 2)
-    if linear_params * 2 < read / 2:  # packed 4-bit parameters count two weights per element
-        linear_params *= 2
     layers, hidden = config.num_hidden_layers, config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     kv = layers * 2 * config.num_key_value_heads * head_dim * 2 * (prompt_tokens + new_tokens / 2)
-    flops = 2 * linear_params * prompt_tokens + 2 * layers * hidden * prompt_tokens**2  # causal QK^T and PV
-    flops += 2 * hidden * config.vocab_size  # the output layer, for the last position only
+    flops = prefill_flops(model, prompt_tokens)
     bandwidth, rate = copy_bandwidth(), matmul_rate()
     return {"read_gb_per_token": read / 1e9, "kv_gb_per_token": kv / 1e9, "copy_tb_s": bandwidth / 1e12,
             "bound_tok_s": bandwidth / read, "bound_with_kv_tok_s": bandwidth / (read + kv),
