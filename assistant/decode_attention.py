@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from assistant import dependent_launch
 from assistant.triton_runtime import triton
 
 if triton is not None:
@@ -72,10 +73,11 @@ class DecodeAttention:
             q, k, v, cos, sin, k_all, v_all, position, self.maxima, self.sums, self.partial, self.scaling,
             k_all.stride(0), k_all.stride(1),
             GROUP=self.group, GROUP_PADDED=self.group_padded, HEAD_DIM=self.head_dim, RUNS=tiling.runs,
-            BLOCK=tiling.block, num_warps=tiling.num_warps)
+            BLOCK=tiling.block, num_warps=tiling.num_warps, **dependent_launch.triton_options())
         _merge_runs[(self.heads,)](
             self.maxima, self.sums, self.partial, out, GROUP=self.group, GROUP_PADDED=self.group_padded,
-            HEAD_DIM=self.head_dim, RUNS=tiling.runs, num_warps=4 if tiling.runs <= 32 else 8)
+            HEAD_DIM=self.head_dim, RUNS=tiling.runs, num_warps=4 if tiling.runs <= 32 else 8,
+            **dependent_launch.triton_options())
         return out.view(1, 1, -1)
 
 
@@ -95,7 +97,8 @@ if triton is not None:
     def _run_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, position_ptr, maxima_ptr,
                        sums_ptr, partial_ptr, scaling, head_stride, position_stride,
                        GROUP: tl.constexpr, GROUP_PADDED: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       RUNS: tl.constexpr, BLOCK: tl.constexpr):
+                       RUNS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        dependent_launch.wait_and_signal(PDL)
         head = tl.program_id(0)
         run = tl.program_id(1)
         position = tl.load(position_ptr)
@@ -156,7 +159,8 @@ if triton is not None:
 
     @triton.jit
     def _merge_runs(maxima_ptr, sums_ptr, partial_ptr, out_ptr, GROUP: tl.constexpr, GROUP_PADDED: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, RUNS: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, RUNS: tl.constexpr, PDL: tl.constexpr):
+        dependent_launch.wait_and_signal(PDL)
         query_head = tl.program_id(0)  # one program per query head
         head, row = query_head // GROUP, query_head % GROUP
         run = tl.arange(0, RUNS)

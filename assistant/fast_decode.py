@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from assistant import residual_norm, rotary_store
+from assistant import dependent_launch, residual_norm, rotary_store
 from assistant.triton_runtime import graph_ms, runs_on
 
 SUPPORTED_ARCHITECTURES = ("qwen2", "llama")
@@ -176,6 +176,7 @@ class FastDecoder:
             self.ops.add_rms_norm = self._choose_add_rms_norm(config.hidden_size)
         self.prefill_ops = _compiled_ops(dynamic=True) if self.cuda else self.ops  # for any prompt length
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self.overlap: bool | None = None  # whether the step's kernels launch overlapping (chosen at first capture)
         self._host = torch.zeros(max_len, dtype=torch.long, pin_memory=self.cuda)
         self.last_prefill_logits: torch.Tensor | None = None  # for checks against the model's own forward
         # Each layer's projections as four products (GROUPS), each over the rows of the projections that share
@@ -304,18 +305,61 @@ class FastDecoder:
         self.token.copy_(chosen.view(1, 1))
         self.position.add_(1)
 
-    def capture(self) -> float:
-        """Compile and capture the greedy and the sampling step (CUDA only); returns the seconds it took."""
+    def capture(self, overlap: bool | None = None) -> float:
+        """Compile and capture the greedy and the sampling step (CUDA only); returns the seconds it took.
+        ``overlap``: whether the kernels that can launch overlapping (assistant/dependent_launch.py); by default
+        as chosen at the first capture, where the GPU can, by capturing the step both ways and keeping the faster."""
         self.projections = self._bind_projections()
         if not self.cuda:
             return 0.0
         started = time.perf_counter()
+        if overlap is not None:
+            self.overlap = overlap
+        elif self.overlap is None:
+            self.overlap = self._choose_overlap()
+        self._capture(self.overlap)
+        return time.perf_counter() - started
+
+    def _choose_overlap(self) -> bool:
+        if not dependent_launch.supported(self.device):
+            return False
+        times = {}
+        for overlap in (False, True):
+            try:
+                self._capture(overlap)
+            except Exception as e:  # noqa: BLE001 - a driver or Triton that refuses it: launch one after another
+                print(f"generation: overlapping launches failed to capture ({type(e).__name__}: {e}); not used",
+                      file=sys.stderr, flush=True)
+                return False
+            times[overlap] = self._step_ms()
+        print(f"generation: a decode step {times[True]:.3f} ms with overlapping launches (programmatic dependent "
+              f"launch), {times[False]:.3f} ms without; {'overlapping' if times[True] < times[False] else 'without'}",
+              file=sys.stderr, flush=True)
+        return times[True] < times[False]
+
+    def _step_ms(self, replays: int = 25) -> float:
+        """Milliseconds of one replay of the captured greedy step (the median), the cache's state restored."""
+        saved_token, saved_position = self.token.clone(), self.position.clone()
+        times = []
+        with self.answering():
+            for _ in range(replays):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                self.graphs[False].replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        self.token.copy_(saved_token)
+        self.position.copy_(saved_position)
+        return sorted(times)[len(times) // 2]
+
+    def _capture(self, overlap: bool) -> None:
         self.graphs = {}
         saved_token, saved_position = self.token.clone(), self.position.clone()
         # A memory pool of its own for each capture, shared by its two graphs: a pool lives only as long as a
         # graph uses it, and capturing into the pool of graphs just dropped fails an allocator assertion.
         pool = torch.cuda.graph_pool_handle()
-        with self.answering(), torch.no_grad():
+        with self.answering(), torch.no_grad(), dependent_launch.overlapping(overlap):
             for sample in (False, True):
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
@@ -332,7 +376,6 @@ class FastDecoder:
         self.token.copy_(saved_token)
         self.position.copy_(saved_position)
         torch.cuda.synchronize()
-        return time.perf_counter() - started
 
     def run_step(self, sample: bool) -> None:
         """One decode step: the captured graph on CUDA, the step itself elsewhere."""

@@ -32,6 +32,7 @@ from functools import cache
 
 import torch
 
+from assistant import dependent_launch
 from assistant.gemv_4bit import Nf4Weight
 
 BLOCKSIZE = 64  # elements per absmax block the kernel handles
@@ -184,6 +185,8 @@ nf4_mma_gemv(const u8* __restrict__ packed, const u32* __restrict__ scales, cons
   if (first < end) load_round(current, first, end, blocks, w0, w8, tile_scales, half);
   build_table(table, pairs);
   __syncthreads();
+  // Only the weights, their scales and the code table are read above: the kernel before may still be writing x.
+  WAIT_AND_SIGNAL
   const u32* tab = table + lane;
   float acc0 = 0.f, acc8 = 0.f;
   for (; first < end; first += WARPS * UNROLL) {
@@ -246,8 +249,10 @@ def supported(weight: Nf4Weight, device: torch.device) -> str | None:
 
 
 @cache
-def _kernel(config: MmaConfig):
-    source = f"#define WARPS {config.warps}\n#define UNROLL {config.unroll}\n#define SPLIT {config.split}\n{SOURCE}"
+def _kernel(config: MmaConfig, pdl: bool):
+    """The kernel in ``config``'s tiling; with ``pdl``, waiting for the kernel before it (dependent_launch)."""
+    source = (f"#define WARPS {config.warps}\n#define UNROLL {config.unroll}\n#define SPLIT {config.split}\n"
+              f"#define PDL {int(pdl)}\n{SOURCE}").replace("WAIT_AND_SIGNAL", dependent_launch.CUDA_WAIT_AND_SIGNAL)
     return torch.cuda._compile_kernel(source, "nf4_mma_gemv")
 
 
@@ -280,7 +285,8 @@ def gemv(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = None,
         weight.arrivals = torch.zeros(tiles, dtype=torch.int32, device=x.device)
     out = torch.empty(n, dtype=torch.bfloat16, device=x.device)
     slots = (weight.split_sums, weight.arrivals) if config.split > 1 else (out, out)  # unread unsplit
-    _kernel(config)(grid=(n // ROWS, config.split, 1), block=(32 * config.warps, 1, 1),
-                    args=[weight.packed, weight.tiled_absmax, weight.pairs, x.reshape(-1).contiguous(), out,
-                          bias if bias is not None else out, int(bias is not None), k, *slots])
+    dependent_launch.launch_compiled(
+        _kernel(config, dependent_launch.active()), grid=(n // ROWS, config.split, 1), block=(32 * config.warps, 1, 1),
+        args=[weight.packed, weight.tiled_absmax, weight.pairs, x.reshape(-1).contiguous(), out,
+              bias if bias is not None else out, int(bias is not None), k, *slots])
     return out.view(*x.shape[:-1], n)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from assistant import dependent_launch
 from assistant.triton_runtime import triton
 
 if triton is not None:
@@ -26,14 +27,17 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     total = torch.empty_like(x)
     normed = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     _add_rms_norm[(x.numel() // hidden,)](x, delta, weight, total, normed, hidden, eps,
-                                         BLOCK=triton.next_power_of_2(hidden), num_warps=num_warps)
+                                         BLOCK=triton.next_power_of_2(hidden), num_warps=num_warps,
+                                         **dependent_launch.triton_options())
     return total, normed
 
 
 if triton is not None:
 
     @triton.jit
-    def _add_rms_norm(x_ptr, delta_ptr, weight_ptr, total_ptr, normed_ptr, hidden, eps, BLOCK: tl.constexpr):
+    def _add_rms_norm(x_ptr, delta_ptr, weight_ptr, total_ptr, normed_ptr, hidden, eps, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr):
+        dependent_launch.wait_and_signal(PDL)
         row = tl.program_id(0) * hidden
         i = tl.arange(0, BLOCK)
         ok = i < hidden

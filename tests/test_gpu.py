@@ -5,6 +5,7 @@ Unsloth must be imported before transformers, so this module imports it first wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -99,8 +100,6 @@ def test_fast_decode_logits_match_the_eager_forward_on_the_1_5b_shape(with_adapt
     """Teacher-forced: the logits of every captured decode step against one eager forward over the same tokens
     (with an adapter: PEFT computing the LoRA layers apart, against its product merged into bf16 weights).
     Random weights give near-flat logits, so the tokens are compared through their logits, not greedily."""
-    import contextlib
-
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -143,6 +142,43 @@ def test_fast_decode_logits_match_the_eager_forward_on_the_1_5b_shape(with_adapt
 
     # Within bf16 tolerance: no further from float32 than twice what the eager bf16 forward itself is.
     assert error(fast) <= 2 * error(eager) + 1e-3, (error(fast), error(eager))
+
+
+def test_overlapping_launches_decode_exactly_as_launches_one_after_another_on_cuda(tmp_path):
+    """The step captured with programmatic dependent launch (the 4-bit GEMVs, attention and norms starting while
+    the kernel before them finishes, and waiting for it before they read its output) writes bit for bit the
+    logits of the step captured without it, teacher-forced over the same tokens: a kernel reading its input
+    before the kernel before it has written it would change them."""
+    from transformers import BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from assistant import dependent_launch, gemv_4bit_mma
+    from assistant.fast_decode import FastDecoder
+    from scripts.gpu_generation_bench import SHAPES
+
+    if not dependent_launch.supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 and a Triton that has it")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        Qwen2ForCausalLM(Qwen2Config(**{**SHAPES["1.5b"], "num_hidden_layers": 4})).to(torch.bfloat16).save_pretrained(
+            tmp_path)
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = Qwen2ForCausalLM.from_pretrained(tmp_path, quantization_config=nf4, device_map="cuda").eval()
+    decoder = FastDecoder(model, 1024, set(), contextlib.nullcontext)
+    # the step runs our GEMV, attention and norms, the kernels that launch overlapping
+    assert any(chosen.func is gemv_4bit_mma.gemv for chosen in decoder.nf4_choice.values())
+    assert decoder.reads_written_positions_only
+    prompt, forced = (torch.randint(0, 150000, (1, n), device="cuda") for n in (300, 8))
+    logits = {}
+    for overlap in (False, True):
+        decoder.capture(overlap=overlap)
+        decoder.prefill(prompt)
+        steps = []
+        for token in forced[0]:
+            decoder.token.fill_(token)
+            decoder.run_step(False)
+            steps.append(decoder.logits.clone())
+        logits[overlap] = torch.cat(steps)
+    assert torch.equal(logits[True], logits[False])
 
 
 @pytest.mark.parametrize("out_features, in_features", [(64, 1024), (2048, 1536), (5120, 13824), (48, 5120 + 192)])
