@@ -338,8 +338,11 @@ class FastDecoder:
         return times[True] < times[False]
 
     def _step_ms(self, replays: int = 25) -> float:
-        """Milliseconds of one replay of the captured greedy step (the median), the cache's state restored."""
+        """Milliseconds of one replay of the captured greedy step (the median) from the cache's middle position,
+        where a long retrieval prompt's answer is (the attention there reads what a real answer reads); the token
+        and position restored."""
         saved_token, saved_position = self.token.clone(), self.position.clone()
+        self.position.fill_(self.max_len // 2)
         times = []
         with self.answering():
             for _ in range(replays):
