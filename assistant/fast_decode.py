@@ -13,8 +13,9 @@ the model's own modules), rotary embedding, the cache writes and attention over 
 Triton kernels (assistant/decode_attention.py; or rotary and the writes in one kernel, assistant/rotary_store.py,
 and the whole cache masked), the residual sums and norms in one program each (assistant/residual_norm.py), the
 other small operations fused by `torch.compile`, and the choice of the next token (greedy, or
-temperature and top-p) inside the same graph. The host only reads each token back, one step behind the GPU, so
-the GPU never waits on Python. Where several ways exist, the GPU times them at load and the fastest is kept.
+temperature and top-p) inside the same graph; on Hopper, our kernels launch overlapping the one before them
+(assistant/dependent_launch.py) where the captured step is timed faster so. The host only reads each token
+back, one step behind the GPU, so the GPU never waits on Python. Where several ways exist, the GPU times them at load and the fastest is kept.
 
 On CPU the same step runs eagerly, without capture (the Triton kernels interpreted by Triton when
 TRITON_INTERPRET=1): that is how the tests check it against `generate`.
