@@ -90,15 +90,19 @@ def screenshot(page, path: Path) -> None:
     page.screenshot(path=str(path), full_page=True)
 
 
-def choose_file(page, path: Path, attempts: int = 3) -> None:
-    """Put a file in the upload box. Chromium under heavy CPU load now and then drops the first file chooser
-    event, so the choice is retried until the box names the file."""
+def choose_file(page, path: Path, box: str = "#upload", attempts: int = 3) -> None:
+    """Put a file in an upload box and wait for its row, which names it when the upload has finished (Gradio
+    writes the name's stem and extension as two spans, a space apart). Chromium under heavy CPU load now and
+    then drops the first file chooser event, so the choice is retried until the row is there."""
+    import re
+
     from playwright.sync_api import expect
 
+    row = re.compile(re.escape(path.stem) + r"\s*" + re.escape(path.suffix))
     for attempt in range(attempts):
-        page.locator("#upload input[type=file]").set_input_files(str(path))
+        page.locator(f"{box} input[type=file]").set_input_files(str(path))
         try:
-            expect(page.locator("#upload")).to_contain_text(path.name, timeout=10_000)
+            expect(page.locator(box)).to_contain_text(row, timeout=10_000)
             return
         except AssertionError:
             if attempt == attempts - 1:
@@ -308,9 +312,7 @@ def test_the_train_tab_starts_a_run_draws_its_curves_and_cancels_it(browser, tmp
     with app_page(browser, settings, embedder, 1300) as (page, _):
         page.get_by_role("tab", name="Train").click()
         page.locator("#train-use-pairs input").uncheck()  # nothing collected in this app yet: the file only
-        page.locator("#train-files input[type=file]").set_input_files(str(pairs))
-        # the uploaded file's row: Gradio writes its name's stem and extension as two spans, a space apart
-        expect(page.locator("#train-files")).to_contain_text(re.compile(r"pairs\s*\.jsonl"))
+        choose_file(page, pairs, "#train-files")
         page.locator("#train-steps input").fill("200")
         page.locator("#train-start").click()
         expect(page.locator("#train-note")).to_contain_text("Started run-")
