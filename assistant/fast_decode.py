@@ -15,7 +15,8 @@ and the whole cache masked), the residual sums and norms in one program each (as
 other small operations fused by `torch.compile`, and the choice of the next token (greedy, or
 temperature and top-p) inside the same graph; on Hopper, our kernels launch overlapping the one before them
 (assistant/dependent_launch.py) where the captured step is timed faster so. The host only reads each token
-back, one step behind the GPU, so the GPU never waits on Python. Where several ways exist, the GPU times them at load and the fastest is kept.
+back, one step behind the GPU, so the GPU never waits on Python. Where several ways exist, the GPU times them at
+load and the fastest is kept.
 
 On CPU the same step runs eagerly, without capture (the Triton kernels interpreted by Triton when
 TRITON_INTERPRET=1): that is how the tests check it against `generate`.
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from assistant import dependent_launch, residual_norm, rotary_store
-from assistant.triton_runtime import graph_ms, runs_on
+from assistant.triton_runtime import graph_ms, replay_ms, runs_on
 
 SUPPORTED_ARCHITECTURES = ("qwen2", "llama")
 
@@ -314,29 +315,35 @@ class FastDecoder:
         if not self.cuda:
             return 0.0
         started = time.perf_counter()
-        if overlap is not None:
-            self.overlap = overlap
-        elif self.overlap is None:
-            self.overlap = self._choose_overlap()
-        self._capture(self.overlap)
+        if overlap is None and self.overlap is None:
+            self.overlap = self._capture_the_faster()
+        else:
+            self.overlap = self.overlap if overlap is None else overlap
+            self._capture(self.overlap)
         return time.perf_counter() - started
 
-    def _choose_overlap(self) -> bool:
+    def _capture_the_faster(self) -> bool:
+        """Capture the step without overlapping launches and, where the GPU can, with them; keep the faster
+        captured, and return whether it overlaps."""
+        self._capture(False)
         if not dependent_launch.supported(self.device):
             return False
-        times = {}
-        for overlap in (False, True):
-            try:
-                self._capture(overlap)
-            except Exception as e:  # noqa: BLE001 - a driver or Triton that refuses it: launch one after another
-                print(f"generation: overlapping launches failed to capture ({type(e).__name__}: {e}); not used",
-                      file=sys.stderr, flush=True)
-                return False
-            times[overlap] = self._step_ms()
-        print(f"generation: a decode step {times[True]:.3f} ms with overlapping launches (programmatic dependent "
-              f"launch), {times[False]:.3f} ms without; {'overlapping' if times[True] < times[False] else 'without'}",
+        without = self._step_ms()
+        try:
+            self._capture(True)
+        except Exception as e:  # noqa: BLE001 - a driver or Triton that refuses it: launch one after another
+            print(f"generation: overlapping launches failed to capture ({type(e).__name__}: {e}); not used",
+                  file=sys.stderr, flush=True)
+            self._capture(False)
+            return False
+        overlapping = self._step_ms()
+        faster = overlapping < without
+        print(f"generation: a decode step {overlapping:.3f} ms with overlapping launches (programmatic dependent "
+              f"launch), {without:.3f} ms without; {'overlapping' if faster else 'without'}",
               file=sys.stderr, flush=True)
-        return times[True] < times[False]
+        if not faster:
+            self._capture(False)
+        return faster
 
     def _step_ms(self, replays: int = 25) -> float:
         """Milliseconds of one replay of the captured greedy step (the median) from the cache's middle position,
@@ -344,18 +351,11 @@ class FastDecoder:
         and position restored."""
         saved_token, saved_position = self.token.clone(), self.position.clone()
         self.position.fill_(self.max_len // 2)
-        times = []
         with self.answering():
-            for _ in range(replays):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                self.graphs[False].replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
+            ms = replay_ms(self.graphs[False], replays)
         self.token.copy_(saved_token)
         self.position.copy_(saved_position)
-        return sorted(times)[len(times) // 2]
+        return ms
 
     def _capture(self, overlap: bool) -> None:
         self.graphs = {}

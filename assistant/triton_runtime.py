@@ -35,6 +35,11 @@ def graph_ms(fn, replays: int = 20) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    return replay_ms(graph, replays)
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:
+    """Milliseconds per replay of a captured ``graph`` (the median of ``replays``)."""
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
