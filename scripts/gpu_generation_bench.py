@@ -182,6 +182,15 @@ def bounds(model, prompt_tokens: int, new_tokens: int) -> dict:
             "prefill_tflop": flops / 1e12, "matmul_tflop_s": rate / 1e12, "prefill_bound_s": flops / rate}
 
 
+def with_bounds(row: dict, model) -> dict:
+    """``row`` with the card's bounds for its model and prompt, and how near its measured times come to them."""
+    row.update(bounds(model, row["prompt_tokens"], row["new_tokens"]))
+    row["fraction_of_bound"] = row["decode_tok_s"] / row["bound_tok_s"]
+    row["fraction_of_bound_with_kv"] = row["decode_tok_s"] / row["bound_with_kv_tok_s"]
+    row["ttft_over_prefill_bound"] = row["ttft_s"] / row["prefill_bound_s"]
+    return row
+
+
 def measure(model: str, engine: str, four_bit: bool, prompt_tokens: int, new_tokens: int, runs: int,
             fast_decode: str = "auto", profile: Path | None = None) -> dict:
     import torch
@@ -232,10 +241,7 @@ def measure(model: str, engine: str, four_bit: bool, prompt_tokens: int, new_tok
                "decode_tok_s": sorted(decode)[len(decode) // 2], "peak_gib": peak_gib,
                "gpu": torch.cuda.get_device_name() if cuda else "cpu"}
         if cuda and engine != "openai":
-            row.update(bounds(runtime.model, row["prompt_tokens"], generated))
-            row["fraction_of_bound"] = row["decode_tok_s"] / row["bound_tok_s"]
-            row["fraction_of_bound_with_kv"] = row["decode_tok_s"] / row["bound_with_kv_tok_s"]
-            row["ttft_over_prefill_bound"] = row["ttft_s"] / row["prefill_bound_s"]
+            with_bounds(row, runtime.model)
         return row
 
 
@@ -305,10 +311,7 @@ def reference(model_dir: str, prompt_tokens: int, new_tokens: int, runs: int) ->
            "weights": "bf16", "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "warm_up_s": warm_up_s,
            "ttft_s": sorted(ttft)[len(ttft) // 2], "decode_tok_s": sorted(decode)[len(decode) // 2],
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "gpu": torch.cuda.get_device_name()}
-    row.update(bounds(model, prompt_tokens, new_tokens))
-    row["fraction_of_bound"] = row["decode_tok_s"] / row["bound_tok_s"]
-    row["fraction_of_bound_with_kv"] = row["decode_tok_s"] / row["bound_with_kv_tok_s"]
-    return row
+    return with_bounds(row, model)
 
 
 def gpu_memory_used_gib() -> float:
