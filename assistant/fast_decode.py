@@ -29,8 +29,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -234,7 +234,6 @@ class FastDecoder:
 
         if not self.cuda:
             return written_positions(), True
-        saved = self.position.clone()
         q, k, v = (torch.randn(n * head_dim, dtype=self.dtype, device=self.device)
                    for n in (heads, kv_heads, kv_heads))
         caches = list(zip(self.k_cache, self.v_cache, strict=True))[:8]
@@ -242,7 +241,7 @@ class FastDecoder:
         candidates.update({f"the written positions (Triton, {t.runs} runs a key head, {t.block} positions a step)":
                            written_positions(t) for t in TILINGS})
         times, failure = {}, None
-        with torch.no_grad():
+        with torch.no_grad(), self._state_kept():
             for name, fn in candidates.items():
                 try:
                     times[name] = 0.0
@@ -254,7 +253,6 @@ class FastDecoder:
                         raise
                     del times[name]
                     failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        self.position.copy_(saved)
         best = min(times, key=times.get)
         print(f"generation: attention over {best}: {1000 * times[best] / len(caches):.1f} us a layer (the mean of "
               f"the cache's middle and last positions), against {1000 * times['the whole cache'] / len(caches):.1f} "
@@ -345,25 +343,32 @@ class FastDecoder:
             self._capture(False)
         return faster
 
+    @contextmanager
+    def _state_kept(self) -> Iterator[torch.Tensor]:
+        """The step's token and position as they were when the block began, put back when it ends (timing and
+        capturing run the step, which moves them); yields a copy of the position."""
+        token, position = self.token.clone(), self.position.clone()
+        try:
+            yield position
+        finally:
+            self.token.copy_(token)
+            self.position.copy_(position)
+
     def _step_ms(self, replays: int = 25) -> float:
         """Milliseconds of one replay of the captured greedy step (the median) from the cache's middle position,
         where a long retrieval prompt's answer is (the attention there reads what a real answer reads); the token
         and position restored."""
-        saved_token, saved_position = self.token.clone(), self.position.clone()
-        self.position.fill_(self.max_len // 2)
-        with self.answering():
-            ms = replay_ms(self.graphs[False], replays)
-        self.token.copy_(saved_token)
-        self.position.copy_(saved_position)
-        return ms
+        with self._state_kept(), self.answering():
+            self.position.fill_(self.max_len // 2)
+            return replay_ms(self.graphs[False], replays)
 
     def _capture(self, overlap: bool) -> None:
         self.graphs = {}
-        saved_token, saved_position = self.token.clone(), self.position.clone()
         # A memory pool of its own for each capture, shared by its two graphs: a pool lives only as long as a
         # graph uses it, and capturing into the pool of graphs just dropped fails an allocator assertion.
         pool = torch.cuda.graph_pool_handle()
-        with self.answering(), torch.no_grad(), dependent_launch.overlapping(overlap):
+        with self._state_kept() as saved_position, self.answering(), torch.no_grad(), \
+                dependent_launch.overlapping(overlap):
             for sample in (False, True):
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
@@ -377,8 +382,6 @@ class FastDecoder:
                 with torch.cuda.graph(graph, pool=pool):
                     self._step(sample)
                 self.graphs[sample] = graph
-        self.token.copy_(saved_token)
-        self.position.copy_(saved_position)
         torch.cuda.synchronize()
 
     def run_step(self, sample: bool) -> None:
