@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,8 +31,28 @@ from knowledge.embeddings import EmbeddingModelError
 THINKING = "Thinking"
 THINKING_OPEN_ENDED = "Thinking (never closed: the model stopped before it finished reasoning)"
 UNCITED = "The answer cites none of the passages it was shown; they are listed below as retrieved, not cited."
-NO_ANSWER = ("*No answer after the reasoning: the model stopped while still thinking. Open the thinking "
-             "block above to read it, or raise “Max new tokens”.*")
+NO_ANSWER = ("*No answer after the reasoning: the model reached “Max new tokens” while still thinking. Open the "
+             "thinking block above to read it, or raise “Max new tokens” and ask again.*")
+EARLIER_NO_ANSWER = "*No answer after the reasoning: the model stopped while still thinking.*"
+STOPPED = "*(stopped)*"
+# At most ten page updates a second while an answer streams: the browser keeps up at any decode speed, and a
+# click on Stop is not queued behind hundreds of redraws.
+UPDATE_S = 0.1
+
+
+def throttled(answers: Iterator[Answer], every: float = UPDATE_S) -> Iterator[Answer]:
+    """One answer's stream with at most one update every ``every`` seconds; the first and the last always come.
+    (An ``Answer`` grows in place, so the update sent holds everything streamed before it.)"""
+    sent, skipped = 0.0, None
+    for answer in answers:
+        now = time.monotonic()
+        if answer.done or now - sent >= every:
+            sent, skipped = now, None
+            yield answer
+        else:
+            skipped = answer
+    if skipped is not None:
+        yield skipped
 
 
 class StopSwitches:
@@ -97,9 +118,12 @@ def turn_messages(turn: dict, index: int) -> list[gr.ChatMessage]:
         messages.append(gr.ChatMessage(content=f"**Cannot answer:**\n\n```\n{turn['error']}\n```"))
         return messages
     for number, earlier in enumerate(turn.get("earlier", []), start=1):
-        messages.append(gr.ChatMessage(content=earlier["answer"] or NO_ANSWER, metadata={
-            "title": f"Earlier answer {number} (before “Try again”)", "id": f"earlier-{index}-{number}",
-            "status": "done"}))
+        block = f"earlier-{index}-{number}"
+        messages.append(gr.ChatMessage(content=earlier["answer"] or EARLIER_NO_ANSWER, metadata={
+            "title": f"Earlier answer {number} (before “Try again”)", "id": block, "status": "done"}))
+        if earlier["reasoning"]:
+            messages.append(gr.ChatMessage(content=earlier["reasoning"], metadata={
+                "title": "Its reasoning", "parent_id": block, "status": "done"}))
     finished_thinking = turn["thinking_done"] or turn["done"]
     if turn["reasoning"] or not finished_thinking:
         title = THINKING if turn["thinking_done"] or not turn["done"] else THINKING_OPEN_ENDED
@@ -108,9 +132,10 @@ def turn_messages(turn: dict, index: int) -> list[gr.ChatMessage]:
             metadata["duration"] = round(turn["seconds"], 1)
         messages.append(gr.ChatMessage(content=turn["reasoning"] or "…", metadata=metadata))
     if turn["answer"] or turn["done"]:
-        body = marked_answer(turn["answer"], turn["support"]) if turn["answer"] else NO_ANSWER
         if turn["stopped"]:
-            body += "\n\n*(stopped)*"
+            body = f"{marked_answer(turn['answer'], turn['support'])}\n\n{STOPPED}" if turn["answer"] else STOPPED
+        else:
+            body = marked_answer(turn["answer"], turn["support"]) if turn["answer"] else NO_ANSWER
         if turn["done"] and turn["answer"] and turn["passages"] and not turn["citations"]:
             body += f"\n\n*{UNCITED}*"
         if turn["model"]:
@@ -219,8 +244,8 @@ class ChatTab:
             yield chat_messages(turns), turns, ""
             return
         try:
-            for answer in self.assistant.stream_answer([*history, {"role": "user", "content": question}], params,
-                                                       use_retrieval=bool(use_retrieval), stop=stop):
+            for answer in throttled(self.assistant.stream_answer([*history, {"role": "user", "content": question}],
+                                                                 params, use_retrieval=bool(use_retrieval), stop=stop)):
                 record_answer(turn, answer, stop)
                 yield chat_messages(turns), turns, ""
         except ModelUnavailable as e:
@@ -264,11 +289,13 @@ class ChatTab:
         inputs = [question, turns, temperature, max_new_tokens, use_retrieval]
         outputs = [chatbot, turns, question]
         model_events = dict(concurrency_limit=settings.gpu_concurrency, concurrency_id="model")
-        gr.on([question.submit, send.click], self.respond, inputs, outputs, api_name="chat", **model_events).then(
-            self.export, turns, export, api_visibility="private", queue=False)
+        answered = gr.on([question.submit, send.click], self.respond, inputs, outputs, api_name="chat",
+                         **model_events)
+        answered.then(self.export, turns, export, api_visibility="private", queue=False)
         stop.click(self.stop, None, None, queue=False, api_visibility="private")
-        for trigger in (new_chat.click, chatbot.clear):
-            trigger(lambda: ([], [], gr.DownloadButton(value=None, interactive=False)), None,
-                    [chatbot, turns, export], queue=False, api_visibility="private")
-        # What the feedback controls (assistant/ui_feedback.py) act on.
+        cleared = [trigger(lambda: ([], [], gr.DownloadButton(value=None, interactive=False)), None,
+                           [chatbot, turns, export], queue=False, api_visibility="private")
+                   for trigger in (new_chat.click, chatbot.clear)]
+        # What the feedback controls (assistant/ui_feedback.py) act on, and the events they follow.
         self.chatbot, self.turns, self.temperature, self.max_new_tokens = chatbot, turns, temperature, max_new_tokens
+        self.answered, self.cleared = answered, cleared

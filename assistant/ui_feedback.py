@@ -14,14 +14,24 @@ import uuid
 import gradio as gr
 
 from assistant.chat import Answer, Citation, PromptRecord
-from assistant.feedback import FeedbackStore, completion
+from assistant.feedback import FeedbackStore, Saved, completion
 from assistant.runtime import GenerationParams
-from assistant.ui_chat import ChatTab, chat_messages, record_answer, turn_messages
+from assistant.ui_chat import (
+    EARLIER_NO_ANSWER,
+    ChatTab,
+    chat_messages,
+    record_answer,
+    throttled,
+    turn_messages,
+)
 from assistant.ui_verify import VerifyTab
 from assistant.verify import VERDICTS
 from errors import UserError
+from finetune.pairs_store import Change
 
-PICK_PROMPT = "**You asked for another answer.** Which one is better? Your pick becomes a training pair."
+COMPARE_PROMPT = ("**You asked for another answer.** Which one is better? Read both, reasoning and answer; your "
+                  "pick becomes a training pair.")
+NO_EDIT_TARGET = "*Ask a question first: the editor is for the last answer.*"
 
 
 def turn_of_message(turns: list[dict], message_index: int) -> int:
@@ -36,6 +46,15 @@ def turn_of_message(turns: list[dict], message_index: int) -> int:
 
 def _user(request: gr.Request | None) -> str | None:
     return getattr(request, "username", None) or None
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or ""
+
+
+def _short(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return f"“{text if len(text) <= limit else text[:limit - 1] + '…'}”"
 
 
 def turn_completion(turn: dict) -> tuple[str, object]:
@@ -55,7 +74,32 @@ def _keyed_completion(prompt: dict, answer: dict) -> tuple[str, object]:
                                      answer["thinking_done"], answer["model"], answer["adapter"])
 
 
+def answer_turn(turns: list[dict], key: str | None) -> dict | None:
+    """The turn whose answer (the one shown, not an earlier one) is ``key``."""
+    return next((turn for turn in turns if key and turn["key"] == key), None)
+
+
+def replaced_note(change: Change) -> str:
+    count = len(change.replaced_pairs)
+    if not count:
+        return ""
+    return (f" It replaces the earlier pair{'s' if count != 1 else ''} that said the opposite "
+            f"({count} removed).")
+
+
+def answer_markdown(title: str, answer: dict) -> str:
+    """One side of the comparison: its reasoning (quoted) and its answer."""
+    reasoning = answer["reasoning"].strip() or "(no reasoning)"
+    quoted = "\n".join(f"> {line}" for line in reasoning.splitlines())
+    body = answer["answer"].strip() or EARLIER_NO_ANSWER
+    return f"### {title}\n**Reasoning**\n\n{quoted}\n\n**Answer**\n\n{body}"
+
+
 class ChatFeedback:
+    """The feedback controls under the chat. Each action is bound to the answer it was made on, by the answer's
+    key: the editor remembers which answer it was opened for, the comparison which two answers it shows, and an
+    action whose answer is no longer on the page is refused rather than applied to whatever is there now."""
+
     def __init__(self, chat: ChatTab, feedback: FeedbackStore | None, unavailable: str | None = None):
         self.chat, self.feedback, self.unavailable = chat, feedback, unavailable
 
@@ -72,28 +116,65 @@ class ChatFeedback:
             raise gr.Error(f"There is no turn {number} in this conversation.")
         return turns[number]
 
-    def vote(self, turns: list[dict], number: float | None, good: bool, request: gr.Request) -> str:
-        """A thumbs up (``good``) or down on turn ``number`` (-1: the last)."""
-        key, answer = turn_completion(self._turn(turns, number))
+    def _save(self, request: gr.Request | None, what: str, key: str, write) -> Change:
+        """Run one write on the store and remember it for undo; a user's mistake becomes a message."""
         try:
-            made = self._store().vote(key, answer, bool(good), _user(request))
+            change = write(self._store())
         except UserError as e:
             raise gr.Error(str(e)) from None
-        if made:
-            return f"Saved: {len(made)} new training pair{'s' if len(made) != 1 else ''} from your votes."
-        return ("Saved 👍." if good else
-                "Saved 👎. It becomes a training pair when a better answer to this question arrives "
-                "(try again, or write one).")
+        if change.made or change.vote is not None or change.replaced_pairs:
+            self._store().remember(_session(request), Saved(what, change, key))
+        return change
 
-    def on_like(self, turns: list[dict], data: gr.LikeData, request: gr.Request) -> str:
+    # -- votes ----------------------------------------------------------------------------------------
+
+    def vote(self, turns: list[dict], number: float | None, good: bool, request: gr.Request) -> str:
+        """A thumbs up (``good``) or down on turn ``number`` (-1: the last)."""
+        return self._vote(self._turn(turns, number), bool(good), request)[0]
+
+    def _vote(self, turn: dict, good: bool, request: gr.Request | None) -> tuple[str, Change]:
+        key, answer = turn_completion(turn)
+        thumb = "👍" if good else "👎"
+        change = self._save(request, f"your {thumb} on the answer to {_short(turn['question'])}", key,
+                            lambda store: store.vote(key, answer, good, _user(request)))
+        changed = [v for v in change.replaced_votes if v.good != good]
+        note = f" Your earlier {'👎' if good else '👍'} on this answer is replaced." if changed else ""
+        if change.made:
+            count = len(change.made)
+            return (f"Saved {thumb}: {count} new training pair{'s' if count != 1 else ''} from your votes."
+                    + note + replaced_note(change)), change
+        if good:
+            return f"Saved {thumb}.{note}{replaced_note(change)}", change
+        return (f"Saved {thumb}.{note}{replaced_note(change)} It becomes a training pair when a better answer to "
+                "this question arrives (try again, or write one)."), change
+
+    def on_like(self, turns: list[dict], compare: dict | None, data: gr.LikeData, request: gr.Request):
+        """A thumb on the chatbot: (status, comparison row, comparison). Taking a thumb back undoes that vote."""
+        turn = turns[turn_of_message(turns, data.index if isinstance(data.index, int) else data.index[0])]
         if data.liked not in (True, False):
-            return ""  # a thumb taken back, or another kind of feedback
-        return self.vote(turns, turn_of_message(turns, data.index if isinstance(data.index, int) else data.index[0]),
-                         data.liked, request)
+            last = self._store().last(_session(request))
+            if last is None or last.key != turn["key"] or last.change.vote is None:
+                return "Thumb taken back on the page; use “Undo last feedback” to take back an earlier vote.", \
+                    gr.update(), compare
+            return self.undo(request), gr.update(), compare
+        status, change = self._vote(turn, data.liked, request)
+        if compare and change.made and compare.get("new") == turn["key"]:
+            return status, gr.update(visible=False), None  # the vote paired the two answers compared: done
+        return status, gr.update(), compare
+
+    def undo(self, request: gr.Request) -> str:
+        try:
+            return f"Undone: {self._store().undo(_session(request))}."
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+
+    # -- try again and the comparison -----------------------------------------------------------------
 
     def try_again(self, turns: list[dict], number: float | None, temperature: float, max_new_tokens: float,
                   request: gr.Request):
-        """Another answer to turn ``number``'s exact prompt; the earlier one is kept for the pick."""
+        """Another answer to turn ``number``'s exact prompt; the earlier one is kept for the comparison.
+
+        Yields (chatbot, turns, comparison row, comparison, earlier side, new side)."""
         turn = self._turn(turns, number)
         turn_completion(turn)  # a finished answer only
         previous = Answer(passages=[Citation(c["number"], c["source"], c["page"], c["text"])
@@ -102,91 +183,150 @@ class ChatFeedback:
         keep = ("key", "reasoning", "answer", "thinking_done", "model", "adapter", "citations", "passages", "support")
         turn["earlier"] = [*turn.get("earlier", []), {k: turn[k] for k in keep}]
         turn.update(key=uuid.uuid4().hex, reasoning="", answer="", thinking_done=False, done=False, picked=None,
-                    citations=[], passages=[], support=[], started_at=time.time(), seconds=None)
+                    stopped=False, citations=[], passages=[], support=[], started_at=time.time(), seconds=None)
         params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature))
-        stop = self.chat.switches.new(getattr(request, "session_hash", None) or "")
-        yield chat_messages(turns), turns, gr.update(visible=False)
+        stop = self.chat.switches.new(_session(request))
+        hidden = (gr.update(visible=False), None, gr.update(), gr.update())
+        yield chat_messages(turns), turns, *hidden
         try:
-            for answer in self.chat.assistant.stream_again(previous, params, stop):
+            for answer in throttled(self.chat.assistant.stream_again(previous, params, stop)):
                 record_answer(turn, answer, stop)
-                yield chat_messages(turns), turns, gr.update(visible=False)
+                yield chat_messages(turns), turns, *hidden
         except UserError as e:
             turn["error"] = str(e)
         turn["done"] = True
-        yield chat_messages(turns), turns, gr.update(visible=not turn["error"])
+        if turn["error"]:
+            yield chat_messages(turns), turns, *hidden
+            return
+        compare = {"new": turn["key"], "earlier": turn["earlier"][-1]["key"]}
+        yield (chat_messages(turns), turns, gr.update(visible=True), compare,
+               answer_markdown(f"Earlier answer {len(turn['earlier'])}", turn["earlier"][-1]),
+               answer_markdown("New answer", turn))
 
     def on_retry(self, turns: list[dict], temperature: float, max_new_tokens: float, data: gr.RetryData,
                  request: gr.Request):
         index = data.index if isinstance(data.index, int) else data.index[0]
         yield from self.try_again(turns, turn_of_message(turns, index), temperature, max_new_tokens, request)
 
-    def pick(self, turns: list[dict], number: float | None, better: str, request: gr.Request):
+    def pick(self, turns: list[dict], number: float | None, better: str, request: gr.Request) -> str:
         """After "try again": ``better`` is "new" (the answer shown) or "earlier"."""
-        turn = self._turn(turns, number)
+        return self._pick(self._turn(turns, number), better, request)
+
+    def _pick(self, turn: dict, better: str, request: gr.Request | None) -> str:
         if not turn.get("earlier"):
             raise gr.Error("There is only one answer to this question: use “Try again” first.")
         if better not in ("new", "earlier"):
             raise gr.Error('Pick "new" or "earlier".')
         new, earlier = turn_completion(turn), earlier_completion(turn)
         chosen, rejected = (new, earlier) if better == "new" else (earlier, new)
-        try:
-            self._store().pick(chosen, rejected, _user(request))
-        except UserError as e:
-            raise gr.Error(str(e)) from None
+        change = self._save(request, f"your pick of the {better} answer to {_short(turn['question'])}", new[0],
+                            lambda store: store.pick(chosen, rejected, _user(request)))
         turn["picked"] = better
-        return turns, "Saved: your pick is a training pair.", gr.update(visible=False)
+        if not change.made:
+            return "Already saved: this pick is in the pairs store."
+        return "Saved: your pick is a training pair." + replaced_note(change)
 
-    def pick_new(self, turns: list[dict], number: float | None, request: gr.Request):
-        return self.pick(turns, number, "new", request)
+    def pick_compared(self, turns: list[dict], compare: dict | None, better: str, request: gr.Request):
+        """A pick from the comparison row: on the two answers it shows, or refused when they have changed."""
+        turn = answer_turn(turns, (compare or {}).get("new"))
+        if turn is None or not turn.get("earlier") or turn["earlier"][-1]["key"] != compare["earlier"]:
+            raise gr.Error("These two answers are no longer the last comparison in the conversation; nothing "
+                           "was saved. Use “Try again” on the answer you want to compare.")
+        return turns, self._pick(turn, better, request), gr.update(visible=False), None
 
-    def pick_earlier(self, turns: list[dict], number: float | None, request: gr.Request):
-        return self.pick(turns, number, "earlier", request)
+    def pick_new_compared(self, turns: list[dict], compare: dict | None, request: gr.Request):
+        return self.pick_compared(turns, compare, "new", request)
+
+    def pick_earlier_compared(self, turns: list[dict], compare: dict | None, request: gr.Request):
+        return self.pick_compared(turns, compare, "earlier", request)
+
+    # -- the editor -----------------------------------------------------------------------------------
 
     def edit(self, turns: list[dict], number: float | None, reasoning: str, answer: str, request: gr.Request) -> str:
         """The person's better reasoning and answer for turn ``number``, chosen over the model's."""
-        try:
-            self._store().edit(turn_completion(self._turn(turns, number)), reasoning or "", answer or "",
-                               _user(request))
-        except UserError as e:
-            raise gr.Error(str(e)) from None
-        return "Saved: your answer is a training pair, chosen over the model's."
+        return self._edit(self._turn(turns, number), reasoning, answer, request)
 
-    def fill_editor(self, turns: list[dict]):
-        """The last answer's reasoning and answer, to edit."""
-        turn = self._turn(turns, None)
+    def _edit(self, turn: dict, reasoning: str, answer: str, request: gr.Request | None) -> str:
+        original = turn_completion(turn)
+        change = self._save(request, f"your written answer to {_short(turn['question'])}", original[0],
+                            lambda store: store.edit(original, reasoning or "", answer or "", _user(request)))
+        if not change.made:
+            return "Already saved: this answer of yours is in the pairs store."
+        return "Saved: your answer is a training pair, chosen over the model's." + replaced_note(change)
+
+    def save_edit(self, turns: list[dict], edit_for: str | None, reasoning: str, answer: str, request: gr.Request
+                  ) -> str:
+        """The editor's text, for the answer it was opened for: never for another one."""
+        turn = answer_turn(turns, edit_for)
+        if turn is None:
+            raise gr.Error("The answer this editor was for is no longer in the conversation; nothing was saved. "
+                           "Ask again, then write your answer.")
+        return self._edit(turn, reasoning, answer, request)
+
+    def editor_for_last(self, turns: list[dict]):
+        """The editor emptied and bound to the last finished answer: (reasoning, answer, bound key, heading)."""
+        turn = turns[-1] if turns else None
+        if turn is None or not turn.get("done") or turn.get("error"):
+            return "", "", None, NO_EDIT_TARGET
+        return "", "", turn["key"], f"Your reasoning and answer to {_short(turn['question'], 120)}, saved as " \
+                                    "chosen over the model's."
+
+    def fill_editor(self, turns: list[dict], edit_for: str | None):
+        """The bound answer's reasoning and answer, to edit."""
+        turn = answer_turn(turns, edit_for)
+        if turn is None:
+            raise gr.Error("Ask a question first: the editor starts from the last answer.")
         return turn["reasoning"], turn["answer"]
 
     def build(self, chatbot: gr.Chatbot, turns: gr.State, temperature: gr.Slider, max_new_tokens: gr.Slider
               ) -> None:
-        status = gr.Markdown(elem_id="feedback-status")
-        with gr.Row(visible=False, elem_id="pick-row") as pick_row:
-            gr.Markdown(PICK_PROMPT)
-            pick_new = gr.Button("This answer is better", elem_id="pick-new")
-            pick_earlier = gr.Button("The earlier answer was better", elem_id="pick-earlier")
+        with gr.Row():
+            status = gr.Markdown(elem_id="feedback-status")
+            undo = gr.Button("Undo last feedback", size="sm", scale=0, min_width=180, elem_id="feedback-undo")
+        compare = gr.State(None)  # {"new": key, "earlier": key} of the two answers the row shows
+        with gr.Column(visible=False, elem_id="pick-row") as compare_row:
+            gr.Markdown(COMPARE_PROMPT)
+            with gr.Row(equal_height=True):
+                with gr.Column(elem_id="compare-earlier"):
+                    earlier_side = gr.Markdown()
+                    pick_earlier = gr.Button("The earlier answer is better", elem_id="pick-earlier")
+                with gr.Column(elem_id="compare-new"):
+                    new_side = gr.Markdown()
+                    pick_new = gr.Button("The new answer is better", elem_id="pick-new")
+        edit_for = gr.State(None)  # the key of the answer the editor is for
         with gr.Accordion("Write a better answer", open=False, elem_id="edit-answer"):
-            gr.Markdown("Your reasoning and answer for the last question; saved as chosen over the model's.")
+            edit_heading = gr.Markdown(NO_EDIT_TARGET, elem_id="edit-for")
             fill = gr.Button("Start from the model's answer", size="sm", elem_id="edit-fill")
             edit_reasoning = gr.Textbox(label="Reasoning", lines=4, elem_id="edit-reasoning")
             edit_answer = gr.Textbox(label="Answer", lines=4, elem_id="edit-answer-text")
             save_edit = gr.Button("Save as the better answer", variant="primary", elem_id="edit-save")
 
-        last = gr.Number(-1, visible=False)  # the turn the controls act on: the last
+        editor = [edit_reasoning, edit_answer, edit_for, edit_heading]
+        compared = [compare_row, compare, earlier_side, new_side]
         model_events = dict(concurrency_limit=self.chat.assistant.settings.gpu_concurrency, concurrency_id="model")
-        chatbot.like(self.on_like, [turns], status, api_visibility="private")
-        chatbot.retry(self.on_retry, [turns, temperature, max_new_tokens], [chatbot, turns, pick_row],
-                      api_visibility="private", **model_events)
-        pick_new.click(self.pick_new, [turns, last], [turns, status, pick_row], api_visibility="private")
-        pick_earlier.click(self.pick_earlier, [turns, last], [turns, status, pick_row], api_visibility="private")
-        fill.click(self.fill_editor, turns, [edit_reasoning, edit_answer], api_visibility="private")
-        save_edit.click(self.edit, [turns, last, edit_reasoning, edit_answer], status, api_visibility="private")
+        chatbot.like(self.on_like, [turns, compare], [status, compare_row, compare], api_visibility="private")
+        chatbot.retry(self.on_retry, [turns, temperature, max_new_tokens], [chatbot, turns, *compared],
+                      api_visibility="private", **model_events).then(
+            self.editor_for_last, turns, editor, api_visibility="private", queue=False)
+        for button, pick in ((pick_new, self.pick_new_compared), (pick_earlier, self.pick_earlier_compared)):
+            button.click(pick, [turns, compare], [turns, status, compare_row, compare], api_visibility="private")
+        undo.click(self.undo, None, status, api_name="undo_feedback")
+        fill.click(self.fill_editor, [turns, edit_for], [edit_reasoning, edit_answer], api_visibility="private")
+        save_edit.click(self.save_edit, [turns, edit_for, edit_reasoning, edit_answer], status,
+                        api_visibility="private")
+        # Each new answer, and "New chat", starts the editor afresh and closes a comparison left open.
+        self.chat.answered.then(self.editor_for_last, turns, editor, api_visibility="private", queue=False)
+        for cleared in self.chat.cleared:
+            cleared.then(lambda: (gr.update(visible=False), None, "", "", "", "", None, NO_EDIT_TARGET), None,
+                         [*compared, *editor], api_visibility="private", queue=False)
 
         # The same actions as named endpoints, for scripts: (turn number, ...) on the session's conversation.
         number, good, better = gr.Number(visible=False), gr.Checkbox(visible=False), gr.Textbox(visible=False)
         api = gr.Button(visible=False)
         api.click(self.vote, [turns, number, good], status, api_name="vote")
-        api.click(self.try_again, [turns, number, temperature, max_new_tokens], [chatbot, turns, pick_row],
+        api.click(self.try_again, [turns, number, temperature, max_new_tokens], [chatbot, turns, *compared],
                   api_name="try_again", **model_events)
-        api.click(self.pick, [turns, number, better], [turns, status, pick_row], api_name="pick")
+        api.click(self.pick, [turns, number, better], status, api_name="pick")
         api.click(self.edit, [turns, number, edit_reasoning, edit_answer], status, api_name="edit_answer")
 
 
@@ -199,13 +339,16 @@ class VerdictCorrection:
     def correct(self, verdict: str, request: gr.Request) -> str:
         if self.feedback is None:
             raise gr.Error(f"Feedback cannot be saved: {self.unavailable}")
-        finished = self.verify.finished.get(getattr(request, "session_hash", None) or "")
+        finished = self.verify.finished.get(_session(request))
         if finished is None:
             raise gr.Error("Verify a claim first; then correct its verdict.")
         try:
-            self.feedback.correct_verdict(*finished, verdict, _user(request))
+            change = self.feedback.correct_verdict(*finished, verdict, _user(request))
         except UserError as e:
             raise gr.Error(str(e)) from None
+        if change.made:
+            self.feedback.remember(_session(request), Saved(f"your corrected verdict “{verdict}”", change,
+                                                            finished[0]))
         return f"Saved: “{verdict}” is a training pair for the judge, chosen over “{finished[1].verdict}”."
 
     def build(self) -> None:

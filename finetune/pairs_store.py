@@ -11,6 +11,9 @@ file is the only thing they share.
 - A *pair* is a chosen and a rejected answer to the same prompt.
 - A *vote* is a thumbs up or down on an answer. A down vote with no better answer yet waits unpaired; when a
   better answer to the same prompt arrives (an up vote, a pick, an edit), the two become a pair.
+- Nothing contradicts itself: a pair is stored once; a later opposite choice on the same two answers (a pick
+  after a vote, a vote changed from up to down) replaces the earlier pair. Every write returns a ``Change``
+  that says what it stored and replaced, and ``undo`` takes it back whole.
 
 SQLite in WAL mode, one transaction per write: a crash loses at most the write in progress, and the app and
 a training job may read and write at once (a writer waits up to ``BUSY_TIMEOUT_S`` for the other).
@@ -21,7 +24,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path
 
 from finetune.data import DataError
@@ -69,6 +72,43 @@ CREATE TABLE IF NOT EXISTS pairs (
 
 class PairsStoreError(DataError):
     """The store cannot do what was asked (no such answer, two different prompts, ...); the message says why."""
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """A row of the pairs table: what ``undo`` puts back when it takes back the write that replaced it."""
+
+    id: int
+    chosen_id: int
+    rejected_id: int
+    origin: str
+    user: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class VoteRecord:
+    rowid: int
+    answer_id: int
+    good: bool
+    user: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one write did: the vote it recorded, the pairs it made, and what it replaced (an earlier vote of the
+    same person on the same answer; pairs that said the opposite). ``PairsStore.undo`` reverses it."""
+
+    vote: int | None = None  # the new vote's rowid
+    made: tuple[int, ...] = ()
+    replaced_pairs: tuple[PairRecord, ...] = ()
+    replaced_votes: tuple[VoteRecord, ...] = ()
+
+    @property
+    def pair(self) -> int | None:
+        """The pair made, for writes that make at most one (a pick, an edit)."""
+        return self.made[0] if self.made else None
 
 
 @dataclass(frozen=True)
@@ -173,22 +213,38 @@ class PairsStore:
                  completion.question, int(completion.thinking_closed), user, time.time())).lastrowid
         return self._write(work)
 
-    def add_pair(self, chosen_id: int, rejected_id: int, origin: str, user: str | None = None) -> int:
-        """Record that ``chosen_id`` is the better answer to the prompt both answered; returns the pair's id."""
+    def add_pair(self, chosen_id: int, rejected_id: int, origin: str, user: str | None = None) -> Change:
+        """Record that ``chosen_id`` is the better answer to the prompt both answered. Nothing is made when the
+        pair is stored already; a stored pair saying the opposite is replaced."""
         if origin not in ORIGINS:
             raise PairsStoreError(f"origin {origin!r}: use one of {', '.join(ORIGINS)}")
-        return self._write(lambda db: self._insert_pair(db, chosen_id, rejected_id, origin, user))
 
-    def vote(self, answer_id: int, good: bool, user: str | None = None) -> list[int]:
-        """A thumbs up or down on an answer; returns the ids of the pairs it completed (often none).
+        def work(db):
+            made, replaced = self._insert_pair(db, chosen_id, rejected_id, origin, user)
+            return Change(made=(made,) if made else (), replaced_pairs=replaced)
+        return self._write(work)
+
+    def vote(self, answer_id: int, good: bool, user: str | None = None) -> Change:
+        """A thumbs up or down on an answer; the change says which pairs it completed (often none).
 
         A down vote pairs with every answer to the same prompt already voted up; an up vote pairs with every
-        answer to that prompt voted down and not yet paired with a better one.
+        answer to that prompt voted down and not yet paired with a better one. The same person's earlier vote on
+        this answer is replaced, with the pairs that vote made.
         """
         def work(db):
             prompt = self._prompt_of(db, answer_id)
-            db.execute("INSERT INTO votes (answer_id, good, user, created_at) VALUES (?, ?, ?, ?)",
-                       (answer_id, int(good), user, time.time()))
+            earlier = [VoteRecord(r[0], r[1], bool(r[2]), r[3], r[4]) for r in db.execute(
+                "SELECT rowid, answer_id, good, user, created_at FROM votes WHERE answer_id = ? AND user IS ?",
+                (answer_id, user))]
+            replaced = []
+            if earlier:
+                db.execute("DELETE FROM votes WHERE answer_id = ? AND user IS ?", (answer_id, user))
+                side = "chosen_id" if earlier[-1].good else "rejected_id"
+                if earlier[-1].good != good:  # the pairs the earlier vote made now say the opposite
+                    replaced = self._pair_rows(db, f"origin = 'vote' AND {side} = ?", (answer_id,))
+                    db.executemany("DELETE FROM pairs WHERE id = ?", [(r.id,) for r in replaced])
+            vote = db.execute("INSERT INTO votes (answer_id, good, user, created_at) VALUES (?, ?, ?, ?)",
+                              (answer_id, int(good), user, time.time())).lastrowid
             others = [row[0] for row in db.execute(
                 "SELECT DISTINCT a.id FROM answers a JOIN votes v ON v.answer_id = a.id "
                 "WHERE a.prompt = ? AND a.id != ? AND v.good = ?", (prompt, answer_id, int(not good)))]
@@ -197,9 +253,23 @@ class PairsStore:
                 chosen, rejected = (answer_id, other) if good else (other, answer_id)
                 if good and db.execute("SELECT 1 FROM pairs WHERE rejected_id = ?", (rejected,)).fetchone():
                     continue  # that down vote already has its better answer
-                made.append(self._insert_pair(db, chosen, rejected, "vote", user))
-            return [m for m in made if m is not None]
+                pair, opposite = self._insert_pair(db, chosen, rejected, "vote", user)
+                made += [pair] if pair else []
+                replaced += opposite
+            return Change(vote, tuple(made), tuple(replaced), tuple(earlier))
         return self._write(work)
+
+    def undo(self, change: Change) -> None:
+        """Take back what ``change`` wrote and put back what it replaced."""
+        def work(db):
+            db.executemany("DELETE FROM pairs WHERE id = ?", [(i,) for i in change.made])
+            if change.vote is not None:
+                db.execute("DELETE FROM votes WHERE rowid = ?", (change.vote,))
+            db.executemany("INSERT OR IGNORE INTO votes (rowid, answer_id, good, user, created_at) "
+                           "VALUES (?, ?, ?, ?, ?)", [astuple(v) for v in change.replaced_votes])
+            db.executemany("INSERT OR IGNORE INTO pairs (id, chosen_id, rejected_id, origin, user, created_at) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", [astuple(p) for p in change.replaced_pairs])
+        self._write(work)
 
     def _prompt_of(self, db, answer_id: int) -> str:
         row = db.execute("SELECT prompt FROM answers WHERE id = ?", (answer_id,)).fetchone()
@@ -207,15 +277,24 @@ class PairsStore:
             raise PairsStoreError(f"no answer {answer_id} in {self.path}")
         return row[0]
 
-    def _insert_pair(self, db, chosen_id: int, rejected_id: int, origin: str, user: str | None) -> int | None:
+    @staticmethod
+    def _pair_rows(db, where: str, args: tuple) -> list[PairRecord]:
+        return [PairRecord(*row) for row in db.execute(
+            f"SELECT id, chosen_id, rejected_id, origin, user, created_at FROM pairs WHERE {where}", args)]
+
+    def _insert_pair(self, db, chosen_id: int, rejected_id: int, origin: str, user: str | None
+                     ) -> tuple[int | None, tuple[PairRecord, ...]]:
+        """(the new pair's id, or None when it is stored already; the opposite pair it replaced, if any)."""
         if chosen_id == rejected_id:
             raise PairsStoreError("an answer cannot be preferred to itself")
         if self._prompt_of(db, chosen_id) != self._prompt_of(db, rejected_id):
             raise PairsStoreError(f"answers {chosen_id} and {rejected_id} answer different prompts; a pair needs "
                                   "two answers to the same prompt")
+        opposite = tuple(self._pair_rows(db, "chosen_id = ? AND rejected_id = ?", (rejected_id, chosen_id)))
+        db.executemany("DELETE FROM pairs WHERE id = ?", [(p.id,) for p in opposite])
         cursor = db.execute("INSERT OR IGNORE INTO pairs (chosen_id, rejected_id, origin, user, created_at) "
                             "VALUES (?, ?, ?, ?, ?)", (chosen_id, rejected_id, origin, user, time.time()))
-        return cursor.lastrowid if cursor.rowcount else None
+        return (cursor.lastrowid if cursor.rowcount else None), opposite
 
     def delete_pair(self, pair_id: int) -> None:
         """Drop a bad pair (its answers stay, so a later vote may pair them again)."""

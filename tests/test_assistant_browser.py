@@ -241,6 +241,15 @@ def test_a_quoted_claim_shows_its_words_marked_in_the_passage(page, screenshots_
     screenshot(page, screenshots_dir / "verify-quote.png")
 
 
+def ask(page, question: str, turn: int = 1) -> None:
+    """Type a question, press Enter, and wait for its answer's model line (the ``turn``-th on the page)."""
+    from playwright.sync_api import expect
+
+    page.locator("#question textarea").fill(question)
+    page.keyboard.press("Enter")
+    expect(page.locator("#chatbot").get_by_text("answered by", exact=False)).to_have_count(turn)
+
+
 def test_thumbs_down_try_again_and_a_pick_leave_pairs(browser, tmp_path, minilm_path, embedder, tiny_model_dir,
                                                       app_adapter_dir, screenshots_dir):
     from playwright.sync_api import expect
@@ -249,19 +258,23 @@ def test_thumbs_down_try_again_and_a_pick_leave_pairs(browser, tmp_path, minilm_
     from tests.assistant_fixtures import write_notes
 
     settings = app_settings(tmp_path, minilm_path, tiny_model_dir, app_adapter_dir, temperature=1.0)
-    with app_page(browser, settings, embedder, 1100, [write_notes(tmp_path / "docs")]) as (page, _):
-        page.locator("#question textarea").fill("Who keeps the lighthouse?")
-        page.keyboard.press("Enter")
+    with app_page(browser, settings, embedder, 1400, [write_notes(tmp_path / "docs")]) as (page, _):
+        ask(page, "Who keeps the lighthouse?")
         chat = page.locator("#chatbot")
-        expect(chat).to_contain_text("answered by")
         chat.get_by_label("Dislike").last.click()
         expect(page.locator("#feedback-status")).to_contain_text("Saved 👎")
         chat.get_by_label("Retry").last.click()
         expect(chat).to_contain_text("Earlier answer 1")
-        expect(page.locator("#pick-row")).to_be_visible()
+        # Both answers side by side, reasoning and answer each, before the pick.
+        for side, title in (("#compare-earlier", "Earlier answer 1"), ("#compare-new", "New answer")):
+            expect(page.locator(side)).to_contain_text(title)
+            expect(page.locator(side)).to_contain_text("Reasoning")
+        page.locator("#pick-row").scroll_into_view_if_needed()
         screenshot(page, screenshots_dir / "feedback.png")
-        page.locator("#pick-new").click()
+        page.locator("#pick-new").focus()  # the pick is a button: reachable and pressed from the keyboard
+        page.keyboard.press("Enter")
         expect(page.locator("#feedback-status")).to_contain_text("your pick is a training pair")
+        expect(page.locator("#pick-row")).to_be_hidden()
         page.get_by_role("tab", name="Pairs").click()
         page.locator("#pairs-refresh").click()
         expect(page.locator("#pairs-summary")).to_contain_text("1 pair in")
@@ -274,6 +287,58 @@ def test_thumbs_down_try_again_and_a_pick_leave_pairs(browser, tmp_path, minilm_
         assert set(row) == {"prompt", "chosen", "rejected"} and row["prompt"].endswith("<think>")
     [pair] = PairsStore(settings.pairs_db).pairs()
     assert pair.origin == "pick" and PairsStore(settings.pairs_db).unpaired_down_votes() == 0
+
+
+def test_a_thumb_up_after_try_again_closes_the_comparison_and_undo_takes_it_back(
+        browser, tmp_path, minilm_path, embedder, tiny_model_dir, app_adapter_dir):
+    """The defect: a 👍 on the new answer stored a pair, the pick row stayed, and "the earlier answer was better"
+    then stored the opposite pair."""
+    from playwright.sync_api import expect
+
+    from finetune.pairs_store import PairsStore
+
+    settings = app_settings(tmp_path, minilm_path, tiny_model_dir, app_adapter_dir, temperature=1.0)
+    with app_page(browser, settings, embedder, 1100) as (page, _):
+        ask(page, "Who keeps the lighthouse?")
+        chat = page.locator("#chatbot")
+        chat.get_by_label("Dislike").last.click()
+        expect(page.locator("#feedback-status")).to_contain_text("Saved 👎")
+        chat.get_by_label("Retry").last.click()
+        expect(page.locator("#pick-row")).to_be_visible()
+        chat.get_by_label("Like").last.click()
+        expect(page.locator("#feedback-status")).to_contain_text("1 new training pair")
+        expect(page.locator("#pick-row")).to_be_hidden()  # no second, opposite choice on the same two answers
+        [pair] = PairsStore(settings.pairs_db).pairs()
+        assert pair.origin == "vote"
+        page.locator("#feedback-undo").click()
+        expect(page.locator("#feedback-status")).to_contain_text("Undone: your 👍")
+        assert PairsStore(settings.pairs_db).pairs() == []
+
+
+def test_the_editor_saves_only_against_the_answer_it_was_opened_for(browser, tmp_path, minilm_path, embedder,
+                                                                    tiny_model_dir, app_adapter_dir):
+    """The defect: text written about one question was saved, after "New chat", against another."""
+    from playwright.sync_api import expect
+
+    from finetune.pairs_store import PairsStore
+
+    settings = app_settings(tmp_path, minilm_path, tiny_model_dir, app_adapter_dir)
+    with app_page(browser, settings, embedder, 1100) as (page, _):
+        ask(page, "Who keeps the lighthouse?")
+        page.locator("#edit-answer").get_by_text("Write a better answer").click()
+        expect(page.locator("#edit-for")).to_contain_text("Who keeps the lighthouse?")
+        page.locator("#edit-answer-text textarea").fill("Ada Lovelock keeps it.")
+        page.locator("#new-chat").click()
+        expect(page.locator("#edit-answer-text textarea")).to_have_value("")
+        ask(page, "What did the 2019 audit find?")
+        expect(page.locator("#edit-for")).to_contain_text("What did the 2019 audit find?")
+        expect(page.locator("#edit-answer-text textarea")).to_have_value("")
+        page.locator("#edit-answer-text textarea").fill("The notes say nothing about an audit.")
+        page.locator("#edit-save").click()
+        expect(page.locator("#feedback-status")).to_contain_text("Saved: your answer is a training pair")
+    [pair] = PairsStore(settings.pairs_db).pairs()
+    assert pair.chosen.question == "What did the 2019 audit find?"
+    assert pair.chosen.answer == "The notes say nothing about an audit."
 
 
 def test_the_adapters_tab_swaps_to_the_base_model_and_back(browser, tmp_path, minilm_path, embedder,

@@ -371,3 +371,19 @@ def test_batched_completions_answer_with_the_model_in_use(chat_settings, tiny_mo
     runtime.activate(None)
     base = runtime.complete(prompts, SHORT)
     assert base == ["".join(runtime.stream(p, SHORT)) for p in prompts] and base != with_adapter
+
+
+def test_a_fast_stream_reaches_the_page_as_batched_updates_ending_with_the_whole_answer():
+    from assistant.chat import Answer
+    from assistant.ui_chat import throttled
+
+    def tokens():
+        answer = Answer()
+        for _ in range(2000):
+            answer.answer += "x"
+            yield answer
+        answer.done = True
+        yield answer
+
+    shown = [(answer.answer, answer.done) for answer in throttled(tokens(), every=60.0)]
+    assert shown == [("x", False), ("x" * 2000, True)]  # the first token at once, then the whole answer

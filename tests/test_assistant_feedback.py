@@ -42,9 +42,9 @@ def test_a_down_vote_then_an_up_vote_on_a_second_answer_pair_up(settings, pump_s
     assistant = Assistant(settings, runtime=ScriptedRuntime(REPEATING, GOOD), store=pump_store)
     first = assistant.ask("How fast is the pump?", SHORT)
     *_, second = assistant.stream_again(first, SHORT)
-    assert feedback.vote("t0-a", answer_completion(first), good=False) == []
-    assert feedback.vote("t0-a", answer_completion(first), good=False) == []  # the same answer is stored once
-    [made] = feedback.vote("t0-b", answer_completion(second), good=True)
+    assert feedback.vote("t0-a", answer_completion(first), good=False).made == ()
+    assert feedback.vote("t0-a", answer_completion(first), good=False).made == ()  # the same answer is stored once
+    [made] = feedback.vote("t0-b", answer_completion(second), good=True).made
     [pair] = feedback.store.pairs()
     assert pair.id == made and pair.origin == "vote" and pair.rejected.answer.startswith("The pump note")
     assert len({p.chosen.prompt for p in feedback.store.pairs()}) == 1
@@ -58,6 +58,8 @@ def test_an_edit_keeps_the_persons_reasoning_and_answer_apart(settings, pump_sto
     assert (pair.origin, pair.chosen.model, pair.chosen.reasoning) == ("edit", None, "The note gives the rate.")
     assert pair.chosen.answer == "40 litres a minute [1]." and pair.rejected.reasoning == "I read it"
     assert pair.to_trl()["chosen"] == "The note gives the rate.</think>40 litres a minute [1]."
+    again = feedback.edit(("t0-a", answer_completion(answer)), "The note gives the rate.", "40 litres a minute [1].")
+    assert again.made == () and feedback.store.count() == 1  # the same text saved twice is one pair
     with pytest.raises(PairsStoreError, match="write the better answer"):
         feedback.edit(("t0-a", answer_completion(answer)), "r", "  ")
 

@@ -32,7 +32,8 @@ def test_a_down_vote_waits_until_try_again_gives_an_answer_voted_up(feedback_app
     client.predict("Who keeps the lighthouse?", 0.0, 12, True, api_name="/chat")
     assert "becomes a training pair when a better answer" in client.predict(0, False, api_name="/vote")
     assert len(pairs_in(db)) == before and PairsStore(db).unpaired_down_votes() >= 1
-    chat = client.predict(0, 1.0, 12, api_name="/try_again")  # sampled, so it differs
+    chat, earlier, new = client.predict(0, 1.0, 12, api_name="/try_again")  # sampled, so it differs
+    assert earlier.startswith("### Earlier answer 1") and new.startswith("### New answer")
     titles = [(m.get("metadata") or {}).get("title", "") for m in chat]
     assert "Earlier answer 1 (before “Try again”)" in titles
     assert "1 new training pair" in client.predict(0, True, api_name="/vote")
@@ -52,6 +53,27 @@ def test_try_again_then_a_pick_is_a_pair(feedback_app):
     assert "training pair" in client.predict(0, "earlier", api_name="/pick")
     [pick] = pairs_in(db)[: len(pairs_in(db)) - before]
     assert pick.origin == "pick" and pick.chosen.question == "What colour is the lighthouse?"
+    assert "Already saved" in client.predict(0, "earlier", api_name="/pick")  # stored once
+    assert len(pairs_in(db)) == before + 1
+
+
+def test_a_pick_against_an_up_vote_on_the_same_two_answers_replaces_its_pair_and_says_so(feedback_app):
+    url, db = feedback_app
+    before = len(pairs_in(db))
+    client = Client(url, verbose=False)
+    client.predict("Where is Port Wren?", 0.0, 12, True, api_name="/chat")
+    client.predict(0, False, api_name="/vote")
+    client.predict(0, 1.0, 12, api_name="/try_again")
+    assert "1 new training pair" in client.predict(0, True, api_name="/vote")
+    status = client.predict(0, "earlier", api_name="/pick")  # the person changes their mind
+    assert "replaces the earlier pair" in status
+    [pair] = pairs_in(db)[: len(pairs_in(db)) - before]
+    assert pair.origin == "pick" and len(pairs_in(db)) == before + 1
+    assert "Undone: your pick of the earlier answer" in client.predict(api_name="/undo_feedback")
+    [pair] = pairs_in(db)[: len(pairs_in(db)) - before]
+    assert pair.origin == "vote"  # the vote's pair is back
+    client.predict(api_name="/undo_feedback")
+    assert len(pairs_in(db)) == before
 
 
 def test_an_edit_and_a_corrected_verdict_are_pairs_that_train(feedback_app, tiny_tokenizer):

@@ -32,11 +32,11 @@ def pairs(tmp_path) -> PairsStore:
 
 def test_a_down_vote_waits_until_a_better_answer_to_the_same_prompt_arrives(pairs):
     bad = pairs.add_answer(completion("I read [1]. The pump moves 40 litres."), user="ann")
-    assert pairs.vote(bad, good=False, user="ann") == [] and pairs.unpaired_down_votes() == 1
+    assert pairs.vote(bad, good=False, user="ann").made == () and pairs.unpaired_down_votes() == 1
     other_prompt = pairs.add_answer(completion("Yes.", question="Another question?"))
-    assert pairs.vote(other_prompt, good=True) == []  # another prompt: no pair
+    assert pairs.vote(other_prompt, good=True).made == ()  # another prompt: no pair
     good = pairs.add_answer(completion("40 litres a minute [1]."))
-    [made] = pairs.vote(good, good=True, user="ann")
+    [made] = pairs.vote(good, good=True, user="ann").made
     [pair] = pairs.pairs()
     assert pair.id == made and pair.origin == "vote" and pair.user == "ann"
     assert (pair.chosen.answer, pair.rejected.answer) == ("40 litres a minute [1].", "I read [1]. The pump moves 40 litres.")
@@ -62,9 +62,53 @@ def test_answers_to_different_prompts_cannot_pair(pairs):
     assert pairs.count() == 0
 
 
+def test_a_pair_is_stored_once_and_the_opposite_choice_replaces_it(pairs):
+    first, second = pairs.add_answer(completion("A [1].")), pairs.add_answer(completion("B [1]."))
+    made = pairs.add_pair(second, first, "pick")
+    assert pairs.add_pair(second, first, "pick").made == ()  # the same choice again stores nothing
+    flipped = pairs.add_pair(first, second, "pick")
+    [pair] = pairs.pairs()
+    assert (pair.chosen.answer, pair.rejected.answer) == ("A [1].", "B [1].")
+    assert [r.id for r in flipped.replaced_pairs] == [made.pair]
+
+
+def test_a_pick_after_an_up_vote_on_the_same_two_answers_replaces_the_votes_pair(pairs):
+    earlier, new = pairs.add_answer(completion("A [1].")), pairs.add_answer(completion("B [1]."))
+    pairs.vote(earlier, good=False)
+    assert len(pairs.vote(new, good=True).made) == 1
+    pick = pairs.add_pair(earlier, new, "pick")  # "the earlier answer was better" after all
+    [pair] = pairs.pairs()
+    assert (pair.origin, pair.chosen.answer) == ("pick", "A [1].") and len(pick.replaced_pairs) == 1
+
+
+def test_a_changed_vote_replaces_the_earlier_one_and_its_pairs(pairs):
+    bad, other = pairs.add_answer(completion("A [1].")), pairs.add_answer(completion("B [1]."))
+    pairs.vote(bad, good=False, user="ann")
+    pairs.vote(other, good=True, user="ann")
+    assert [(p.chosen.answer, p.rejected.answer) for p in pairs.pairs()] == [("B [1].", "A [1].")]
+    changed = pairs.vote(other, good=False, user="ann")  # ann changes her mind about B
+    assert pairs.pairs() == [] and len(changed.replaced_pairs) == 1 and len(changed.replaced_votes) == 1
+    assert pairs.unpaired_down_votes() == 2
+
+
+def test_undo_takes_back_a_write_and_puts_back_what_it_replaced(pairs):
+    first, second = pairs.add_answer(completion("A [1].")), pairs.add_answer(completion("B [1]."))
+    pairs.vote(first, good=False)
+    voted = pairs.vote(second, good=True)
+    before = pairs.pairs()
+    flipped = pairs.add_pair(first, second, "pick")
+    pairs.undo(flipped)
+    assert pairs.pairs() == before  # the vote's pair is back, with its id and time
+    pairs.undo(voted)
+    assert pairs.pairs() == [] and pairs.unpaired_down_votes() == 1
+    changed = pairs.vote(first, good=True)  # the down vote replaced ...
+    pairs.undo(changed)  # ... and put back
+    assert pairs.unpaired_down_votes() == 1
+
+
 def test_deleting_a_bad_pair_keeps_the_rest(pairs):
     answers = [pairs.add_answer(completion(f"Answer {i}.")) for i in range(3)]
-    keep, drop = pairs.add_pair(answers[0], answers[1], "pick"), pairs.add_pair(answers[2], answers[1], "pick")
+    keep, drop = pairs.add_pair(answers[0], answers[1], "pick").pair, pairs.add_pair(answers[2], answers[1], "pick").pair
     pairs.delete_pair(drop)
     assert [p.id for p in pairs.pairs()] == [keep]
     with pytest.raises(PairsStoreError, match="no pair"):
@@ -117,7 +161,7 @@ for i in range(int(sys.argv[2])):
     prompt = alpaca_prompt(f"question {sys.argv[3]} {i}", "context " * 200) + "<think>"
     bad = store.add_answer(Completion(prompt, "r" * 500, "bad " * 100, model="m"))
     good = store.add_answer(Completion(prompt, "r" * 500, "good " * 100, model="m"))
-    pair = store.add_pair(good, bad, "pick")
+    pair = store.add_pair(good, bad, "pick").pair
     print(pair, flush=True)
 """
 
