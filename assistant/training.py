@@ -46,6 +46,13 @@ class TrainingControl:
         self._lock = threading.Lock()  # one start or resume at a time
         self._resume_watch()
 
+    @staticmethod
+    def cuda() -> bool:
+        """Whether training would run on a CUDA GPU here."""
+        import torch
+
+        return torch.cuda.is_available()
+
     def room(self, spec: runs.RunSpec) -> RoomDecision:
         """Whether the chat model must be unloaded for ``spec``'s run, and why."""
         runtime = self.loader.runtime

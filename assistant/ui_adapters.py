@@ -63,7 +63,8 @@ class AdaptersTab:
     def build(self, demo: gr.Blocks, model_status: gr.Markdown) -> None:
         summary = gr.Markdown(elem_id="adapters-summary")
         table = gr.Dataframe(headers=COLUMNS, datatype=["str", "str", "str", "number", "number", "str", "str"],
-                             interactive=False, value=[], wrap=True, elem_id="adapters-table")
+                             interactive=False, value=[], wrap=True, elem_id="adapters-table",
+                             column_widths=["15%", "15%", "12%", "6%", "6%", "26%", "20%"])
         with gr.Row():
             picker = gr.Dropdown(label="Adapter", choices=[], elem_id="adapter-picker")
             use = gr.Button("Use this adapter", variant="primary", elem_id="adapter-use")

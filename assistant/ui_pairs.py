@@ -11,10 +11,24 @@ import gradio as gr
 
 from assistant.feedback import FeedbackStore
 from errors import UserError
-from finetune.pairs_store import write_export
+from finetune.pairs_store import StoredPair, write_export
 
 PREVIEW_CHARS = 160
 COLUMNS = ["id", "origin", "question", "chosen", "rejected", "user", "saved"]
+
+
+def _side(title: str, answer) -> str:
+    reasoning = "\n".join(f"> {line}" for line in (answer.reasoning.strip() or "(no reasoning)").splitlines())
+    who = "written by a person" if answer.model is None else f"by {Path(answer.model).name} + adapter " \
+                                                               f"{answer.adapter or 'none'}"
+    return f"#### {title} ({who})\n**Reasoning**\n\n{reasoning}\n\n**Answer**\n\n{answer.answer.strip() or '(none)'}"
+
+
+def pair_markdown(pair: StoredPair) -> str:
+    """One pair in full: the question, then the chosen and the rejected answer, reasoning and answer each."""
+    question = pair.chosen.question or pair.chosen.instruction or "(see the prompt)"
+    return (f"### Pair {pair.id} ({pair.origin}{', by ' + pair.user if pair.user else ''})\n"
+            f"**Question:** {question}\n\n{_side('Chosen', pair.chosen)}\n\n{_side('Rejected', pair.rejected)}")
 
 
 def _preview(text: str) -> str:
@@ -48,14 +62,23 @@ class PairsTab:
                    f"`python -m finetune train ... data={store.path}`.")
         return summary, rows
 
+    def open_pair(self, event: gr.SelectData):
+        """A row clicked in the table: (the pair in full, its id for Delete)."""
+        pair_id = int(event.row_value[0])
+        try:
+            pair = self._need().store.pair(pair_id)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        return pair_markdown(pair), pair_id
+
     def delete(self, pair_id: float | None):
         if pair_id is None:
-            raise gr.Error("Give the id of the pair to delete (the first column).")
+            raise gr.Error("Click the pair's row in the table first (or give its id).")
         try:
             self._need().store.delete_pair(int(pair_id))
         except UserError as e:
             raise gr.Error(str(e)) from None
-        return *self.listing(), f"Deleted pair {int(pair_id)}."
+        return *self.listing(), f"Deleted pair {int(pair_id)}.", ""
 
     def export(self, layout: str) -> str:
         """The pairs as a JSONL file to download: TRL's rows ("trl") or the recipe's columns ("recipe").
@@ -79,19 +102,23 @@ class PairsTab:
     def build(self, tab: gr.Tab) -> None:
         summary = gr.Markdown(elem_id="pairs-summary")
         table = gr.Dataframe(headers=COLUMNS, datatype=["number", "str", "str", "str", "str", "str", "str"],
-                             interactive=False, value=[], wrap=True, elem_id="pairs-table")
+                             interactive=False, value=[], wrap=True, elem_id="pairs-table",
+                             column_widths=["5%", "7%", "22%", "24%", "24%", "7%", "11%"],
+                             label="Click a pair to read it in full")
         with gr.Row():
             refresh = gr.Button("Refresh", elem_id="pairs-refresh")
             pair_id = gr.Number(label="Pair id", precision=0, elem_id="pair-id")
-            delete = gr.Button("Delete pair", variant="stop", elem_id="pair-delete")
+            delete = gr.Button("Delete this pair", variant="stop", elem_id="pair-delete")
         note = gr.Markdown(elem_id="pairs-note")
+        opened = gr.Markdown(elem_id="pair-full")
         with gr.Row():
             trl = gr.DownloadButton("Export as TRL preference JSONL", elem_id="export-trl", interactive=False)
             recipe = gr.DownloadButton("Export in the recipe's columns (JSONL)", elem_id="export-recipe",
                                        interactive=False)
         refresh.click(self.listing, None, [summary, table], api_name="list_pairs").then(
             self.downloads, None, [trl, recipe], api_visibility="private")
-        delete.click(self.delete, pair_id, [summary, table, note], api_name="delete_pair").then(
+        table.select(self.open_pair, None, [opened, pair_id], api_visibility="private")
+        delete.click(self.delete, pair_id, [summary, table, note, opened], api_name="delete_pair").then(
             self.downloads, None, [trl, recipe], api_visibility="private")
         # Listed, and the exports written, when the tab is opened: not on every page load of the app.
         tab.select(self.listing, None, [summary, table], api_visibility="private").then(

@@ -317,12 +317,20 @@ class PairsStore:
 
     def pairs(self, limit: int | None = None, offset: int = 0) -> list[StoredPair]:
         """Pairs, newest first."""
+        return self._pairs("ORDER BY p.id DESC LIMIT ? OFFSET ?", (-1 if limit is None else limit, offset))
+
+    def pair(self, pair_id: int) -> StoredPair:
+        found = self._pairs("WHERE p.id = ?", (pair_id,))
+        if not found:
+            raise PairsStoreError(f"no pair {pair_id} in {self.path} (deleted meanwhile?)")
+        return found[0]
+
+    def _pairs(self, tail: str, args: tuple) -> list[StoredPair]:
         columns = ("prompt, reasoning, answer, instruction, input, prompt_format, model, adapter, question, "
                    "thinking_closed")
         query = (f"SELECT p.id, p.origin, p.user, p.created_at, {_prefixed('c', columns)}, {_prefixed('r', columns)} "
-                 "FROM pairs p JOIN answers c ON c.id = p.chosen_id JOIN answers r ON r.id = p.rejected_id "
-                 "ORDER BY p.id DESC LIMIT ? OFFSET ?")
-        rows = self._read(query, (-1 if limit is None else limit, offset))
+                 f"FROM pairs p JOIN answers c ON c.id = p.chosen_id JOIN answers r ON r.id = p.rejected_id {tail}")
+        rows = self._read(query, args)
         width = len(fields(Completion))
         return [StoredPair(row[0], _completion(row[4:4 + width]), _completion(row[4 + width:]), row[1], row[2],
                            row[3]) for row in rows]

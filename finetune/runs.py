@@ -37,6 +37,7 @@ JOB_LOG = "job.log"
 STARTING, RUNNING, DONE, FAILED, CANCELLED = "starting", "running", "done", "failed", "cancelled"
 ENDED = (DONE, FAILED, CANCELLED)
 EVAL_PLOT = "eval.png"
+MIN_HELD_OUT = 3  # with a held-out share above 0, at least this many pairs are evaluated where the data allows
 
 
 class RunError(UserError):
@@ -66,6 +67,9 @@ class RunRecord:
     error: str | None = None
     chat_unloaded: bool = False
     phase: str | None = None  # while running: preparing, training, evaluating
+    pairs: int | None = None  # usable pairs in the data, once the job has split it
+    held_out: int | None = None  # of them, kept out of training for the evaluation
+    eval_note: str | None = None  # why the run has no evaluation, when it has none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -245,6 +249,23 @@ class _CancelOnSignal:
         return StopWhenAsked()
 
 
+def held_out_count(pairs: int, share: float) -> int:
+    """Pairs kept out of training: ``share`` of them, but at least MIN_HELD_OUT (a tenth of four pairs is none)
+    while as many are left to train on; none when ``share`` is 0."""
+    if share <= 0:
+        return 0
+    return max(round(pairs * share), min(MIN_HELD_OUT, pairs // 2))
+
+
+def eval_note(pairs: int, held: int, share: float) -> str | None:
+    """Why a run with ``held`` of ``pairs`` held out is not evaluated (None: it is)."""
+    if held:
+        return None
+    if share <= 0:
+        return "no evaluation: the held-out share is 0"
+    return f"no evaluation: {pairs} pair{'s are' if pairs != 1 else ' is'} too few to hold any out (at least 2 needed)"
+
+
 def split_data(folder: Path, spec: RunSpec, tokenizer, seed: int) -> tuple[Path, list]:
     """Every source prepared, shuffled, and split: (the training file, the held-out pairs)."""
     from finetune.data import DataError, prepare_data, write_jsonl
@@ -257,7 +278,7 @@ def split_data(folder: Path, spec: RunSpec, tokenizer, seed: int) -> tuple[Path,
     if problems:
         print(f"{len(problems)} rows left out:\n" + "\n".join(problems[:20]), file=sys.stderr, flush=True)
     random.Random(seed).shuffle(pairs)
-    held = round(len(pairs) * spec.held_out_share)
+    held = held_out_count(len(pairs), spec.held_out_share)
     if len(pairs) - held < 1:
         raise DataError(f"{len(pairs)} usable pairs: too few to train on with {held} held out; collect more")
     train_file = folder / "data" / "train.jsonl"
@@ -295,7 +316,11 @@ def execute(folder: Path, resume: bool = False) -> int:
         else:
             from finetune.hf_backend import load_tokenizer
 
-            config.data = str(split_data(folder, spec, load_tokenizer(spec.model_name), config.seed)[0])
+            train_file, held_pairs = split_data(folder, spec, load_tokenizer(spec.model_name), config.seed)
+            config.data = str(train_file)
+            record.held_out = len(held_pairs)
+            record.pairs = len(held_pairs) + sum(1 for line in train_file.open(encoding="utf-8") if line.strip())
+            record.eval_note = eval_note(record.pairs, record.held_out, spec.held_out_share)
         stop.training = True
         enter("training")
         result = train(config, resume=resume, callbacks=[stop.callback()])

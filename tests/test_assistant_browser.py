@@ -279,14 +279,24 @@ def test_thumbs_down_try_again_and_a_pick_leave_pairs(browser, tmp_path, minilm_
         page.locator("#pairs-refresh").click()
         expect(page.locator("#pairs-summary")).to_contain_text("1 pair in")
         expect(page.locator("#pairs-table")).to_contain_text("Who keeps the lighthouse?")
-        screenshot(page, screenshots_dir / "pairs.png")
         expect(page.locator("#export-trl")).to_be_enabled()
         with page.expect_download() as download:
             page.locator("#export-trl").click()
         [row] = [json.loads(line) for line in Path(download.value.path()).read_text(encoding="utf-8").splitlines()]
         assert set(row) == {"prompt", "chosen", "rejected"} and row["prompt"].endswith("<think>")
-    [pair] = PairsStore(settings.pairs_db).pairs()
-    assert pair.origin == "pick" and PairsStore(settings.pairs_db).unpaired_down_votes() == 0
+        [pair] = PairsStore(settings.pairs_db).pairs()
+        assert pair.origin == "pick" and PairsStore(settings.pairs_db).unpaired_down_votes() == 0
+        # One pair opens in full from its row, and is deleted from there.
+        page.locator("#pairs-table").get_by_test_id("cell-0-2").click()
+        for part in ("Pair 1 (pick)", "Chosen", "Rejected", "Reasoning"):
+            expect(page.locator("#pair-full")).to_contain_text(part)
+        expect(page.locator("#pair-id input")).to_have_value("1")
+        page.wait_for_timeout(300)
+        screenshot(page, screenshots_dir / "pairs.png")
+        page.locator("#pair-delete").click()
+        expect(page.locator("#pairs-note")).to_contain_text("Deleted pair 1.")
+        expect(page.locator("#pairs-summary")).to_contain_text("0 pairs in")
+    assert PairsStore(settings.pairs_db).pairs() == []
 
 
 def test_a_thumb_up_after_try_again_closes_the_comparison_and_undo_takes_it_back(
@@ -379,6 +389,9 @@ def test_the_train_tab_starts_a_run_draws_its_curves_and_cancels_it(browser, tmp
         page.locator("#train-use-pairs input").uncheck()  # nothing collected in this app yet: the file only
         choose_file(page, pairs, "#train-files")
         page.locator("#train-steps input").fill("200")
+        page.locator("#train-check").click()
+        expect(page.locator("#train-check-summary")).to_contain_text("16 usable pairs")
+        expect(page.locator("#train-preview")).to_contain_text("rejected")
         page.locator("#train-start").click()
         expect(page.locator("#train-note")).to_contain_text("Started run-")
         progress = page.locator("#train-progress")
@@ -390,3 +403,22 @@ def test_the_train_tab_starts_a_run_draws_its_curves_and_cancels_it(browser, tmp
         page.locator("#train-cancel").click()
         expect(progress).to_contain_text("cancelled")
         expect(progress).to_contain_text("Resume continues it")
+
+
+def test_the_train_tab_on_its_default_config_with_no_pairs_says_where_pairs_come_from(page):
+    """The defects: the recipe's max_steps -1 filled Steps, whose minimum is 1, and Start failed on that field;
+    with the pairs file there but empty, Start launched a job that failed seconds later."""
+    import re
+
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#train-config input")).to_have_value(re.compile(r"recipe-r1-qwen14b\.yaml$"))
+    expect(page.locator("#train-steps input")).to_have_value("0")  # the recipe trains by epochs
+    expect(page.locator("#train-epochs input")).to_have_value("1")
+    page.locator("#train-start").click()
+    toast = page.locator(".toast-body")
+    expect(toast).to_contain_text("No pairs to train on: the pairs store holds 0 pairs")
+    expect(toast).to_contain_text("Pairs come from the Chat tab")
+    expect(toast).not_to_contain_text("less than minimum")
+    expect(page.locator("#train-note")).not_to_contain_text("Started")

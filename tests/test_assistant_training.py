@@ -8,7 +8,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
+import gradio as gr
 import pytest
 from gradio_client import Client, handle_file
 
@@ -52,9 +54,16 @@ def thinking(chat: list[dict]) -> str:
     return next(text(m) for m in chat if str((m.get("metadata") or {}).get("id", "")).startswith("think-"))
 
 
-def start(client: Client, files: list[Path], steps: int, held_out: float, use_pairs: bool = False):
-    return client.predict(use_pairs, [handle_file(f) for f in files], held_out, TINY_CONFIG, steps, 2e-3, 0.1, 8,
-                          api_name="/start_training")
+def start(client: Client, files: list[Path], steps: int, held_out: float, use_pairs: bool = False, epochs: float = 1):
+    return client.predict(use_pairs, [handle_file(f) for f in files], held_out, TINY_CONFIG, steps, epochs, 2e-3,
+                          0.1, 8, api_name="/start_training")
+
+
+def held_out_pairs(folder: Path) -> list:
+    from finetune.data import PreferencePair, read_json_rows
+
+    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"])
+            for r in read_json_rows(folder / "data" / "held-out-pairs.jsonl", "pairs")]
 
 
 def wait_for_run(client: Client, until, timeout: float = 240) -> list[dict]:
@@ -86,7 +95,8 @@ def test_a_run_from_the_tab_trains_evaluates_and_the_next_answer_uses_its_adapte
                                                      api_name="/edit_answer")
     more = write_jsonl(tmp_path / "more-pairs.jsonl", repeat_task_rows(16, seed=1))
 
-    *_, note = start(collecting, [more], steps=30, held_out=0.2, use_pairs=True)
+    *_, note, checked, _ = start(collecting, [more], steps=30, held_out=0.2, use_pairs=True)
+    assert "17 usable pairs**: 14 to train on, 3 held out" in checked  # 2 of the file duplicate others
     assert "The chat model is unloaded for it" in note
     # While it runs: one run at a time, and a question gets a clear message instead of an answer.
     with pytest.raises(Exception, match="a training run is going"):
@@ -101,6 +111,8 @@ def test_a_run_from_the_tab_trains_evaluates_and_the_next_answer_uses_its_adapte
     assert final["run"]["spec"]["held_out_share"] == 0.2 and len(final["run"]["spec"]["sources"]) == 2
     name = final["run"]["name"]
     assert [m["name"] for m in final["eval"]] == ["base", name]
+    assert (final["run"]["pairs"], final["run"]["held_out"]) == (17, 3)
+    assert {m["completions"] for m in final["eval"]} == {len({p.prompt for p in held_out_pairs(adapter_dir / name)})}
     assert all(m["preference_accuracy"] is not None for m in final["eval"]) and final["eval_plot"]
 
     health = wait_for_health(url, lambda h: h["model_status"] == "ready" and h["adapter"] == name)
@@ -165,7 +177,7 @@ def test_a_server_path_named_as_a_file_of_pairs_is_refused_by_name(train_app, tm
     url, adapter_dir = train_app
     server_file = write_jsonl(tmp_path / "server-pairs.jsonl", repeat_task_rows(4, seed=5))
     before = [r.name for r in runs.list_runs(adapter_dir)]
-    data = [False, [{"path": str(server_file), "meta": {"_type": "gradio.FileData"}}], 0.0, TINY_CONFIG, 5, 2e-3,
+    data = [False, [{"path": str(server_file), "meta": {"_type": "gradio.FileData"}}], 0.0, TINY_CONFIG, 5, 1, 2e-3,
             0.1, 8]
     with httpx.Client(base_url=url, timeout=60) as http:  # as any HTTP client can call it, past gradio_client
         event = http.post("/gradio_api/call/start_training", json={"data": data}).raise_for_status().json()
@@ -174,5 +186,46 @@ def test_a_server_path_named_as_a_file_of_pairs_is_refused_by_name(train_app, tm
     assert [r.name for r in runs.list_runs(adapter_dir)] == before
     # Only the configs offered: the dropdown refuses any other path a request names.
     with pytest.raises(Exception, match="not in the list of choices"):
-        Client(url, verbose=False).predict(False, [handle_file(server_file)], 0.0, "/etc/hosts", 5, 2e-3, 0.1, 8,
+        Client(url, verbose=False).predict(False, [handle_file(server_file)], 0.0, "/etc/hosts", 5, 1, 2e-3, 0.1, 8,
                                            api_name="/start_training")
+
+
+def test_the_check_before_a_run_counts_previews_and_sizes_it_by_epochs(train_app, tmp_path):
+    url, adapter_dir = train_app
+    data = write_jsonl(tmp_path / "check-pairs.jsonl", [*repeat_task_rows(10, seed=6), {"prompt": "no answers"}])
+    before = [r.name for r in runs.list_runs(adapter_dir)]
+    summary, preview = Client(url, verbose=False).predict(
+        False, [handle_file(data)], 0.1, TINY_CONFIG, 0, 2, 2e-3, 0.1, 8, api_name="/check_training_data")
+    # 10 pairs, a tenth held out is 1, raised to 3 so that the evaluation scores a few; batch 2: 4 steps an epoch.
+    assert "10 usable pairs**: 7 to train on, 3 held out" in summary and "1 row left out" in summary
+    assert "2 epochs, 8 steps" in summary and "training context (256 tokens)" in summary
+    assert len(preview["data"]) == 5 and [r.name for r in runs.list_runs(adapter_dir)] == before  # starts nothing
+
+
+def test_start_with_no_pairs_is_refused_at_once_and_says_where_pairs_come_from(tmp_path, minilm_path, embedder,
+                                                                                tiny_model_dir):
+    from assistant.training import TrainingControl
+    from assistant.ui_train import TrainTab
+    from finetune.pairs_store import PairsStore
+
+    settings = app_settings(tmp_path, minilm_path, tiny_model_dir, tmp_path / "adapters")
+    PairsStore(settings.pairs_db)  # as the app leaves it at start: the file is there, with no pairs in it
+    loader = SimpleNamespace(assistant=SimpleNamespace(settings=settings), runtime=None)
+    tab = TrainTab(TrainingControl(loader), loader)
+    with pytest.raises(gr.Error, match="the pairs store holds 0 pairs.*Pairs come from the Chat tab"):
+        tab.start(True, [], 0.1, str(settings.train_config), 0, 1, 8e-6, 0.1, 16)
+    assert runs.list_runs(settings.adapter_dir) == []
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "finetune" / "configs").glob("[!a]*.yaml")))
+def test_every_shipped_config_fills_the_form_within_its_bounds(config):
+    from assistant.ui_train import form_values
+
+    steps, epochs, learning_rate, beta, rank = form_values(f"finetune/configs/{config}")
+    assert steps >= 0 and epochs > 0 and learning_rate > 0 and beta > 0 and rank >= 1
+
+
+def test_a_few_pairs_are_held_out_where_a_share_would_hold_none():
+    assert [runs.held_out_count(n, 0.1) for n in (1, 2, 4, 10, 40)] == [0, 1, 2, 3, 4]
+    assert runs.held_out_count(40, 0.0) == 0 and runs.eval_note(40, 0, 0.0) == "no evaluation: the held-out share is 0"
+    assert "1 pairs are too few" not in runs.eval_note(1, 0, 0.1) and "too few" in runs.eval_note(1, 0, 0.1)
