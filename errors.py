@@ -12,6 +12,10 @@ class UserError(Exception):
     """Something the user gave cannot be used; the message names it and says what to do."""
 
 
+class PromptTooLong(UserError):
+    """The prompt leaves the model no room to answer within its context; the message says how to shorten it."""
+
+
 class ModelUnavailable(UserError):
     """A model cannot be loaded or reached (not a folder, not in the cache, hub or server unreachable,
     a package it needs not installed); the message says why and what to do."""

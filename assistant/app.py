@@ -100,10 +100,13 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab, 
         # The timer starts on every page, whatever the state was when the page was built: the status text above
         # is read before it, so a model that finished loading in between left the page showing "loading" with
         # only the load event below to correct it. The first tick after loading stops the timer.
+        # The token slider's end follows the loaded model's context.
         timer = gr.Timer(2.0, active=True)
-        timer.tick(lambda: (loader.status_markdown(), gr.Timer(active=loader.state == LOADING)), None,
-                   [status, timer], queue=False, api_visibility="private")
-        demo.load(loader.status_markdown, None, status, queue=False, api_visibility="private")
+        timer.tick(lambda: (loader.status_markdown(), gr.Timer(active=loader.state == LOADING),
+                            gr.Slider(maximum=loader.context_length())), None,
+                   [status, timer, chat.max_new_tokens], queue=False, api_visibility="private")
+        demo.load(lambda: (loader.status_markdown(), gr.Slider(maximum=loader.context_length())), None,
+                  [status, chat.max_new_tokens], queue=False, api_visibility="private")
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=1)
     return demo, loader, knowledge, chat
 

@@ -13,11 +13,11 @@ import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from assistant.adapter_switch import AdapterError, chosen_adapter
-from errors import ModelUnavailable
+from errors import ModelUnavailable, PromptTooLong
 from finetune.adapters import AdapterEntry
 from finetune.prompts import prompt_token_ids
 from settings import Settings
@@ -84,6 +84,9 @@ class LocalRuntime:
             raise ModelUnavailable(f"{message}\n{TINY_MODEL_HINT}") from None
         self.model.eval()
         self.device = next(self.model.parameters()).device
+        # Prompt and answer together: CONTEXT_LENGTH, or less where the model's own positions end sooner.
+        self.context_length = min(settings.context_length,
+                                  getattr(self.model.config, "max_position_embeddings", None) or settings.context_length)
         adapter = chosen_adapter(settings)
         if adapter:
             try:
@@ -224,6 +227,12 @@ class LocalRuntime:
                 return stop is not None and stop.is_set()
 
         input_ids = torch.tensor([prompt_token_ids(self.tokenizer, prompt)], device=self.device)
+        room = self.context_length - input_ids.shape[1]
+        if room < 1:
+            raise PromptTooLong(f"the prompt is {input_ids.shape[1]} tokens and the model's context holds "
+                                f"{self.context_length}: ask a shorter question, start a new chat, or turn off "
+                                "“Search my documents”")
+        params = replace(params, max_new_tokens=min(params.max_new_tokens, room))
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False, timeout=600)
         sampling = params.temperature > 0
         kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,

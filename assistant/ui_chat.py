@@ -280,8 +280,10 @@ class ChatTab:
                                             info="Off: the model answers from what it knows, without citations.")
                 temperature = gr.Slider(0.0, 1.5, value=settings.temperature, step=0.05, label="Temperature",
                                         info="0 always picks the likeliest token.")
-                max_new_tokens = gr.Slider(8, 8192, value=settings.max_new_tokens, step=8, label="Max new tokens",
-                                           info="Reasoning and answer together.")
+                max_new_tokens = gr.Slider(8, settings.context_length, value=settings.max_new_tokens, step=8,
+                                           label="Max new tokens", elem_id="max-new-tokens",
+                                           info="Reasoning and answer together; at most what the model's context "
+                                                "leaves after the prompt.")
                 new_chat = gr.Button("New chat", elem_id="new-chat")
                 export = gr.DownloadButton("Export conversation (JSON)", value=None, interactive=False,
                                            elem_id="export")

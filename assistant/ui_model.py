@@ -85,6 +85,11 @@ class ModelLoader:
     def runtime(self) -> ModelRuntime | None:
         return self.assistant.runtime if self.state == READY else None
 
+    def context_length(self) -> int:
+        """Prompt and answer together, in tokens: the loaded model's, else CONTEXT_LENGTH."""
+        settings = self.assistant.settings
+        return getattr(self.runtime, "context_length", None) or settings.context_length
+
     def describe(self) -> dict:
         """What /health reports about the model."""
         runtime = self.runtime

@@ -113,6 +113,8 @@ def test_chat_streams_an_answer_with_a_thinking_block_citations_and_the_adapter(
                                                                                 screenshots_dir):
     from playwright.sync_api import expect
 
+    # The token slider ends at the model's context (the tiny model's 4096 positions), not at CONTEXT_LENGTH.
+    expect(page.locator("#max-new-tokens input[type=range]")).to_have_attribute("max", "4096")
     page.locator("#question textarea").fill("Who keeps the lighthouse?")
     page.keyboard.press("Enter")
     chat = page.locator("#chatbot")

@@ -387,3 +387,20 @@ def test_a_fast_stream_reaches_the_page_as_batched_updates_ending_with_the_whole
 
     shown = [(answer.answer, answer.done) for answer in throttled(tokens(), every=60.0)]
     assert shown == [("x", False), ("x" * 2000, True)]  # the first token at once, then the whole answer
+
+
+def test_an_answer_is_bounded_by_what_the_context_leaves_after_the_prompt(chat_settings, tiny_model_dir):
+    """The defect: Max new tokens went to 8192 on a model of 4096 positions, past its end."""
+    from dataclasses import replace
+
+    from errors import PromptTooLong
+
+    assert LocalRuntime(chat_settings).context_length == 4096  # the tiny model's positions, under CONTEXT_LENGTH
+    runtime = LocalRuntime(replace(chat_settings, context_length=64))
+    prompt = "Below is a question about the pump. " * 3
+    prompt_tokens = len(prompt_token_ids(runtime.tokenizer, prompt))
+    assert 16 < prompt_tokens < 64
+    list(runtime.stream(prompt, GenerationParams(max_new_tokens=500, temperature=0.0)))
+    assert runtime.last_usage["completion_tokens"] <= 64 - prompt_tokens
+    with pytest.raises(PromptTooLong, match="the model's context holds 64"):
+        list(runtime.stream(prompt * 3, GenerationParams(max_new_tokens=8, temperature=0.0)))
