@@ -138,6 +138,11 @@ class Settings:
     gpu_concurrency: int = _setting(1, "GPU_CONCURRENCY", "Generations that run at once; the rest wait in line.")
     queue_size: int = _setting(64, "QUEUE_SIZE", "Requests that may wait in line; more are turned away.")
 
+    @property
+    def conversations_db(self) -> Path:
+        """The chat's saved conversations: beside the pairs store (PAIRS_DB), so in the same volume."""
+        return Path(self.pairs_db).with_name("conversations.sqlite")
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
         """Defaults, then environment variables, then keyword overrides."""

@@ -28,10 +28,12 @@ from gradio.routes import App as GradioApp
 from starlette.routing import Mount
 
 from assistant.chat import Assistant
+from assistant.conversations import ConversationStore
 from assistant.feedback import FeedbackStore
 from assistant.training import TrainingControl
 from assistant.ui_adapters import AdaptersTab
 from assistant.ui_chat import ChatTab
+from assistant.ui_conversations import ConversationsPanel
 from assistant.ui_feedback import ChatFeedback, VerdictCorrection
 from assistant.ui_knowledge import KnowledgeTab
 from assistant.ui_model import LOADING, ModelLoader
@@ -67,8 +69,15 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab, 
         print(f"error: the knowledge store is unavailable: {e}", file=sys.stderr, flush=True)
     loader = ModelLoader(assistant).start()
     assistant.adapters.start_following()  # looks only once the model has loaded
-    chat, verify, knowledge = ChatTab(assistant, loader), VerifyTab(assistant, loader), \
+    conversations, conversations_error = None, None
+    try:
+        conversations = ConversationStore(settings.conversations_db)
+    except UserError as e:
+        conversations_error = str(e)
+        print(f"error: conversations are not saved: {e}", file=sys.stderr, flush=True)
+    chat, verify, knowledge = ChatTab(assistant, loader, conversations), VerifyTab(assistant, loader), \
         KnowledgeTab(store, settings, store_error)
+    sidebar = ConversationsPanel(chat, conversations, conversations_error)
     feedback, feedback_error = None, None
     try:
         feedback = FeedbackStore(PairsStore(settings.pairs_db))
@@ -80,9 +89,11 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab, 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# {TITLE}\nAnswers from a reasoning model, cited from your documents.")
         status = gr.Markdown(loader.status_markdown(), elem_id="model-status")
+        sidebar.build_sidebar()
         with gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                chat.build(settings)
+                chat.build(settings, sidebar.remembered)
+                sidebar.wire(demo)
                 ChatFeedback(chat, feedback, feedback_error).build(chat.chatbot, chat.turns, chat.temperature,
                                                                    chat.max_new_tokens)
             with gr.Tab("Verify a claim", id="verify", elem_id="tab-verify"):

@@ -22,6 +22,7 @@ from pathlib import Path
 import gradio as gr
 
 from assistant.chat import Answer, Assistant, Citation
+from assistant.conversations import ConversationStore, new_conversation_id
 from assistant.runtime import GenerationParams
 from assistant.ui_model import ModelLoader, public_model_name, short_model_name, with_hint
 from errors import ModelUnavailable, UserError
@@ -35,6 +36,8 @@ NO_ANSWER = ("*No answer after the reasoning: the model reached “Max new token
              "thinking block above to read it, or raise “Max new tokens” and ask again.*")
 EARLIER_NO_ANSWER = "*No answer after the reasoning: the model stopped while still thinking.*"
 STOPPED = "*(stopped)*"
+CUT_OFF = ("*(cut off: the page was closed or reloaded before this answer finished; what it had written is kept. "
+           "Ask again for a whole answer.)*")
 # At most ten page updates a second while an answer streams: the browser keeps up at any decode speed, and a
 # click on Stop is not queued behind hundreds of redraws.
 UPDATE_S = 0.1
@@ -132,7 +135,9 @@ def turn_messages(turn: dict, index: int) -> list[gr.ChatMessage]:
             metadata["duration"] = round(turn["seconds"], 1)
         messages.append(gr.ChatMessage(content=turn["reasoning"] or "…", metadata=metadata))
     if turn["answer"] or turn["done"]:
-        if turn["stopped"]:
+        if turn.get("cut_off"):
+            body = f"{turn['answer']}\n\n{CUT_OFF}" if turn["answer"] else CUT_OFF
+        elif turn["stopped"]:
             body = f"{marked_answer(turn['answer'], turn['support'])}\n\n{STOPPED}" if turn["answer"] else STOPPED
         else:
             body = marked_answer(turn["answer"], turn["support"]) if turn["answer"] else NO_ANSWER
@@ -221,41 +226,64 @@ class ConversationExports:
 
 
 class ChatTab:
-    def __init__(self, assistant: Assistant, loader: ModelLoader):
-        self.assistant, self.loader = assistant, loader
+    """``conversations`` keeps each conversation as it grows (None: the store could not be opened, and the chat
+    works as before, without saving)."""
+
+    def __init__(self, assistant: Assistant, loader: ModelLoader, conversations: ConversationStore | None = None):
+        self.assistant, self.loader, self.conversations = assistant, loader, conversations
         self.switches = StopSwitches()
         self.exports = ConversationExports()
 
+    def keep(self, turns: list[dict], conversation: str | None, request: gr.Request) -> None:
+        """Save the conversation as it stands (nothing before its first question)."""
+        if self.conversations is not None and conversation and turns:
+            self.conversations.save(conversation, getattr(request, "username", None) or None, turns)
+
+    @staticmethod
+    def begin(message: str, conversation: str | None) -> tuple[str | None, str | None]:
+        """The id of the conversation a question goes into: the open one, or a new one for the first question."""
+        conversation = conversation or (new_conversation_id() if (message or "").strip() else None)
+        return conversation, conversation
+
     def respond(self, message: str, turns: list[dict], temperature: float, max_new_tokens: float,
-                use_retrieval: bool, request: gr.Request):
-        """Stream the answer to `message`, given the session's earlier turns."""
+                use_retrieval: bool, conversation: str | None = None, request: gr.Request = None):
+        """Stream the answer to `message`, given the session's earlier turns: (chatbot, turns, question box,
+        conversation id). The conversation is saved when the question is asked and when the answer ends, or is
+        cut off (the page closed or reloaded: what was written so far is kept, marked as cut off on reopening)."""
         question = (message or "").strip()
         if not question:
-            yield chat_messages(turns), turns, message
+            yield chat_messages(turns), turns, message, conversation
             return
+        conversation = conversation or new_conversation_id()
         params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature))
         history = model_history(turns)
         turn = new_turn(question, params, bool(use_retrieval))
         turns = [*turns, turn]
         stop = self.switches.new(getattr(request, "session_hash", None) or "")
-        yield chat_messages(turns), turns, ""
-        if self.loader.wait() is None:
-            turn["error"] = self.loader.error
-            yield chat_messages(turns), turns, ""
-            return
+        self.keep(turns, conversation, request)
         try:
-            for answer in throttled(self.assistant.stream_answer([*history, {"role": "user", "content": question}],
-                                                                 params, use_retrieval=bool(use_retrieval), stop=stop)):
-                record_answer(turn, answer, stop)
-                yield chat_messages(turns), turns, ""
-        except ModelUnavailable as e:
-            turn["error"] = with_hint(str(e))
-        except (StoreError, EmbeddingModelError) as e:
-            turn["error"] = f"{e}\nTurn off “Search my documents” to answer without the knowledge store."
-        except UserError as e:
-            turn["error"] = str(e)
-        turn["done"] = True
-        yield chat_messages(turns), turns, ""
+            yield chat_messages(turns), turns, "", conversation
+            if self.loader.wait() is None:
+                turn["error"] = self.loader.error
+                turn["done"] = True
+                yield chat_messages(turns), turns, "", conversation
+                return
+            try:
+                for answer in throttled(self.assistant.stream_answer(
+                        [*history, {"role": "user", "content": question}], params, use_retrieval=bool(use_retrieval),
+                        stop=stop)):
+                    record_answer(turn, answer, stop)
+                    yield chat_messages(turns), turns, "", conversation
+            except ModelUnavailable as e:
+                turn["error"] = with_hint(str(e))
+            except (StoreError, EmbeddingModelError) as e:
+                turn["error"] = f"{e}\nTurn off “Search my documents” to answer without the knowledge store."
+            except UserError as e:
+                turn["error"] = str(e)
+            turn["done"] = True
+            yield chat_messages(turns), turns, "", conversation
+        finally:
+            self.keep(turns, conversation, request)
 
     def stop(self, request: gr.Request) -> None:
         self.switches.stop(getattr(request, "session_hash", None) or "")
@@ -264,7 +292,8 @@ class ChatTab:
         path = self.exports.write(turns, getattr(request, "session_hash", None) or "")
         return gr.DownloadButton(value=path, interactive=path is not None)
 
-    def build(self, settings) -> None:
+    def build(self, settings, remembered: gr.BrowserState | None = None) -> None:
+        """The tab; ``remembered``: where the browser keeps the open conversation's id across reloads."""
         turns = gr.State([])
         with gr.Row():
             with gr.Column(scale=4):
@@ -288,16 +317,22 @@ class ChatTab:
                 export = gr.DownloadButton("Export conversation (JSON)", value=None, interactive=False,
                                            elem_id="export")
 
-        inputs = [question, turns, temperature, max_new_tokens, use_retrieval]
-        outputs = [chatbot, turns, question]
+        conversation = gr.State(None)  # the id of the conversation on the page (None before its first question)
+        inputs = [question, turns, temperature, max_new_tokens, use_retrieval, conversation]
+        outputs = [chatbot, turns, question, conversation]
         model_events = dict(concurrency_limit=settings.gpu_concurrency, concurrency_id="model")
-        answered = gr.on([question.submit, send.click], self.respond, inputs, outputs, api_name="chat",
-                         **model_events)
+        # The conversation's id is given before the answer starts, and kept in the browser at once, so that a
+        # reload in the middle of the answer reopens it.
+        remembered = [remembered] if remembered is not None else []
+        started = gr.on([question.submit, send.click], self.begin, [question, conversation],
+                        [conversation, *remembered], queue=False, api_visibility="private")
+        answered = started.then(self.respond, inputs, outputs, api_name="chat", **model_events)
         answered.then(self.export, turns, export, api_visibility="private", queue=False)
         stop.click(self.stop, None, None, queue=False, api_visibility="private")
-        cleared = [trigger(lambda: ([], [], gr.DownloadButton(value=None, interactive=False)), None,
-                           [chatbot, turns, export], queue=False, api_visibility="private")
+        cleared = [trigger(lambda: ([], [], gr.DownloadButton(value=None, interactive=False), None, None), None,
+                           [chatbot, turns, export, conversation, *remembered], queue=False,
+                           api_visibility="private")
                    for trigger in (new_chat.click, chatbot.clear)]
         # What the feedback controls (assistant/ui_feedback.py) act on, and the events they follow.
         self.chatbot, self.turns, self.temperature, self.max_new_tokens = chatbot, turns, temperature, max_new_tokens
-        self.answered, self.cleared = answered, cleared
+        self.answered, self.cleared, self.conversation, self.export_button = answered, cleared, conversation, export

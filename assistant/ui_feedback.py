@@ -307,7 +307,8 @@ class ChatFeedback:
         chatbot.like(self.on_like, [turns, compare], [status, compare_row, compare], api_visibility="private")
         chatbot.retry(self.on_retry, [turns, temperature, max_new_tokens], [chatbot, turns, *compared],
                       api_visibility="private", **model_events).then(
-            self.editor_for_last, turns, editor, api_visibility="private", queue=False)
+            self.editor_for_last, turns, editor, api_visibility="private", queue=False).then(
+            self.chat.keep, [turns, self.chat.conversation], None, api_visibility="private", queue=False)
         for button, pick in ((pick_new, self.pick_new_compared), (pick_earlier, self.pick_earlier_compared)):
             button.click(pick, [turns, compare], [turns, status, compare_row, compare], api_visibility="private")
         undo.click(self.undo, None, status, api_name="undo_feedback")

@@ -331,7 +331,7 @@ def test_stop_ends_the_generation_early(tiny_model_dir, app_adapter_dir, minilm_
     full = assistant.ask(question, GenerationParams(limit, 0.0), use_retrieval=False)
     assert tokens(full.reasoning, full.answer) > limit / 2  # greedy: this prompt runs on without an end token
     turns, at_stop = None, None
-    for _, turns, _ in tab.respond(question, [], 0.0, limit, False, request):
+    for _, turns, *_ in tab.respond(question, [], 0.0, limit, False, request=request):
         if turns[-1]["reasoning"] and at_stop is None:
             at_stop = tokens(turns[-1]["reasoning"], turns[-1]["answer"])  # what the page showed at the click
             tab.stop(request)

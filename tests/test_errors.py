@@ -148,8 +148,8 @@ def test_chat_and_verify_tabs_show_an_embedding_model_that_cannot_load(tmp_path,
     settings = app_settings(tmp_path, "/nonexistent", tiny_model_dir, tmp_path / "adapters")
     assistant = Assistant(settings)
     loader = ModelLoader(assistant).start()
-    *_, (_, turns, _) = ChatTab(assistant, loader).respond("Who keeps the lighthouse?", [], 0.0, 4, True,
-                                                           SimpleNamespace(session_hash="s1"))
+    *_, (_, turns, *_) = ChatTab(assistant, loader).respond("Who keeps the lighthouse?", [], 0.0, 4, True,
+                                                            request=SimpleNamespace(session_hash="s1"))
     assert "EMBEDDING_MODEL='/nonexistent'" in turns[-1]["error"] and turns[-1]["done"]
     assert "Turn off “Search my documents”" in turns[-1]["error"]
     *_, last = VerifyTab(assistant, loader).run("The lighthouse is red.")

@@ -1,0 +1,116 @@
+"""The conversations sidebar: each person's saved chats (``assistant/conversations.py``) to reopen, rename or
+delete; the open one comes back after a page reload. Exporting is the chat's own Export button, on the
+conversation that is open.
+
+The page remembers which conversation is open in the browser's storage (``gr.BrowserState``); a reload reads
+it back and reopens that conversation from the store. An answer the reload cut off is marked so, not dropped.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from assistant.conversations import ConversationError, ConversationStore
+from assistant.ui_chat import ChatTab, chat_messages
+
+# The browser keeps only the open conversation's id, encrypted with this key; the id is a random UUID and the
+# store answers only its owner, so a fixed key (the same after an app restart) gives nothing away.
+BROWSER_KEY = "think-rag-conversation"
+
+
+def _user(request: gr.Request | None) -> str | None:
+    return getattr(request, "username", None) or None
+
+
+def reopened(turns: list[dict]) -> list[dict]:
+    """Turns as reopened: an answer still being written when the conversation was last saved is cut off."""
+    for turn in turns:
+        if not turn["done"]:
+            turn.update(done=True, cut_off=True, prompt=None)
+    return turns
+
+
+class ConversationsPanel:
+    def __init__(self, chat: ChatTab, store: ConversationStore | None, error: str | None = None):
+        self.chat, self.store, self.error = chat, store, error
+
+    def _need(self) -> ConversationStore:
+        if self.store is None:
+            raise gr.Error(f"Conversations are not saved: {self.error}")
+        return self.store
+
+    def listing(self, current: str | None, request: gr.Request):
+        """The sidebar: every conversation of this person, the open one selected, and its name in the box."""
+        if self.store is None:
+            return gr.Radio(choices=[], value=None, info=f"Not saved: {self.error}"), ""
+        summaries = self.store.list(_user(request))
+        title = next((s.title for s in summaries if s.id == current), "")
+        choices = [(s.title, s.id) for s in summaries]
+        return gr.Radio(choices=choices, value=current if title else None,
+                        info=None if choices else "Your conversations are listed here once you ask something."), title
+
+    def open(self, conversation: str | None, request: gr.Request):
+        """(chatbot, turns, conversation id, the id the browser keeps) of the conversation chosen in the list."""
+        if not conversation:
+            return [], [], None, None
+        try:
+            turns = reopened(self._need().load(conversation, _user(request)))
+        except ConversationError as e:
+            raise gr.Error(str(e)) from None
+        return chat_messages(turns), turns, conversation, conversation
+
+    def restore(self, remembered: str | None, request: gr.Request):
+        """On page load: the conversation that was open before the reload, if it is still there."""
+        if not remembered or self.store is None:
+            return [], [], None, None
+        try:
+            return self.open(remembered, request)
+        except gr.Error:
+            return [], [], None, None
+
+    def rename(self, conversation: str | None, title: str, request: gr.Request):
+        if not conversation:
+            raise gr.Error("Open a conversation first (ask something, or choose one in the list).")
+        try:
+            self._need().rename(conversation, _user(request), title or "")
+        except ConversationError as e:
+            raise gr.Error(str(e)) from None
+        return self.listing(conversation, request)
+
+    def delete(self, conversation: str | None, request: gr.Request):
+        """Delete the open conversation; the chat starts afresh."""
+        if not conversation:
+            raise gr.Error("Open a conversation first (choose one in the list).")
+        try:
+            self._need().delete(conversation, _user(request))
+        except ConversationError as e:
+            raise gr.Error(str(e)) from None
+        return [], [], None, None, *self.listing(None, request)
+
+    def build_sidebar(self) -> None:
+        with gr.Sidebar(label="Conversations", open=True, elem_id="conversations"):
+            gr.Markdown("### Conversations")
+            self.list = gr.Radio(choices=[], label="Yours, the latest first", elem_id="conversation-list")
+            self.title = gr.Textbox(label="Name of the open conversation", elem_id="conversation-title")
+            with gr.Row():
+                self.rename_button = gr.Button("Rename", size="sm", elem_id="conversation-rename")
+                self.delete_button = gr.Button("Delete", size="sm", variant="stop", elem_id="conversation-delete")
+        # Outside the sidebar: the chat tab writes it too (``ChatTab.build``).
+        self.remembered = gr.BrowserState(None, storage_key=BROWSER_KEY, secret=BROWSER_KEY)
+
+    def wire(self, demo: gr.Blocks) -> None:
+        """The sidebar's events, on the chat's components (after ``ChatTab.build``). Opening and deleting count as
+        clearing the chat, so the feedback controls start afresh on them too."""
+        chat = self.chat
+        shown = [chat.chatbot, chat.turns, chat.conversation, self.remembered]
+        sidebar = [self.list, self.title]
+        private = dict(api_visibility="private", queue=False)
+        afresh = list(chat.cleared)  # New chat and the chatbot's clear
+        opened = self.list.input(self.open, self.list, shown, **private)
+        deleted = self.delete_button.click(self.delete, chat.conversation, [*shown, *sidebar], **private)
+        chat.cleared += [opened, deleted]
+        self.rename_button.click(self.rename, [chat.conversation, self.title], sidebar, **private)
+        for event in (chat.answered, opened, *afresh):
+            event.then(self.listing, chat.conversation, sidebar, **private)
+        demo.load(self.restore, self.remembered, shown, **private).then(
+            self.listing, chat.conversation, sidebar, **private)
