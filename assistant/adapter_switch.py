@@ -22,7 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from errors import UserError
-from finetune.adapters import AdapterEntry, list_adapters, read_json, write_json
+from finetune import runs
+from finetune.adapters import (
+    AdapterEntry,
+    adapter_folder,
+    archive_adapter,
+    delete_adapter,
+    list_adapters,
+    read_json,
+    rename_adapter,
+    write_json,
+)
 from settings import Settings
 
 CHOICE_NAME = "app_adapter_choice.json"
@@ -196,6 +206,38 @@ class AdapterSwitch:
             return
         with self.gate.swap():
             runtime.activate(adapter)
+
+    def _changeable(self, name: str) -> Path:
+        """The folder of ``name``, refused while it answers or a training run writes it."""
+        folder = adapter_folder(self.settings.adapter_dir, name)
+        active = self.active
+        if (active is not None and active.name == name) or (self.choice.mode == PINNED and self.choice.adapter == name):
+            raise AdapterError(f"{name} is the adapter answering; choose another (or the base model) first")
+        record = runs.read_run(folder)
+        if record is not None and record.status not in runs.ENDED:
+            raise AdapterError(f"a training run is writing {name}; wait for it or cancel it in the Train tab")
+        return folder
+
+    def rename(self, name: str, new_name: str) -> str:
+        """Give an adapter that is not answering another name (its folder's)."""
+        with self._swapping:
+            self._changeable(name)
+            folder = rename_adapter(self.settings.adapter_dir, name, new_name)
+            record = runs.read_run(folder)
+            if record is not None:  # a run's record names its folder
+                record.name = folder.name
+                runs.write_run(folder, record)
+        return f"Renamed {name} to {folder.name}."
+
+    def delete(self, name: str) -> str:
+        """Delete an adapter's folder (not the one answering), checkpoints and data with it."""
+        with self._swapping:
+            self._changeable(name)
+            delete_adapter(self.settings.adapter_dir, name)
+        return f"Deleted {name}."
+
+    def archive(self, name: str, out_dir: Path) -> Path:
+        return archive_adapter(self.settings.adapter_dir, name, out_dir)
 
     def poll(self) -> None:
         """One look at ADAPTER_DIR while following: swap in the newest usable adapter if it is not in use."""

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+
 import gradio as gr
 
 from assistant.adapter_switch import FOLLOW, AdapterSwitch
@@ -14,6 +19,8 @@ COLUMNS = ["adapter", "base model", "written", "pairs", "steps", "eval", "status
 class AdaptersTab:
     def __init__(self, switch: AdapterSwitch, loader: ModelLoader):
         self.switch, self.loader = switch, loader
+        self.downloads = Path(tempfile.mkdtemp(prefix="think-rag-adapters-"))  # zips to download, gone at exit
+        atexit.register(shutil.rmtree, self.downloads, True)
 
     def state(self) -> dict:
         """What the API returns: the choice, the adapter in use, and every adapter with why it cannot be used."""
@@ -36,8 +43,8 @@ class AdaptersTab:
                        + ("A newer adapter written to the folder is swapped in between answers."
                           if state["mode"] == FOLLOW else "Follow the newest to pick up new adapters again."))
         summary += f" Folder: `{self.switch.settings.adapter_dir}`."
-        usable = [a["name"] for a in state["adapters"] if a["usable"]]
-        picker = gr.Dropdown(choices=usable, value=in_use if in_use in usable else None)
+        names = [a["name"] for a in state["adapters"]]
+        picker = gr.Dropdown(choices=names, value=in_use if in_use in names else None)
         return summary, rows, picker, state
 
     def _do(self, action, *args):
@@ -53,6 +60,32 @@ class AdaptersTab:
         if not name:
             raise gr.Error("Pick an adapter from the list first.")
         return self._do(self.switch.use_adapter, name)
+
+    def rename(self, name: str | None, new_name: str):
+        if not name:
+            raise gr.Error("Pick the adapter to rename from the list first.")
+        return self._change(self.switch.rename, name, new_name or "")
+
+    def delete(self, name: str | None):
+        if not name:
+            raise gr.Error("Pick the adapter to delete from the list first.")
+        return self._change(self.switch.delete, name)
+
+    def _change(self, action, *args):
+        """A rename or delete: allowed whatever the model's state (it only refuses the adapter answering)."""
+        try:
+            note = action(*args)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        return *self.listing(), note, self.loader.status_markdown()
+
+    def download(self, name: str | None) -> str:
+        if not name:
+            raise gr.Error("Pick the adapter to download from the list first.")
+        try:
+            return str(self.switch.archive(name, self.downloads))
+        except UserError as e:
+            raise gr.Error(str(e)) from None
 
     def use_base(self):
         return self._do(self.switch.use_base)
@@ -71,6 +104,12 @@ class AdaptersTab:
             base = gr.Button("Use the base model", elem_id="adapter-base")
             follow = gr.Button("Follow the newest", elem_id="adapter-follow")
             refresh = gr.Button("Refresh", elem_id="adapters-refresh")
+        with gr.Row():
+            new_name = gr.Textbox(label="New name", placeholder="e.g. orpo-lighthouse-v2", elem_id="adapter-new-name")
+            rename = gr.Button("Rename", elem_id="adapter-rename")
+            delete = gr.Button("Delete", variant="stop", elem_id="adapter-delete")
+            download = gr.Button("Download (zip)", elem_id="adapter-download")
+        downloaded = gr.File(label="The adapter, zipped", interactive=False, elem_id="adapter-file")
         note = gr.Markdown(elem_id="adapters-note")
         state = gr.JSON(visible=False)
         listed = [summary, table, picker, state]
@@ -79,4 +118,7 @@ class AdaptersTab:
         use.click(self.use_adapter, picker, changed, api_name="use_adapter")
         base.click(self.use_base, None, changed, api_name="use_base_model")
         follow.click(self.follow_newest, None, changed, api_name="follow_newest")
+        rename.click(self.rename, [picker, new_name], changed, api_name="rename_adapter")
+        delete.click(self.delete, picker, changed, api_name="delete_adapter")
+        download.click(self.download, picker, downloaded, api_name="download_adapter")
         demo.load(self.listing, None, listed, api_visibility="private")

@@ -13,15 +13,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import time
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from errors import UserError
 
 INFO_NAME = "training_info.json"
 CONFIG_NAME = "train_config.yaml"
 EVAL_NAME = "eval.json"
 RUN_NAME = "run.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_CONFIG = "adapter_config.json"
+# What a downloaded adapter holds: what loading it needs and what says how it was made (no checkpoints, no data).
+ARCHIVED = (ADAPTER_CONFIG, *WEIGHT_NAMES, INFO_NAME, CONFIG_NAME, EVAL_NAME, "eval.png", "training_log.jsonl",
+            "chat_template.jinja", "tokenizer_config.json")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class AdapterFolderError(UserError):
+    """A rename, delete or download of an adapter folder cannot be done; the message says why."""
 EVAL_KEYS = ("think_rate", "duplication_rate", "accuracy", "preference_accuracy")
 
 
@@ -85,16 +99,16 @@ def adapter_folders(adapter_dir: Path) -> list[Path]:
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         return []
-    if (adapter_dir / "adapter_config.json").exists():
+    if (adapter_dir / ADAPTER_CONFIG).exists():
         return [adapter_dir]
     return sorted(p for p in adapter_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and any(
-        (p / name).exists() for name in ("adapter_config.json", CONFIG_NAME, RUN_NAME)))
+        (p / name).exists() for name in (ADAPTER_CONFIG, CONFIG_NAME, RUN_NAME)))
 
 
 def read_adapter(folder: Path, base_model: str) -> AdapterEntry:
-    info, config = read_json(folder / INFO_NAME), read_json(folder / "adapter_config.json")
+    info, config = read_json(folder / INFO_NAME), read_json(folder / ADAPTER_CONFIG)
     base = info.get("base_model") or config.get("base_model_name_or_path")
-    files = [folder / n for n in (INFO_NAME, "adapter_config.json", *WEIGHT_NAMES) if (folder / n).exists()]
+    files = [folder / n for n in (INFO_NAME, ADAPTER_CONFIG, *WEIGHT_NAMES) if (folder / n).exists()]
     created = max((f.stat().st_mtime for f in files), default=folder.stat().st_mtime)
     report = info.get("data_report") or {}
     entry = AdapterEntry(folder, base, info.get("prompt_format"), created, info.get("global_step"),
@@ -110,7 +124,7 @@ def _unusable(folder: Path, info: dict, entry: AdapterEntry, base_model: str) ->
         return f"incomplete: training is still writing it (no {INFO_NAME} yet)"
     if entry.base_model and not same_model(entry.base_model, base_model):
         return f"trained on {entry.base_model}, not on CHAT_MODEL={base_model}"
-    missing = [n for n in ("adapter_config.json", " or ".join(WEIGHT_NAMES)) if not any(
+    missing = [n for n in (ADAPTER_CONFIG, " or ".join(WEIGHT_NAMES)) if not any(
         (folder / name).exists() for name in n.split(" or "))]
     return f"incomplete: no {' and no '.join(missing)}" if missing else None
 
@@ -142,3 +156,45 @@ def list_adapters(adapter_dir: Path, base_model: str) -> list[AdapterEntry]:
 def newest_usable(adapter_dir: Path, base_model: str) -> AdapterEntry | None:
     """The newest complete adapter trained on ``base_model``."""
     return next((e for e in list_adapters(adapter_dir, base_model) if e.usable), None)
+
+
+def adapter_folder(adapter_dir: Path, name: str) -> Path:
+    """The folder of the adapter ``name`` in ``adapter_dir``: a subfolder, never a path outside it."""
+    folder = Path(adapter_dir) / name
+    if not NAME_PATTERN.fullmatch(name) or folder not in adapter_folders(adapter_dir) or folder == Path(adapter_dir):
+        raise AdapterFolderError(f"no adapter {name!r} in {adapter_dir}; pick one from the list")
+    return folder
+
+
+def rename_adapter(adapter_dir: Path, name: str, new_name: str) -> Path:
+    """Give an adapter folder a new name (what the app lists and answers under)."""
+    folder = adapter_folder(adapter_dir, name)
+    new_name = new_name.strip()
+    if not NAME_PATTERN.fullmatch(new_name):
+        raise AdapterFolderError(f"{new_name!r} cannot name an adapter: use letters, digits, '.', '_' and '-' "
+                                 "(up to 64, starting with a letter or digit)")
+    target = folder.with_name(new_name)
+    if target.exists():
+        raise AdapterFolderError(f"{new_name} is taken in {adapter_dir}; choose another name")
+    folder.rename(target)
+    return target
+
+
+def delete_adapter(adapter_dir: Path, name: str) -> None:
+    shutil.rmtree(adapter_folder(adapter_dir, name))
+
+
+def archive_adapter(adapter_dir: Path, name: str, out_dir: Path) -> Path:
+    """The adapter as one zip file in ``out_dir``: the files of ARCHIVED it has, under a folder of its name."""
+    folder = adapter_folder(adapter_dir, name)
+    files = [folder / n for n in ARCHIVED if (folder / n).is_file()]
+    if not any(f.name == ADAPTER_CONFIG for f in files):
+        raise AdapterFolderError(f"{name} holds no {ADAPTER_CONFIG} yet: nothing to download")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir) / f"{name}.zip"
+    partial = out.with_suffix(".zip.partial")
+    with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
+        for file in files:
+            archive.write(file, f"{name}/{file.name}")
+    os.replace(partial, out)
+    return out

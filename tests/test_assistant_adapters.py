@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 import time
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -285,6 +286,21 @@ def test_the_adapters_tab_lists_swaps_and_follows_an_adapter_trained_outside_the
             time.sleep(0.2)
         followed = get_json(f"{url}/health")["adapter"]
         _, table, _, final = client.predict(api_name="/list_adapters")
+        # Name, delete and download: never the adapter answering.
+        *_, renamed, note_renamed, _ = client.predict("other-base", "other-v2", api_name="/rename_adapter")
+        with pytest.raises(Exception, match="outside is the adapter answering"):
+            client.predict("outside", api_name="/delete_adapter")
+        with pytest.raises(Exception, match="cannot name an adapter"):
+            client.predict("other-v2", "../escape", api_name="/rename_adapter")
+        *_, after_delete, _, _ = client.predict("other-v2", api_name="/delete_adapter")
+        zipped = client.predict(ADAPTER_NAME, api_name="/download_adapter")
+    assert "Renamed other-base to other-v2." == note_renamed
+    assert "other-v2" in [a["name"] for a in renamed["adapters"]] and not (adapters / "other-base").exists()
+    assert sorted(a["name"] for a in after_delete["adapters"]) == sorted([ADAPTER_NAME, "outside"])
+    with zipfile.ZipFile(zipped) as archive:
+        names = archive.namelist()
+    assert f"{ADAPTER_NAME}/adapter_config.json" in names and f"{ADAPTER_NAME}/adapter_model.safetensors" in names
+    assert all(n.startswith(f"{ADAPTER_NAME}/") for n in names)
     by_name = {a["name"]: a for a in listed["adapters"]}
     assert listed["active"] == ADAPTER_NAME and listed["mode"] == "follow"
     assert (by_name[ADAPTER_NAME]["steps"], by_name[ADAPTER_NAME]["data_size"]) == (2, 4)
