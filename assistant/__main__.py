@@ -10,10 +10,12 @@ from assistant.chat import Assistant
 from assistant.quotes import QuoteCheck
 from assistant.runtime import import_unsloth_if_used
 from errors import UserError
+from logs import quiet_third_party
 from settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party()
     parser = argparse.ArgumentParser(prog="python -m assistant", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start the web app")

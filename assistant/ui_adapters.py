@@ -10,6 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from assistant.adapter_switch import FOLLOW, AdapterSwitch
+from assistant.ui_errors import Refusal
 from assistant.ui_model import READY, ModelLoader
 from errors import UserError
 
@@ -49,26 +50,26 @@ class AdaptersTab:
 
     def _do(self, action, *args):
         if self.loader.state != READY:
-            raise gr.Error(f"The model is {self.loader.state}: adapters can be chosen once it is ready.")
+            raise Refusal(f"The model is {self.loader.state}: adapters can be chosen once it is ready.")
         try:
             note = action(*args)
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise Refusal(str(e)) from None
         return *self.listing(), note, self.loader.status_markdown()
 
     def use_adapter(self, name: str | None):
         if not name:
-            raise gr.Error("Pick an adapter from the list first.")
+            raise Refusal("Pick an adapter from the list first.")
         return self._do(self.switch.use_adapter, name)
 
     def rename(self, name: str | None, new_name: str):
         if not name:
-            raise gr.Error("Pick the adapter to rename from the list first.")
+            raise Refusal("Pick the adapter to rename from the list first.")
         return self._change(self.switch.rename, name, new_name or "")
 
     def delete(self, name: str | None):
         if not name:
-            raise gr.Error("Pick the adapter to delete from the list first.")
+            raise Refusal("Pick the adapter to delete from the list first.")
         return self._change(self.switch.delete, name)
 
     def _change(self, action, *args):
@@ -76,16 +77,16 @@ class AdaptersTab:
         try:
             note = action(*args)
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise Refusal(str(e)) from None
         return *self.listing(), note, self.loader.status_markdown()
 
     def download(self, name: str | None) -> str:
         if not name:
-            raise gr.Error("Pick the adapter to download from the list first.")
+            raise Refusal("Pick the adapter to download from the list first.")
         try:
             return str(self.switch.archive(name, self.downloads))
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise Refusal(str(e)) from None
 
     def use_base(self):
         return self._do(self.switch.use_base)

@@ -24,6 +24,7 @@ import gradio as gr
 from assistant.chat import Answer, Assistant, Citation
 from assistant.conversations import ConversationStore, new_conversation_id
 from assistant.runtime import GenerationParams
+from assistant.ui_markdown import passage_markdown
 from assistant.ui_model import ModelLoader, public_model_name, short_model_name, with_hint
 from errors import ModelUnavailable, UserError
 from knowledge import StoreError
@@ -36,6 +37,8 @@ NO_ANSWER = ("*No answer after the reasoning: the model reached “Max new token
              "thinking block above to read it, or raise “Max new tokens” and ask again.*")
 EARLIER_NO_ANSWER = "*No answer after the reasoning: the model stopped while still thinking.*"
 STOPPED = "*(stopped)*"
+EMPTY_STORE = ("No passages: the knowledge store is empty. Add documents in the Knowledge tab for cited answers, "
+               "or turn off “Search my documents”.")
 CUT_OFF = ("*(cut off: the page was closed or reloaded before this answer finished; what it had written is kept. "
            "Ask again for a whole answer.)*")
 # At most ten page updates a second while an answer streams: the browser keeps up at any decode speed, and a
@@ -143,6 +146,8 @@ def turn_messages(turn: dict, index: int) -> list[gr.ChatMessage]:
             body = marked_answer(turn["answer"], turn["support"]) if turn["answer"] else NO_ANSWER
         if turn["done"] and turn["answer"] and turn["passages"] and not turn["citations"]:
             body += f"\n\n*{UNCITED}*"
+        if turn["done"] and turn["retrieval"] and not turn["passages"] and not turn["citations"] and turn["prompt"]:
+            body += f"\n\n*{EMPTY_STORE}*"
         if turn["model"]:
             body += (f"\n\n<small>answered by {short_model_name(turn['model'])} + adapter "
                      f"{turn['adapter'] or 'none'}{'' if turn['retrieval'] else ', without retrieval'}</small>")
@@ -168,7 +173,7 @@ def passage_messages(citations: list[dict], title: str, parent: str) -> list[gr.
     messages = [gr.ChatMessage(content="Open a source to read the passage.", metadata={
         "title": f"{title} ({count} passage{'s' if count != 1 else ''})", "id": parent, "status": "done"})]
     for citation in citations:
-        messages.append(gr.ChatMessage(content=citation["text"], metadata={
+        messages.append(gr.ChatMessage(content=passage_markdown(citation["text"]), metadata={
             "title": citation["label"], "parent_id": parent, "status": "done"}))
     return messages
 

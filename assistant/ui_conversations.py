@@ -12,6 +12,7 @@ import gradio as gr
 
 from assistant.conversations import ConversationError, ConversationStore
 from assistant.ui_chat import ChatTab, chat_messages
+from assistant.ui_errors import Refusal
 
 # The browser keeps only the open conversation's id, encrypted with this key; the id is a random UUID and the
 # store answers only its owner, so a fixed key (the same after an app restart) gives nothing away.
@@ -36,7 +37,7 @@ class ConversationsPanel:
 
     def _need(self) -> ConversationStore:
         if self.store is None:
-            raise gr.Error(f"Conversations are not saved: {self.error}")
+            raise Refusal(f"Conversations are not saved: {self.error}")
         return self.store
 
     def listing(self, current: str | None, request: gr.Request):
@@ -56,7 +57,7 @@ class ConversationsPanel:
         try:
             turns = reopened(self._need().load(conversation, _user(request)))
         except ConversationError as e:
-            raise gr.Error(str(e)) from None
+            raise Refusal(str(e)) from None
         return chat_messages(turns), turns, conversation, conversation
 
     def restore(self, remembered: str | None, request: gr.Request):
@@ -70,21 +71,21 @@ class ConversationsPanel:
 
     def rename(self, conversation: str | None, title: str, request: gr.Request):
         if not conversation:
-            raise gr.Error("Open a conversation first (ask something, or choose one in the list).")
+            raise Refusal("Open a conversation first (ask something, or choose one in the list).")
         try:
             self._need().rename(conversation, _user(request), title or "")
         except ConversationError as e:
-            raise gr.Error(str(e)) from None
+            raise Refusal(str(e)) from None
         return self.listing(conversation, request)
 
     def delete(self, conversation: str | None, request: gr.Request):
         """Delete the open conversation; the chat starts afresh."""
         if not conversation:
-            raise gr.Error("Open a conversation first (choose one in the list).")
+            raise Refusal("Open a conversation first (choose one in the list).")
         try:
             self._need().delete(conversation, _user(request))
         except ConversationError as e:
-            raise gr.Error(str(e)) from None
+            raise Refusal(str(e)) from None
         return [], [], None, None, *self.listing(None, request)
 
     def build_sidebar(self) -> None:

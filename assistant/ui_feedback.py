@@ -24,6 +24,7 @@ from assistant.ui_chat import (
     throttled,
     turn_messages,
 )
+from assistant.ui_errors import Refusal
 from assistant.ui_verify import VerifyTab
 from assistant.verify import VERDICTS
 from errors import UserError
@@ -41,7 +42,7 @@ def turn_of_message(turns: list[dict], message_index: int) -> int:
         first += len(turn_messages(turn, number))
         if message_index < first:
             return number
-    raise gr.Error("That message is no longer in the conversation.")
+    raise Refusal("That message is no longer in the conversation.")
 
 
 def _user(request: gr.Request | None) -> str | None:
@@ -60,7 +61,7 @@ def _short(text: str, limit: int = 60) -> str:
 def turn_completion(turn: dict) -> tuple[str, object]:
     """(the answer's key, the answer as the pairs store keeps it) of a finished turn."""
     if not turn.get("done") or turn.get("error") or not turn.get("prompt"):
-        raise gr.Error("Only a finished answer can be judged.")
+        raise Refusal("Only a finished answer can be judged.")
     return _keyed_completion(turn["prompt"], turn)
 
 
@@ -105,15 +106,15 @@ class ChatFeedback:
 
     def _store(self) -> FeedbackStore:
         if self.feedback is None:
-            raise gr.Error(f"Feedback cannot be saved: {self.unavailable}")
+            raise Refusal(f"Feedback cannot be saved: {self.unavailable}")
         return self.feedback
 
     def _turn(self, turns: list[dict], number: float | None) -> dict:
         if not turns:
-            raise gr.Error("Ask something first.")
+            raise Refusal("Ask something first.")
         number = len(turns) - 1 if number is None or number < 0 else int(number)
         if number >= len(turns):
-            raise gr.Error(f"There is no turn {number} in this conversation.")
+            raise Refusal(f"There is no turn {number} in this conversation.")
         return turns[number]
 
     def _save(self, request: gr.Request | None, what: str, key: str, write) -> Change:
@@ -121,7 +122,7 @@ class ChatFeedback:
         try:
             change = write(self._store())
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise Refusal(str(e)) from None
         if change.made or change.vote is not None or change.replaced_pairs:
             self._store().remember(_session(request), Saved(what, change, key))
         return change
@@ -166,7 +167,7 @@ class ChatFeedback:
         try:
             return f"Undone: {self._store().undo(_session(request))}."
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise Refusal(str(e)) from None
 
     # -- try again and the comparison -----------------------------------------------------------------
 
@@ -214,9 +215,9 @@ class ChatFeedback:
 
     def _pick(self, turn: dict, better: str, request: gr.Request | None) -> str:
         if not turn.get("earlier"):
-            raise gr.Error("There is only one answer to this question: use “Try again” first.")
+            raise Refusal("There is only one answer to this question: use “Try again” first.")
         if better not in ("new", "earlier"):
-            raise gr.Error('Pick "new" or "earlier".')
+            raise Refusal('Pick "new" or "earlier".')
         new, earlier = turn_completion(turn), earlier_completion(turn)
         chosen, rejected = (new, earlier) if better == "new" else (earlier, new)
         change = self._save(request, f"your pick of the {better} answer to {_short(turn['question'])}", new[0],
@@ -230,7 +231,7 @@ class ChatFeedback:
         """A pick from the comparison row: on the two answers it shows, or refused when they have changed."""
         turn = answer_turn(turns, (compare or {}).get("new"))
         if turn is None or not turn.get("earlier") or turn["earlier"][-1]["key"] != compare["earlier"]:
-            raise gr.Error("These two answers are no longer the last comparison in the conversation; nothing "
+            raise Refusal("These two answers are no longer the last comparison in the conversation; nothing "
                            "was saved. Use “Try again” on the answer you want to compare.")
         return turns, self._pick(turn, better, request), gr.update(visible=False), None
 
@@ -259,7 +260,7 @@ class ChatFeedback:
         """The editor's text, for the answer it was opened for: never for another one."""
         turn = answer_turn(turns, edit_for)
         if turn is None:
-            raise gr.Error("The answer this editor was for is no longer in the conversation; nothing was saved. "
+            raise Refusal("The answer this editor was for is no longer in the conversation; nothing was saved. "
                            "Ask again, then write your answer.")
         return self._edit(turn, reasoning, answer, request)
 
@@ -275,7 +276,7 @@ class ChatFeedback:
         """The bound answer's reasoning and answer, to edit."""
         turn = answer_turn(turns, edit_for)
         if turn is None:
-            raise gr.Error("Ask a question first: the editor starts from the last answer.")
+            raise Refusal("Ask a question first: the editor starts from the last answer.")
         return turn["reasoning"], turn["answer"]
 
     def build(self, chatbot: gr.Chatbot, turns: gr.State, temperature: gr.Slider, max_new_tokens: gr.Slider
@@ -339,14 +340,14 @@ class VerdictCorrection:
 
     def correct(self, verdict: str, request: gr.Request) -> str:
         if self.feedback is None:
-            raise gr.Error(f"Feedback cannot be saved: {self.unavailable}")
+            raise Refusal(f"Feedback cannot be saved: {self.unavailable}")
         finished = self.verify.finished.get(_session(request))
         if finished is None:
-            raise gr.Error("Verify a claim first; then correct its verdict.")
+            raise Refusal("Verify a claim first; then correct its verdict.")
         try:
             change = self.feedback.correct_verdict(*finished, verdict, _user(request))
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise Refusal(str(e)) from None
         if change.made:
             self.feedback.remember(_session(request), Saved(f"your corrected verdict “{verdict}”", change,
                                                             finished[0]))

@@ -20,6 +20,8 @@ import gradio as gr
 from gradio.data_classes import FileData, ListFiles
 from gradio.utils import get_upload_folder
 
+from assistant.ui_errors import Refusal
+from assistant.ui_markdown import passage_markdown
 from errors import UserError
 from knowledge import KnowledgeStore
 
@@ -148,7 +150,7 @@ class KnowledgeTab:
 
     def _need_store(self) -> KnowledgeStore:
         if self.store is None:
-            raise gr.Error(f"The knowledge store is unavailable: {self.store_error}")
+            raise Refusal(f"The knowledge store is unavailable: {self.store_error}")
         return self.store
 
     def add_files(self, paths: list[str] | None):
@@ -171,7 +173,7 @@ class KnowledgeTab:
         try:
             return [[d.source, d.chunks] for d in self._need_store().documents()]
         except UserError as e:
-            raise gr.Error(f"Cannot list the documents: {e}") from None
+            raise Refusal(f"Cannot list the documents: {e}") from None
 
     def _listing(self):
         """(table rows, remove choices): uploads by their name inside KNOWLEDGE_DIR, other files by path."""
@@ -206,7 +208,7 @@ class KnowledgeTab:
         for number, hit in enumerate(hits, start=1):
             page = f", page {hit.page}" if hit.page is not None else ""
             blocks.append(f"<details><summary>[{number}] {html.escape(Path(hit.source).name)}{page} "
-                          f"(score {hit.score:.3f})</summary>\n\n{html.escape(hit.text)}\n\n</details>")
+                          f"(score {hit.score:.3f})</summary>\n\n{passage_markdown(hit.text)}\n\n</details>")
         return "\n\n".join(blocks)
 
     def build(self, settings, demo: gr.Blocks) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from assistant.feedback import FeedbackStore
+from assistant.ui_errors import Refusal
 from errors import UserError
 from finetune.pairs_store import StoredPair, write_export
 
@@ -45,7 +46,7 @@ class PairsTab:
 
     def _need(self) -> FeedbackStore:
         if self.feedback is None:
-            raise gr.Error(f"The pairs store is unavailable: {self.error}")
+            raise Refusal(f"The pairs store is unavailable: {self.error}")
         return self.feedback
 
     def listing(self):
@@ -68,16 +69,16 @@ class PairsTab:
         try:
             pair = self._need().store.pair(pair_id)
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise Refusal(str(e)) from None
         return pair_markdown(pair), pair_id
 
     def delete(self, pair_id: float | None):
         if pair_id is None:
-            raise gr.Error("Click the pair's row in the table first (or give its id).")
+            raise Refusal("Click the pair's row in the table first (or give its id).")
         try:
             self._need().store.delete_pair(int(pair_id))
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise Refusal(str(e)) from None
         return *self.listing(), f"Deleted pair {int(pair_id)}.", ""
 
     def export(self, layout: str) -> str:

@@ -13,6 +13,7 @@ import gradio as gr
 import pandas as pd
 
 from assistant.training import ROOT, TrainingControl, config_path
+from assistant.ui_errors import Refusal
 from assistant.ui_knowledge import gradio_upload_folder, is_file_inside, upload_box
 from assistant.ui_model import ModelLoader
 from errors import UserError
@@ -101,6 +102,16 @@ def curves(log: list[dict], keys: tuple[str, ...]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "value", "series"])
 
 
+def reward_plot(frame: pd.DataFrame) -> gr.LinePlot:
+    """The rewards with room above and below: the accuracy line sits at 1.0 for most of a run, and a y axis
+    ending there drew it on the frame's edge."""
+    if frame.empty:
+        return gr.LinePlot(value=frame)
+    low, high = float(frame["value"].min()), float(frame["value"].max())
+    pad = max(0.05 * (high - low), 0.05)
+    return gr.LinePlot(value=frame, y_lim=[low - pad, high + pad])
+
+
 def progress_markdown(state: dict) -> str:
     run = state["run"]
     if run is None:
@@ -148,7 +159,7 @@ class TrainTab:
         rows = eval_rows(state.get("eval") or [])
         runs_table = [[r["name"], r["status"], r["started"], r["error"] or ""] for r in state["runs"]]
         shown = {k: v for k, v in state.items() if k != "log"}
-        return (progress_markdown(state), curves(log, LOSS_SERIES), curves(log, REWARD_SERIES), rows,
+        return (progress_markdown(state), curves(log, LOSS_SERIES), reward_plot(curves(log, REWARD_SERIES)), rows,
                 state.get("eval_plot"), runs_table, {**shown, "log_records": len(log)}, run["name"] if run else "",
                 self.loader.status_markdown())
 
@@ -162,14 +173,14 @@ class TrainTab:
                 sources.append(str(self.settings.pairs_db))
             elif not files:
                 waiting = store.unpaired_down_votes()
-                raise gr.Error("No pairs to train on: the pairs store holds 0 pairs"
+                raise Refusal("No pairs to train on: the pairs store holds 0 pairs"
                                + (f" ({waiting} answer{'s' if waiting != 1 else ''} voted 👎 still wait for a better "
                                   "answer)" if waiting else "") + f". {PAIRS_COME_FROM}")
         elif not files:
-            raise gr.Error(f"No data chosen: tick “The collected pairs” or upload files of pairs. {PAIRS_COME_FROM}")
+            raise Refusal(f"No data chosen: tick “The collected pairs” or upload files of pairs. {PAIRS_COME_FROM}")
         for path in files or []:
             if not is_file_inside(path, [gradio_upload_folder()]):
-                raise gr.Error(f"{Path(path).name}: not a file uploaded to this app; use the upload box.")
+                raise Refusal(f"{Path(path).name}: not a file uploaded to this app; use the upload box.")
             sources.append(path)
         length = {"max_steps": int(steps)} if steps and steps > 0 else \
             {"max_steps": -1, "num_train_epochs": float(epochs)}
@@ -183,9 +194,9 @@ class TrainTab:
         try:
             check = check_run(spec, self.control.adapter_dir, cuda=self.control.cuda())
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise Refusal(str(e)) from None
         if not check.pairs:
-            raise gr.Error(f"No usable pairs in the data chosen ({check.left_out_count} rows left out: "
+            raise Refusal(f"No usable pairs in the data chosen ({check.left_out_count} rows left out: "
                            + "; ".join(check.left_out[:3]) + f"). {PAIRS_COME_FROM}")
         return check
 
@@ -204,14 +215,14 @@ class TrainTab:
 
     def resume(self, name: str):
         if not name:
-            raise gr.Error("No run to resume.")
+            raise Refusal("No run to resume.")
         return self._do(self.control.resume, name)
 
     def _do(self, action, *args):
         try:
             note = action(*args)
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise Refusal(str(e)) from None
         return *self.view(), note
 
     def build(self, demo: gr.Blocks, model_status: gr.Markdown) -> None:
@@ -245,9 +256,10 @@ class TrainTab:
                                column_widths=["34%", "33%", "33%"], label="The first pairs", elem_id="train-preview")
         progress = gr.Markdown(elem_id="train-progress")
         with gr.Row():
-            loss_plot = gr.LinePlot(x="step", y="value", color="series", title="Loss", elem_id="train-loss")
-            reward_plot = gr.LinePlot(x="step", y="value", color="series", title="Rewards",
-                                      elem_id="train-rewards")
+            loss_plot = gr.LinePlot(x="step", y="value", color="series", title="Loss", x_axis_format="d",
+                                    elem_id="train-loss")
+            rewards = gr.LinePlot(x="step", y="value", color="series", title="Rewards", x_axis_format="d",
+                                  elem_id="train-rewards")
         eval_table = gr.Dataframe(headers=list(EVAL_COLUMNS.values()), interactive=False, value=[], wrap=True,
                                   column_widths=["19%", "9%", "11%", "14%", "8%", "12%", "14%", "13%"],
                                   label="The base model against the new adapter, on the held-out pairs",
@@ -256,7 +268,7 @@ class TrainTab:
                               elem_id="train-eval-chart")
         runs_table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, value=[], elem_id="train-runs")
         state, shown = gr.JSON(visible=False), gr.Textbox(visible=False)
-        viewed = [progress, loss_plot, reward_plot, eval_table, eval_chart, runs_table, state, shown, model_status]
+        viewed = [progress, loss_plot, rewards, eval_table, eval_chart, runs_table, state, shown, model_status]
 
         form = [use_pairs, files, held_out, config, steps_box, epochs_box, lr_box, beta_box, rank_box]
         config.change(lambda c: form_values(c), config, [steps_box, epochs_box, lr_box, beta_box, rank_box],

@@ -10,6 +10,7 @@ import gradio as gr
 
 from assistant.chat import Assistant, Citation
 from assistant.quotes import QuoteCheck
+from assistant.ui_markdown import passage_markdown
 from assistant.ui_model import ModelLoader, with_hint
 from assistant.verify import Verification, stream_verification
 from errors import ModelUnavailable, UserError
@@ -26,7 +27,7 @@ def passages_markdown(citations: list[Citation], empty: str) -> str:
     """Each passage as a closed block: its label (source, page) opens the text."""
     if not citations:
         return empty
-    return "\n\n".join(f"<details><summary>{html.escape(c.label)}</summary>\n\n{html.escape(c.text)}\n\n</details>"
+    return "\n\n".join(f"<details><summary>{html.escape(c.label)}</summary>\n\n{passage_markdown(c.text)}\n\n</details>"
                        for c in citations)
 
 

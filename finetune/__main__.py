@@ -10,6 +10,7 @@ from pathlib import Path
 
 from errors import UserError
 from finetune.data import FORMATS, DataError
+from logs import quiet_third_party
 
 
 def _default_model() -> str:
@@ -165,6 +166,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party()
     parser = argparse.ArgumentParser(prog="python -m finetune", description="ORPO fine-tuning of a reasoning model.")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -202,6 +202,9 @@ def test_upload_a_file_see_it_listed_then_remove_it(page, tmp_path, screenshots_
     page.locator("#search-query textarea").fill("harbour master")
     page.locator("#search").click()
     expect(page.locator("#search-results")).to_contain_text("harbour-notes.md")
+    page.locator("#search-results summary").first.click()
+    expect(page.locator("#search-results")).to_contain_text("# Harbour")  # the passage's heading, as written
+    expect(page.locator("#search-results h1")).to_have_count(0)
     page.wait_for_timeout(300)
     screenshot(page, screenshots_dir / "knowledge.png")
 

@@ -63,6 +63,7 @@ def test_conversations_last_through_a_reload_and_are_listed_to_reopen_rename_and
         page.locator("#max-new-tokens input[type=number]").fill("16")
         page.locator("#max-new-tokens input[type=number]").press("Enter")
         ask(page, "Who keeps the lighthouse?")
+        expect(chat).to_contain_text("No passages: the knowledge store is empty")  # this app has no documents
         expect(listing).to_contain_text("Who keeps the lighthouse?")
         page.reload()  # the conversation is still there
         expect(chat).to_contain_text("Who keeps the lighthouse?")

@@ -404,3 +404,10 @@ def test_an_answer_is_bounded_by_what_the_context_leaves_after_the_prompt(chat_s
     assert runtime.last_usage["completion_tokens"] <= 64 - prompt_tokens
     with pytest.raises(PromptTooLong, match="the model's context holds 64"):
         list(runtime.stream(prompt * 3, GenerationParams(max_new_tokens=8, temperature=0.0)))
+
+
+def test_a_passage_shows_its_markdown_marks_as_written_and_no_html():
+    from assistant.ui_markdown import passage_markdown
+
+    assert passage_markdown("# Harbour\n  > quoted\nA <b>bold</b> claim # not a heading") == \
+        "\\# Harbour\n  &gt; quoted\nA &lt;b&gt;bold&lt;/b&gt; claim # not a heading"

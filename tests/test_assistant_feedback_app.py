@@ -111,3 +111,15 @@ def test_with_logins_on_a_pair_records_who_made_it(tmp_path, minilm_path, embedd
         client.predict(-1, "The notes say so.", "Ada Lovelock [1].", api_name="/edit_answer")
     [pair] = pairs_in(settings.pairs_db)
     assert pair.user == "ann" and pair.origin == "edit"
+
+
+def test_a_refused_action_logs_one_line_not_a_traceback(feedback_app, capfd, caplog):
+    url, _ = feedback_app
+    client = Client(url, verbose=False)
+    client.predict("Who keeps the lighthouse?", 0.0, 12, True, api_name="/chat")
+    capfd.readouterr()
+    with pytest.raises(Exception, match="only one answer to this question"):
+        client.predict(0, "new", api_name="/pick")
+    [refused] = [r for r in caplog.records if r.name == "assistant.ui_errors"]
+    assert refused.getMessage().startswith("refused: There is only one answer to this question")
+    assert "Traceback" not in capfd.readouterr().err

@@ -112,6 +112,7 @@ def test_a_run_from_the_tab_trains_evaluates_and_the_next_answer_uses_its_adapte
     name = final["run"]["name"]
     assert [m["name"] for m in final["eval"]] == ["base", name]
     assert (final["run"]["pairs"], final["run"]["held_out"]) == (17, 3)
+    assert "kernels-community" not in (adapter_dir / name / runs.JOB_LOG).read_text()  # no warning noise
     assert {m["completions"] for m in final["eval"]} == {len({p.prompt for p in held_out_pairs(adapter_dir / name)})}
     assert all(m["preference_accuracy"] is not None for m in final["eval"]) and final["eval_plot"]
 
