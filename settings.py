@@ -88,6 +88,10 @@ class Settings:
         Path("data/pairs.sqlite"), "PAIRS_DB",
         "The preference pairs store (SQLite): the app records votes, picks, edits and corrected verdicts in it; "
         "`python -m finetune train data=...` reads it, and `python -m finetune pairs` by default.")
+    export_source_paths: bool = _setting(
+        False, "EXPORT_SOURCE_PATHS",
+        "Exports (pairs, conversations) name each passage's source by its full path on the server; off: by its "
+        "file name, so a shared export does not show the server's folders.")
     train_config: Path = _setting(
         Path("finetune/configs/recipe-r1-qwen14b.yaml"), "TRAIN_CONFIG",
         "The training config the Train tab starts from (steps, learning rate, beta and LoRA rank are in the "

@@ -84,7 +84,7 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab, 
     except UserError as e:
         feedback_error = str(e)
         print(f"error: the pairs store is unavailable, so feedback is not saved: {e}", file=sys.stderr, flush=True)
-    pairs = PairsTab(feedback, chat.exports.folder, feedback_error)
+    pairs = PairsTab(feedback, chat.exports.folder, feedback_error, settings.export_source_paths)
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# {TITLE}\nAnswers from a reasoning model, cited from your documents.")

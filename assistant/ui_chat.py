@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import gradio as gr
 
@@ -182,17 +182,21 @@ def chat_messages(turns: list[dict]) -> list[gr.ChatMessage]:
     return [m for index, turn in enumerate(turns) for m in turn_messages(turn, index)]
 
 
-def conversation_export(turns: list[dict]) -> dict:
-    """The conversation as JSON: every turn with its reasoning, citations, model and adapter."""
+def conversation_export(turns: list[dict], source_paths: bool = False) -> dict:
+    """The conversation as JSON: every turn with its reasoning, citations, model and adapter. Sources are file
+    names unless ``source_paths`` (EXPORT_SOURCE_PATHS)."""
+
+    def passage(citation: dict) -> dict:
+        shown = {k: citation[k] for k in ("number", "source", "page", "text")}
+        return shown if source_paths else {**shown, "source": PurePosixPath(citation["source"]).name}
+
     messages = []
     for turn in turns:
         messages.append({"role": "user", "content": turn["question"]})
         if turn["done"] and not turn["error"]:
             messages.append({"role": "assistant", "content": turn["answer"], "reasoning": turn["reasoning"],
-                             "citations": [{k: c[k] for k in ("number", "source", "page", "text")}
-                                           for c in turn["citations"]],
-                             "passages": [{k: c[k] for k in ("number", "source", "page", "text")}
-                                          for c in turn["passages"]],
+                             "citations": [passage(c) for c in turn["citations"]],
+                             "passages": [passage(c) for c in turn["passages"]],
                              "support": turn["support"],
                              "model": public_model_name(turn["model"]), "adapter": turn["adapter"],
                              "retrieval": turn["retrieval"],
@@ -207,7 +211,8 @@ class ConversationExports:
     folder of this app's. close() removes the folder: the app calls it at shutdown, and at exit at the latest.
     (Gradio serves each export from a copy in its own cache, which its delete_cache bounds.)"""
 
-    def __init__(self):
+    def __init__(self, source_paths: bool = False):
+        self.source_paths = source_paths
         self.folder = Path(tempfile.mkdtemp(prefix="think-rag-exports-"))
         atexit.register(self.close)
 
@@ -223,7 +228,8 @@ class ConversationExports:
         for earlier in folder.glob("*.json"):  # the session's previous conversation, before "New chat"
             if earlier != path:
                 earlier.unlink()
-        path.write_text(json.dumps(conversation_export(turns), ensure_ascii=False, indent=2), encoding="utf-8")
+        exported = conversation_export(turns, self.source_paths)
+        path.write_text(json.dumps(exported, ensure_ascii=False, indent=2), encoding="utf-8")
         return str(path)
 
     def close(self) -> None:
@@ -237,7 +243,7 @@ class ChatTab:
     def __init__(self, assistant: Assistant, loader: ModelLoader, conversations: ConversationStore | None = None):
         self.assistant, self.loader, self.conversations = assistant, loader, conversations
         self.switches = StopSwitches()
-        self.exports = ConversationExports()
+        self.exports = ConversationExports(assistant.settings.export_source_paths)
 
     def keep(self, turns: list[dict], conversation: str | None, request: gr.Request) -> None:
         """Save the conversation as it stands (nothing before its first question)."""

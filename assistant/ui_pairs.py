@@ -40,8 +40,9 @@ def _preview(text: str) -> str:
 class PairsTab:
     """``feedback`` is None when the pairs store cannot be opened; ``error`` then says why."""
 
-    def __init__(self, feedback: FeedbackStore | None, exports_folder: Path, error: str | None = None):
-        self.feedback, self.error = feedback, error
+    def __init__(self, feedback: FeedbackStore | None, exports_folder: Path, error: str | None = None,
+                 source_paths: bool = False):
+        self.feedback, self.error, self.source_paths = feedback, error, source_paths
         self.exports_folder = Path(exports_folder) / "pairs"
 
     def _need(self) -> FeedbackStore:
@@ -88,7 +89,7 @@ class PairsTab:
         self.exports_folder.mkdir(parents=True, exist_ok=True)
         path = self.exports_folder / f"pairs-{layout}.jsonl"
         partial = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.part")
-        write_export(self._need().store, layout, partial)
+        write_export(self._need().store, layout, partial, self.source_paths)
         os.replace(partial, path)
         return str(path)
 

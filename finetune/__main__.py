@@ -94,7 +94,7 @@ def _pairs(args: argparse.Namespace) -> int:
 
     store = PairsStore(args.store or _default_pairs_db())
     if args.action == "export":
-        print(f"wrote {write_export(store, args.layout, args.out)} pairs to {args.out}")
+        print(f"wrote {write_export(store, args.layout, args.out, args.source_paths)} pairs to {args.out}")
     elif args.action == "delete":
         for pair_id in args.ids:
             store.delete_pair(pair_id)
@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             a.add_argument("--layout", choices=("trl", "recipe"), default="trl",
                            help="TRL's prompt/chosen/rejected (default) or the recipe's columns")
             a.add_argument("--out", default="pairs.jsonl", help="export file (JSONL)")
+            a.add_argument("--source-paths", action="store_true",
+                           help="name passages' sources by their full paths (default: file names only)")
         if action == "list":
             a.add_argument("--json", action="store_true", help="as JSON")
         a.set_defaults(run=_pairs)

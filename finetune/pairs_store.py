@@ -22,10 +22,11 @@ a training job may read and write at once (a writer waits up to ``BUSY_TIMEOUT_S
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from dataclasses import asdict, astuple, dataclass, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from finetune.data import DataError
 from finetune.prompts import THINK_CLOSE
@@ -361,16 +362,26 @@ def is_pairs_store(path: str | Path) -> bool:
     return Path(path).suffix.lower() in SUFFIXES
 
 
-def export_rows(store: PairsStore, layout: str) -> list[dict]:
-    """Every pair as rows of ``layout``: "trl" (prompt/chosen/rejected) or "recipe" (the seed columns)."""
+_SOURCE = re.compile(r'(<passage number="\d+" source=")([^"]*)(")')
+
+
+def source_names(text: str) -> str:
+    """``text`` with each passage's source (a path on the server) named by its file name alone."""
+    return _SOURCE.sub(lambda m: f"{m.group(1)}{PurePosixPath(m.group(2)).name}{m.group(3)}", text)
+
+
+def export_rows(store: PairsStore, layout: str, source_paths: bool = False) -> list[dict]:
+    """Every pair as rows of ``layout``: "trl" (prompt/chosen/rejected) or "recipe" (the seed columns). The
+    passages' sources are file names, not the server's paths, unless ``source_paths``."""
     if layout not in ("trl", "recipe"):
         raise PairsStoreError(f"export layout {layout!r}: use trl or recipe")
-    return [pair.to_trl() if layout == "trl" else pair.to_recipe() for pair in reversed(store.pairs())]
+    rows = [pair.to_trl() if layout == "trl" else pair.to_recipe() for pair in reversed(store.pairs())]
+    return rows if source_paths else [{k: source_names(v) for k, v in row.items()} for row in rows]
 
 
-def write_export(store: PairsStore, layout: str, out: str | Path) -> int:
+def write_export(store: PairsStore, layout: str, out: str | Path, source_paths: bool = False) -> int:
     """Write the export as JSONL; returns how many pairs."""
-    rows = export_rows(store, layout)
+    rows = export_rows(store, layout, source_paths)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for row in rows:

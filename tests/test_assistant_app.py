@@ -174,7 +174,10 @@ def test_export_keeps_reasoning_citations_model_and_adapter_of_each_answer():
     assert user == {"role": "user", "content": "Who keeps the lighthouse?"}
     assert answer["adapter"] == "chat-smoke" and answer["model"] == "tiny-model"  # the folder's name, not its path
     assert answer["reasoning"] == "r" and answer["citations"][0]["page"] == 3
+    assert answer["citations"][0]["source"] == "notes.txt"  # the file's name, not the server's folders
     assert json.loads(json.dumps(exported)) == exported
+    with_paths = conversation_export([finished_turn(answer="Ada [1].")], source_paths=True)
+    assert with_paths["messages"][1]["citations"][0]["source"] == "/k/uploads/notes.txt"
 
 
 def test_each_session_has_one_export_file_rewritten_after_each_turn():

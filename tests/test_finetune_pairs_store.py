@@ -8,12 +8,20 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from finetune.data import prepare_data
-from finetune.pairs_store import Completion, PairsStore, PairsStoreError, export_rows, write_export
+from finetune.pairs_store import (
+    Completion,
+    PairsStore,
+    PairsStoreError,
+    export_rows,
+    source_names,
+    write_export,
+)
 from finetune.prompts import THINK_OPEN, alpaca_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,9 +128,12 @@ def test_exports_are_trl_preference_rows_and_the_recipes_columns(pairs, tmp_path
     pairs.add_pair(good, bad, "pick")
     [trl] = export_rows(pairs, "trl")
     assert trl["prompt"].endswith("### Response:\n<think>")
+    # Sources by file name: a shared export does not show the server's folders, unless asked to.
+    assert 'source="pump.txt"' in trl["prompt"] and "/docs/" not in trl["prompt"]
+    assert 'source="/docs/pump.txt"' in export_rows(pairs, "trl", source_paths=True)[0]["prompt"]
     assert trl["chosen"] == "I read [1].</think>40 litres [1]." and trl["rejected"] == "I read [1].</think>I read [1]."
     [recipe] = export_rows(pairs, "recipe")
-    assert recipe == {"instruction": "How fast is the pump?", "input": completion("").input,
+    assert recipe == {"instruction": "How fast is the pump?", "input": source_names(completion("").input),
                       "reasoning(CHOSEN)": "I read [1].", "output(CHOSEN)": "40 litres [1].",
                       "reasoning(REJECTED)": "I read [1].", "output(REJECTED)": "I read [1]."}
     # Both exports, and the store itself, read back as the same training pair.
@@ -131,7 +142,8 @@ def test_exports_are_trl_preference_rows_and_the_recipes_columns(pairs, tmp_path
     prepared = [prepare_data(source, tiny_tokenizer) for source in
                 (tmp_path / "trl.jsonl", tmp_path / "recipe.jsonl", pairs.path)]
     assert [p.format for p in prepared] == ["trl", "seed", "trl"]
-    assert prepared[0].pairs == prepared[2].pairs and len(prepared[0].pairs) == 1
+    assert len(prepared[0].pairs) == 1 and prepared[0].pairs[0] == replace(
+        prepared[2].pairs[0], prompt=source_names(prepared[2].pairs[0].prompt))
     # The recipe's columns put <think> in the completion, the app's prompt ends with it: the same text.
     (trl_pair,), (seed_pair,) = prepared[0].pairs, prepared[1].pairs
     assert trl_pair.prompt + trl_pair.chosen == seed_pair.prompt + seed_pair.chosen
