@@ -12,7 +12,7 @@ from assistant.citation_support import SentenceSupport, citation_support, cited_
 from assistant.prompting import answer_parts, build_prompt, retrieval_query
 from assistant.runtime import GenerationParams, ModelRuntime, load_runtime
 from errors import ModelUnavailable
-from finetune.prompts import split_reasoning
+from finetune.prompts import prompt_token_ids, split_reasoning
 from knowledge import Hit, KnowledgeStore
 from settings import Settings
 
@@ -57,6 +57,7 @@ class Answer:
     adapter: str | None = None
     model: str = ""
     prompt: PromptRecord = field(default_factory=lambda: PromptRecord(""))
+    left_out: int = 0  # retrieved passages left out of the prompt to fit the model's context
 
     @property
     def citations(self) -> list[Citation]:
@@ -78,6 +79,24 @@ class Answer:
                 "citations": [c.to_dict() for c in self.citations],
                 "passages": [c.to_dict() for c in self.uncited],
                 "support": [s.to_dict() for s in self.support], "adapter": self.adapter}
+
+
+def fitted_prompt(messages: list[dict], hits: list[Hit] | None, runtime: ModelRuntime, params: GenerationParams
+                  ) -> tuple[str, str, str, list[Hit] | None]:
+    """(prompt, instruction, input, the passages kept): the lowest-ranked passages left out until the prompt
+    leaves the answer its tokens (``max_new_tokens``, at most half the context). Runtimes that do not count
+    tokens here (a server's) get every passage."""
+    tokenizer, context_length = getattr(runtime, "tokenizer", None), getattr(runtime, "context_length", None)
+    kept = hits
+    while True:
+        instruction, context = answer_parts(messages, kept)
+        prompt = build_prompt(instruction, context, runtime.prompt_format, runtime.render_chat)
+        if not kept or tokenizer is None or not context_length:
+            return prompt, instruction, context, kept
+        room = context_length - min(params.max_new_tokens, context_length // 2)
+        if len(prompt_token_ids(tokenizer, prompt)) <= room:
+            return prompt, instruction, context, kept
+        kept = kept[:-1]
 
 
 def as_citations(hits: list[Hit]) -> list[Citation]:
@@ -167,12 +186,13 @@ class Assistant:
         """Answer the last user message of ``messages`` ({"role", "content"} dicts), streaming."""
         hits = self.retrieve(retrieval_query(messages)) if use_retrieval else None
         runtime = self.runtime
-        instruction, context = answer_parts(messages, hits)
+        params = params or self.default_params()
         with self.adapters.gate.request():
-            answer = Answer(passages=as_citations(hits or []), adapter=runtime.adapter, model=runtime.model_name,
-                            prompt=PromptRecord(build_prompt(instruction, context, runtime.prompt_format,
-                                                             runtime.render_chat), instruction, context,
-                                                runtime.prompt_format, str(messages[-1]["content"])))
+            prompt, instruction, context, kept = fitted_prompt(messages, hits, runtime, params)
+            answer = Answer(passages=as_citations(kept or []), adapter=runtime.adapter, model=runtime.model_name,
+                            prompt=PromptRecord(prompt, instruction, context, runtime.prompt_format,
+                                                str(messages[-1]["content"])),
+                            left_out=len(hits or []) - len(kept or []))
             yield from self._stream(answer, params, stop)
 
     def stream_again(self, previous: Answer, params: GenerationParams | None = None,

@@ -100,7 +100,7 @@ def record_answer(turn: dict, answer: Answer, stop: threading.Event) -> None:
     turn.update(reasoning=answer.reasoning, answer=answer.answer, thinking_done=answer.thinking_done,
                 model=answer.model, adapter=answer.adapter)
     if answer.done:
-        turn.update(done=True, stopped=stop.is_set(), prompt=asdict(answer.prompt),
+        turn.update(done=True, stopped=stop.is_set(), prompt=asdict(answer.prompt), left_out=answer.left_out,
                     citations=[citation_dict(c) for c in answer.citations],
                     passages=[citation_dict(c) for c in answer.uncited],
                     support=[check.to_dict() for check in answer.support])
@@ -146,8 +146,13 @@ def turn_messages(turn: dict, index: int) -> list[gr.ChatMessage]:
             body = marked_answer(turn["answer"], turn["support"]) if turn["answer"] else NO_ANSWER
         if turn["done"] and turn["answer"] and turn["passages"] and not turn["citations"]:
             body += f"\n\n*{UNCITED}*"
-        if turn["done"] and turn["retrieval"] and not turn["passages"] and not turn["citations"] and turn["prompt"]:
+        shown_none = not (turn["passages"] or turn["citations"] or turn.get("left_out"))
+        if turn["done"] and turn["retrieval"] and turn["prompt"] and shown_none:
             body += f"\n\n*{EMPTY_STORE}*"
+        if turn.get("left_out"):
+            count = turn["left_out"]
+            body += (f"\n\n*{count} retrieved passage{'s were' if count != 1 else ' was'} left out to fit the model's "
+                     "context; lower “Max new tokens” to give passages more room.*")
         if turn["model"]:
             body += (f"\n\n<small>answered by {short_model_name(turn['model'])} + adapter "
                      f"{turn['adapter'] or 'none'}{'' if turn['retrieval'] else ', without retrieval'}</small>")

@@ -14,7 +14,7 @@ Here a small model gets that defect on purpose and ORPO takes it away, with noth
 3. ``python -m finetune pairs generate`` on the training questions, rules ``duplication,correct`` (the
    questions carry their expected answers): eight sampled answers per question, the best and the worst kept as
    a pair when they differ clearly, so a chosen answer is short and right and a rejected one repeats.
-4. ``python -m finetune train``: ORPO with LoRA on those pairs.
+4. ``python -m finetune train --config finetune/configs/orpo-proof.yaml``: ORPO with LoRA on those pairs.
 5. Optional next rounds (``--rounds``), as an owner would run the loop: ``pairs generate`` again with the
    adapter just trained (``--adapter``), rules ``--next-rules``, and ``train`` continuing that adapter
    (``init_adapter``) on the new pairs.
@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAIN_CONFIG = "finetune/configs/orpo-proof.yaml"  # LoRA r 16, alpha 32, batches of 8, 512 tokens
 
 PLACES_EN = ["Port Wren", "Ashcombe Light", "Harrow Mill", "Kestrel Point", "Tarn Bridge", "Fenwick Hall",
              "Gullhaven", "Orrin Keep", "Brackwater", "Sable Ferry", "Moss Tor", "Calder Locks", "Wyvern Pier",
@@ -220,11 +221,10 @@ def main(argv: list[str] | None = None) -> int:
             "--rules", rules, "--margin", str(args.margin), "--seed", str(args.seed + number),
             "--no-retrieval", "--json", *(["--adapter", str(adapter)] if adapter else []), env=env))["pairs"])
         trained_dir = args.out / f"adapter-round{number}"
-        run("-m", "finetune", "train", "--config", "finetune/configs/tiny-smoke.yaml", f"model_name={model_dir}",
+        run("-m", "finetune", "train", "--config", TRAIN_CONFIG, f"model_name={model_dir}",
             f"data={pairs}", f"output_dir={trained_dir}", *([f"init_adapter={adapter}"] if adapter else []),
             f"max_steps={args.orpo_steps if number == 1 else args.next_steps}", f"learning_rate={args.orpo_lr}",
-            f"beta={args.orpo_beta}", "lora_r=16", "lora_alpha=32", "per_device_train_batch_size=8",
-            "max_length=512", "max_prompt_length=400", "save_steps=100000", "logging_steps=10", env=env)
+            f"beta={args.orpo_beta}", env=env)
         adapter = trained_dir
         rounds.append(trained_dir)
     report = json.loads(run("-m", "finetune", "eval", "--model", str(model_dir),

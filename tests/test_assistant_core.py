@@ -411,3 +411,23 @@ def test_a_passage_shows_its_markdown_marks_as_written_and_no_html():
 
     assert passage_markdown("# Harbour\n  > quoted\nA <b>bold</b> claim # not a heading") == \
         "\\# Harbour\n  &gt; quoted\nA &lt;b&gt;bold&lt;/b&gt; claim # not a heading"
+
+
+def test_passages_are_left_out_until_the_prompt_leaves_the_answer_its_room(chat_settings, store, tmp_path):
+    from dataclasses import replace
+
+    from assistant.ui_chat import new_turn, turn_messages
+
+    for number in range(4):
+        (tmp_path / f"pump-{number}.txt").write_text(f"Pump {number} of the Borealis line moves forty litres. " * 6)
+    store.add([tmp_path])
+    assistant = Assistant(replace(chat_settings, context_length=1200, retrieval_k=4), store=store)
+    params = GenerationParams(max_new_tokens=300, temperature=0.0)  # the prompt may take 900 of the 1200
+    final = list(assistant.stream_answer([{"role": "user", "content": "How fast is pump 2?"}], params))[-1]
+    prompt_tokens = len(prompt_token_ids(assistant.runtime.tokenizer, final.prompt.text))
+    assert 1 <= final.left_out < 4 and len(final.passages) == 4 - final.left_out
+    assert prompt_tokens <= 1200 - 300 and assistant.runtime.last_usage["completion_tokens"] <= 300
+    shown = turn_messages({**new_turn("How fast is pump 2?", params, True), "done": True, "answer": "Fast.",
+                           "prompt": {"text": final.prompt.text}, "left_out": final.left_out}, 0)
+    assert f"{final.left_out} retrieved passage" in shown[-1].content and "knowledge store is empty" not in \
+        shown[-1].content
