@@ -33,6 +33,8 @@ def passages_markdown(citations: list[Citation], empty: str) -> str:
 
 WORDS_MARKS = {"exact": "found word for word", "altered": "found with differences",
                "not found": "not found in any document"}
+WORDS_HEADINGS = {"altered": "The quoted words differ from the document's",
+                  "not found": "The quoted words are in no document"}
 DIFF_KEY = ("<mark>Marked</mark>: the located words; <del>struck</del>: in the quote, not the document; "
             "<ins>underlined</ins>: in the document, not the quote.")
 
@@ -92,8 +94,12 @@ def case_markdown(text: str, side: str, stage: str) -> str:
 def verdict_markdown(result: Verification) -> str:
     if result.stage != "done":
         return f"*{STAGES[result.stage]}*"
-    lines = [f"## {VERDICT_MARKS.get(result.verdict, result.verdict)}",
-             f"**Confidence:** {result.confidence:.2f}"]
+    verdict = VERDICT_MARKS.get(result.verdict, result.verdict)
+    words = result.quote.words if result.quote is not None else None
+    # A quote's words, checked against the documents letter by letter, lead: the judge's verdict may only say
+    # that the evidence is thin, while the look-up already shows the quote is not what the document says.
+    lines = [f"## {WORDS_HEADINGS[words]}", f"### {verdict}"] if words in WORDS_HEADINGS else [f"## {verdict}"]
+    lines.append(f"**Confidence:** {result.confidence:.2f}")
     if result.quote is not None:
         lines.append(f"**Quoted words:** {WORDS_MARKS[result.quote.words]} · "
                      f"**Attribution:** {result.quote.attribution}")

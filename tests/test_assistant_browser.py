@@ -239,6 +239,9 @@ def test_a_quoted_claim_shows_its_words_marked_in_the_passage(page, screenshots_
     page.locator("#claim textarea").fill('Ada Lovelock said "She lights the lamp every night at dusk."')
     page.locator("#verify").click()
     expect(page.locator("#verdict")).to_contain_text("Attribution:")
+    # The words differ ("night" for "evening"): that leads, above whatever the judge made of the evidence.
+    expect(page.locator("#verdict h2")).to_have_text("The quoted words differ from the document's")
+    expect(page.locator("#verdict h3")).to_contain_text("Verdict:")
     # The marks are rendered as marks (the Markdown sanitizer keeps them), not shown as text.
     expect(page.locator("#quote blockquote mark").first).to_have_text("She lights the lamp every ")
     expect(page.locator("#quote blockquote del")).to_have_text("night")
