@@ -10,9 +10,10 @@ user asks it each training question through its API, in a new conversation each,
 person reading the page would:
 
 - a short, right answer gets a 👍;
-- an answer that repeats its reasoning, or is wrong, gets a 👎 and "Try again": a short right second answer
-  is picked over the first; otherwise, one time in ``--write-every``, the user keeps the model's reasoning and
-  writes the short right answer themself ("Write a better answer"); otherwise the second answer gets a 👎 too.
+- an answer that repeats its reasoning, or is wrong, gets a 👎 and "Try again", up to ``--tries`` answers in
+  all: the first short right one is picked over the one before it and gets a 👍 (which pairs it with the
+  others voted down); when every answer was bad, one time in ``--write-every`` the user writes the right
+  reasoning and the short right answer themself ("Write a better answer").
 
 Then the Train tab's API checks the collected pairs and trains on them (``/check_training_data``,
 ``/start_training`` with ``finetune/configs/orpo-proof.yaml``, followed with ``/training_progress``), and
@@ -66,9 +67,10 @@ def is_good(reasoning: str, answer: str, expected: str | None) -> bool:
     return bool(answer) and duplication(reasoning, answer) <= 0.5 and right
 
 
-def give_feedback(url: str, item: dict, temperature: float, write_now, judge_correct: bool = True) -> str:
+def give_feedback(url: str, item: dict, temperature: float, tries: int, write_now, judge_correct: bool = True
+                  ) -> str:
     """One question asked in a new conversation and judged; returns what the user did. ``write_now()`` says
-    whether the user writes the answer this time, when both answers were bad."""
+    whether the user writes the answer this time, when every answer they tried was bad."""
     from gradio_client import Client
 
     client = Client(url, verbose=False)
@@ -79,16 +81,18 @@ def give_feedback(url: str, item: dict, temperature: float, write_now, judge_cor
         client.predict(0, True, api_name="/vote")
         return "up"
     client.predict(0, False, api_name="/vote")
-    chat, *_ = client.predict(0, temperature, MAX_NEW_TOKENS, api_name="/try_again")
-    reasoning, answer = answer_of(chat)
-    if is_good(reasoning, answer, expected):
-        client.predict(0, "new", api_name="/pick")
-        return "down, try again, pick"
-    if reasoning and write_now():
-        client.predict(0, reasoning, item["short"], api_name="/edit_answer")
-        return "down, try again, write"
-    client.predict(0, False, api_name="/vote")
-    return "down, try again, down"
+    for again in range(1, tries):
+        chat, *_ = client.predict(0, temperature, MAX_NEW_TOKENS, api_name="/try_again")
+        reasoning, answer = answer_of(chat)
+        if is_good(reasoning, answer, expected):
+            client.predict(0, "new", api_name="/pick")  # over the answer before it
+            client.predict(0, True, api_name="/vote")  # and over every other one voted down
+            return f"down, try again x{again}, pick"
+        client.predict(0, False, api_name="/vote")
+    if write_now():  # the reasoning as well: the model's may be what went wrong
+        client.predict(0, item["reasoning"], item["short"], api_name="/edit_answer")
+        return f"down, try again x{tries - 1}, write"
+    return f"down, try again x{tries - 1}, all down"
 
 
 def free_port() -> int:
@@ -152,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=400, help="training questions the user asks")
     parser.add_argument("--held-out", type=int, default=120)
     parser.add_argument("--temperature", type=float, default=0.8, help="the chat's temperature for both answers")
+    parser.add_argument("--tries", type=int, default=3, help="answers the user looks at for one question, at most")
     parser.add_argument("--write-every", type=int, default=4,
                         help="after a second bad answer, the user writes the right one every this many times")
     parser.add_argument("--judge", choices=("repetition", "repetition,correct"), default="repetition,correct",
                         help="what the user looks at: repetition alone (a base too small to be right), or both")
-    parser.add_argument("--orpo-steps", type=int, default=150)
+    parser.add_argument("--orpo-steps", type=int, default=125)
     parser.add_argument("--orpo-lr", type=float, default=3e-4)
     parser.add_argument("--orpo-beta", type=float, default=0.1)
     parser.add_argument("--port", type=int, default=0, help="the app's port (0: a free one)")
@@ -182,11 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         actions, both_bad = {}, iter(range(1, 10**9))
 
-        def write_now() -> bool:  # one time in --write-every that both answers were bad
+        def write_now() -> bool:  # one time in --write-every that every answer was bad
             return next(both_bad) % args.write_every == 0
 
         for number, item in enumerate(train_items, start=1):
-            action = give_feedback(url, item, args.temperature, write_now, "correct" in args.judge)
+            action = give_feedback(url, item, args.temperature, args.tries, write_now, "correct" in args.judge)
             actions[action] = actions.get(action, 0) + 1
             if number % 50 == 0:
                 print(f"{number} questions: {actions}", file=sys.stderr, flush=True)

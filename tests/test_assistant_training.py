@@ -230,3 +230,16 @@ def test_a_few_pairs_are_held_out_where_a_share_would_hold_none():
     assert [runs.held_out_count(n, 0.1) for n in (1, 2, 4, 10, 40)] == [0, 1, 2, 3, 4]
     assert runs.held_out_count(40, 0.0) == 0 and runs.eval_note(40, 0, 0.0) == "no evaluation: the held-out share is 0"
     assert "1 pairs are too few" not in runs.eval_note(1, 0, 0.1) and "too few" in runs.eval_note(1, 0, 0.1)
+
+
+def test_the_rewards_chart_leaves_room_above_the_accuracy_line_and_steps_are_whole():
+    import pandas as pd
+
+    from assistant.ui_train import REWARD_SERIES, curves, reward_plot
+
+    log = [{"step": s, "rewards/chosen": -0.6, "rewards/rejected": -0.7, "rewards/margins": 0.1,
+            "rewards/accuracies": 1.0} for s in (1, 2)]
+    plot = reward_plot(curves(log, REWARD_SERIES))
+    low, high = plot.y_lim
+    assert low < -0.7 and high > 1.0  # the line at 1.0 is drawn inside the frame, not on its edge
+    assert reward_plot(pd.DataFrame(columns=["step", "value", "series"])).y_lim is None
