@@ -201,7 +201,7 @@ class Assistant:
         runtime = self.runtime
         with self.adapters.gate.request():
             answer = Answer(passages=previous.passages, adapter=runtime.adapter, model=runtime.model_name,
-                            prompt=previous.prompt)
+                            prompt=previous.prompt, left_out=previous.left_out)
             yield from self._stream(answer, params, stop)
 
     def _stream(self, answer: Answer, params: GenerationParams | None, stop: threading.Event | None

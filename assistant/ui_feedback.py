@@ -180,7 +180,7 @@ class ChatFeedback:
         turn_completion(turn)  # a finished answer only
         previous = Answer(passages=[Citation(c["number"], c["source"], c["page"], c["text"])
                                     for c in sorted(turn["citations"] + turn["passages"], key=lambda c: c["number"])],
-                          prompt=PromptRecord(**turn["prompt"]))
+                          prompt=PromptRecord(**turn["prompt"]), left_out=turn.get("left_out", 0))
         keep = ("key", "reasoning", "answer", "thinking_done", "model", "adapter", "citations", "passages", "support")
         turn["earlier"] = [*turn.get("earlier", []), {k: turn[k] for k in keep}]
         turn.update(key=uuid.uuid4().hex, reasoning="", answer="", thinking_done=False, done=False, picked=None,

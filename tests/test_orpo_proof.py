@@ -46,7 +46,7 @@ def test_orpo_on_generated_pairs_halves_the_repeated_reasoning_and_keeps_the_rea
 def test_orpo_on_the_pairs_a_user_gave_through_the_app_halves_the_repeated_reasoning(tmp_path, proof_base):
     shutil.copytree(proof_base, tmp_path / "base-model")
     orpo_front_door.main(["--out", str(tmp_path), *BASE, "--reuse-base", "--questions", "60",
-                          "--judge", "repetition", "--write-every", "2", "--orpo-steps", "100", "--orpo-lr", "2e-3",
+                          "--judge", "repetition", "--write-every", "2", "--orpo-steps", "60", "--orpo-lr", "2e-3",
                           "--port", "0"])
     result = json.loads((tmp_path / "result.json").read_text(encoding="utf-8"))
     base, trained = result_of(tmp_path)
