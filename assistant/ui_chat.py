@@ -147,7 +147,7 @@ def turn_messages(turn: dict, index: int) -> list[gr.ChatMessage]:
         if turn["done"] and turn["answer"] and turn["passages"] and not turn["citations"]:
             body += f"\n\n*{UNCITED}*"
         shown_none = not (turn["passages"] or turn["citations"] or turn.get("left_out"))
-        if turn["done"] and turn["retrieval"] and turn["prompt"] and shown_none:
+        if turn["done"] and turn["retrieval"] and turn.get("prompt") and shown_none:
             body += f"\n\n*{EMPTY_STORE}*"
         if turn.get("left_out"):
             count = turn["left_out"]
