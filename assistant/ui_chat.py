@@ -33,8 +33,8 @@ from knowledge.embeddings import EmbeddingModelError
 THINKING = "Thinking"
 THINKING_OPEN_ENDED = "Thinking (never closed: the model stopped before it finished reasoning)"
 UNCITED = "The answer cites none of the passages it was shown; they are listed below as retrieved, not cited."
-NO_ANSWER = ("*No answer after the reasoning: the model reached “Max new tokens” while still thinking. Open the "
-             "thinking block above to read it, or raise “Max new tokens” and ask again.*")
+NO_ANSWER = ("*No answer after the reasoning: the model ended while still thinking, most often at “Max new "
+             "tokens”. Open the thinking block above to read it, or raise “Max new tokens” and ask again.*")
 EARLIER_NO_ANSWER = "*No answer after the reasoning: the model stopped while still thinking.*"
 STOPPED = "*(stopped)*"
 EMPTY_STORE = ("No passages: the knowledge store is empty. Add documents in the Knowledge tab for cited answers, "
