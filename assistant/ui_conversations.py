@@ -52,22 +52,23 @@ class ConversationsPanel:
 
     def open(self, conversation: str | None, request: gr.Request):
         """(chatbot, turns, conversation id, the id the browser keeps) of the conversation chosen in the list."""
-        if not conversation:
-            return [], [], None, None
         try:
-            turns = reopened(self._need().load(conversation, _user(request)))
+            return self._opened(conversation, request)
         except ConversationError as e:
             raise Refusal(str(e)) from None
-        return chat_messages(turns), turns, conversation, conversation
 
     def restore(self, remembered: str | None, request: gr.Request):
         """On page load: the conversation that was open before the reload, if it is still there."""
-        if not remembered or self.store is None:
-            return [], [], None, None
         try:
-            return self.open(remembered, request)
-        except gr.Error:
+            return self._opened(remembered, request)
+        except ConversationError:  # deleted meanwhile (in another tab): the page starts afresh
             return [], [], None, None
+
+    def _opened(self, conversation: str | None, request: gr.Request | None):
+        if not conversation or self.store is None:
+            return [], [], None, None
+        turns = reopened(self.store.load(conversation, _user(request)))
+        return chat_messages(turns), turns, conversation, conversation
 
     def rename(self, conversation: str | None, title: str, request: gr.Request):
         if not conversation:
