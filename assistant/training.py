@@ -60,7 +60,7 @@ class TrainingControl:
             return RoomDecision(False, "no model in this process to make room from")
         import torch
 
-        cuda = torch.cuda.is_available()
+        cuda = self.cuda()
         cap = self.settings.train_memory_cap_gb
         if not cap and not cuda:
             return RoomDecision(False, "training on the CPU beside the chat model")

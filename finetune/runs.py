@@ -319,7 +319,8 @@ def execute(folder: Path, resume: bool = False) -> int:
             train_file, held_pairs = split_data(folder, spec, load_tokenizer(spec.model_name), config.seed)
             config.data = str(train_file)
             record.held_out = len(held_pairs)
-            record.pairs = len(held_pairs) + sum(1 for line in train_file.open(encoding="utf-8") if line.strip())
+            with train_file.open(encoding="utf-8") as lines:
+                record.pairs = len(held_pairs) + sum(1 for line in lines if line.strip())
             record.eval_note = eval_note(record.pairs, record.held_out, spec.held_out_share)
         stop.training = True
         enter("training")
