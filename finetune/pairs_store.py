@@ -240,10 +240,10 @@ class PairsStore:
             replaced = []
             if earlier:
                 db.execute("DELETE FROM votes WHERE answer_id = ? AND user IS ?", (answer_id, user))
+            if earlier and earlier[-1].good != good:  # the pairs the earlier vote made now say the opposite
                 side = "chosen_id" if earlier[-1].good else "rejected_id"
-                if earlier[-1].good != good:  # the pairs the earlier vote made now say the opposite
-                    replaced = self._pair_rows(db, f"origin = 'vote' AND {side} = ?", (answer_id,))
-                    db.executemany("DELETE FROM pairs WHERE id = ?", [(r.id,) for r in replaced])
+                replaced = self._pair_rows(db, f"origin = 'vote' AND {side} = ?", (answer_id,))
+                db.executemany("DELETE FROM pairs WHERE id = ?", [(r.id,) for r in replaced])
             vote = db.execute("INSERT INTO votes (answer_id, good, user, created_at) VALUES (?, ?, ?, ?)",
                               (answer_id, int(good), user, time.time())).lastrowid
             others = [row[0] for row in db.execute(
