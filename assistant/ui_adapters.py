@@ -98,7 +98,7 @@ class AdaptersTab:
         summary = gr.Markdown(elem_id="adapters-summary")
         table = gr.Dataframe(headers=COLUMNS, datatype=["str", "str", "str", "number", "number", "str", "str"],
                              interactive=False, value=[], wrap=True, elem_id="adapters-table",
-                             column_widths=["15%", "15%", "12%", "6%", "6%", "26%", "20%"])
+                             column_widths=["14%", "14%", "12%", "8%", "8%", "24%", "20%"])
         with gr.Row():
             picker = gr.Dropdown(label="Adapter", choices=[], elem_id="adapter-picker")
             use = gr.Button("Use this adapter", variant="primary", elem_id="adapter-use")
@@ -110,7 +110,7 @@ class AdaptersTab:
             rename = gr.Button("Rename", elem_id="adapter-rename")
             delete = gr.Button("Delete", variant="stop", elem_id="adapter-delete")
             download = gr.Button("Download (zip)", elem_id="adapter-download")
-        downloaded = gr.File(label="The adapter, zipped", interactive=False, elem_id="adapter-file")
+        downloaded = gr.File(label="The adapter, zipped", interactive=False, height=90, elem_id="adapter-file")
         note = gr.Markdown(elem_id="adapters-note")
         state = gr.JSON(visible=False)
         listed = [summary, table, picker, state]

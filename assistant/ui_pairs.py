@@ -105,7 +105,7 @@ class PairsTab:
         summary = gr.Markdown(elem_id="pairs-summary")
         table = gr.Dataframe(headers=COLUMNS, datatype=["number", "str", "str", "str", "str", "str", "str"],
                              interactive=False, value=[], wrap=True, elem_id="pairs-table",
-                             column_widths=["5%", "7%", "22%", "24%", "24%", "7%", "11%"],
+                             column_widths=["4%", "9%", "21%", "23%", "23%", "8%", "12%"],
                              label="Click a pair to read it in full")
         with gr.Row():
             refresh = gr.Button("Refresh", elem_id="pairs-refresh")
