@@ -80,6 +80,16 @@ class StopSwitches:
             event.set()
 
 
+def request_user(request: gr.Request | None) -> str | None:
+    """Who is asking: the login, None with logins off."""
+    return getattr(request, "username", None) or None
+
+
+def request_session(request: gr.Request | None) -> str:
+    """The browser session a request comes from ("" outside one)."""
+    return getattr(request, "session_hash", None) or ""
+
+
 def new_turn(question: str, params: GenerationParams, use_retrieval: bool) -> dict:
     return {"question": question, "reasoning": "", "answer": "", "thinking_done": False, "done": False,
             "stopped": False, "error": None, "citations": [], "passages": [], "support": [], "model": "",
@@ -253,7 +263,7 @@ class ChatTab:
     def keep(self, turns: list[dict], conversation: str | None, request: gr.Request) -> None:
         """Save the conversation as it stands (nothing before its first question)."""
         if self.conversations is not None and conversation and turns:
-            self.conversations.save(conversation, getattr(request, "username", None) or None, turns)
+            self.conversations.save(conversation, request_user(request), turns)
 
     @staticmethod
     def begin(message: str, conversation: str | None) -> tuple[str | None, str | None]:
@@ -275,7 +285,7 @@ class ChatTab:
         history = model_history(turns)
         turn = new_turn(question, params, bool(use_retrieval))
         turns = [*turns, turn]
-        stop = self.switches.new(getattr(request, "session_hash", None) or "")
+        stop = self.switches.new(request_session(request))
         self.keep(turns, conversation, request)
         try:
             yield chat_messages(turns), turns, "", conversation
@@ -302,10 +312,10 @@ class ChatTab:
             self.keep(turns, conversation, request)
 
     def stop(self, request: gr.Request) -> None:
-        self.switches.stop(getattr(request, "session_hash", None) or "")
+        self.switches.stop(request_session(request))
 
     def export(self, turns: list[dict], request: gr.Request):
-        path = self.exports.write(turns, getattr(request, "session_hash", None) or "")
+        path = self.exports.write(turns, request_session(request))
         return gr.DownloadButton(value=path, interactive=path is not None)
 
     def build(self, settings, remembered: gr.BrowserState | None = None) -> None:

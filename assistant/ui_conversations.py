@@ -11,16 +11,13 @@ from __future__ import annotations
 import gradio as gr
 
 from assistant.conversations import ConversationError, ConversationStore
-from assistant.ui_chat import ChatTab, chat_messages
+from assistant.ui_chat import ChatTab, chat_messages, request_user
 from assistant.ui_errors import Refusal
 
 # The browser keeps only the open conversation's id, encrypted with this key; the id is a random UUID and the
 # store answers only its owner, so a fixed key (the same after an app restart) gives nothing away.
 BROWSER_KEY = "think-rag-conversation"
 
-
-def _user(request: gr.Request | None) -> str | None:
-    return getattr(request, "username", None) or None
 
 
 def reopened(turns: list[dict]) -> list[dict]:
@@ -44,7 +41,7 @@ class ConversationsPanel:
         """The sidebar: every conversation of this person, the open one selected, and its name in the box."""
         if self.store is None:
             return gr.Radio(choices=[], value=None, info=f"Not saved: {self.error}"), ""
-        summaries = self.store.list(_user(request))
+        summaries = self.store.list(request_user(request))
         title = next((s.title for s in summaries if s.id == current), "")
         choices = [(s.title, s.id) for s in summaries]
         return gr.Radio(choices=choices, value=current if title else None,
@@ -67,14 +64,14 @@ class ConversationsPanel:
     def _opened(self, conversation: str | None, request: gr.Request | None):
         if not conversation or self.store is None:
             return [], [], None, None
-        turns = reopened(self.store.load(conversation, _user(request)))
+        turns = reopened(self.store.load(conversation, request_user(request)))
         return chat_messages(turns), turns, conversation, conversation
 
     def rename(self, conversation: str | None, title: str, request: gr.Request):
         if not conversation:
             raise Refusal("Open a conversation first (ask something, or choose one in the list).")
         try:
-            self._need().rename(conversation, _user(request), title or "")
+            self._need().rename(conversation, request_user(request), title or "")
         except ConversationError as e:
             raise Refusal(str(e)) from None
         return self.listing(conversation, request)
@@ -84,7 +81,7 @@ class ConversationsPanel:
         if not conversation:
             raise Refusal("Open a conversation first (choose one in the list).")
         try:
-            self._need().delete(conversation, _user(request))
+            self._need().delete(conversation, request_user(request))
         except ConversationError as e:
             raise Refusal(str(e)) from None
         return [], [], None, None, *self.listing(None, request)

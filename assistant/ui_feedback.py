@@ -21,6 +21,8 @@ from assistant.ui_chat import (
     ChatTab,
     chat_messages,
     record_answer,
+    request_session,
+    request_user,
     throttled,
     turn_messages,
 )
@@ -45,12 +47,6 @@ def turn_of_message(turns: list[dict], message_index: int) -> int:
     raise Refusal("That message is no longer in the conversation.")
 
 
-def _user(request: gr.Request | None) -> str | None:
-    return getattr(request, "username", None) or None
-
-
-def _session(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or ""
 
 
 def _short(text: str, limit: int = 60) -> str:
@@ -124,7 +120,7 @@ class ChatFeedback:
         except UserError as e:
             raise Refusal(str(e)) from None
         if change.made or change.vote is not None or change.replaced_pairs:
-            self._store().remember(_session(request), Saved(what, change, key))
+            self._store().remember(request_session(request), Saved(what, change, key))
         return change
 
     # -- votes ----------------------------------------------------------------------------------------
@@ -137,7 +133,7 @@ class ChatFeedback:
         key, answer = turn_completion(turn)
         thumb = "👍" if good else "👎"
         change = self._save(request, f"your {thumb} on the answer to {_short(turn['question'])}", key,
-                            lambda store: store.vote(key, answer, good, _user(request)))
+                            lambda store: store.vote(key, answer, good, request_user(request)))
         changed = [v for v in change.replaced_votes if v.good != good]
         note = f" Your earlier {'👎' if good else '👍'} on this answer is replaced." if changed else ""
         if change.made:
@@ -153,7 +149,7 @@ class ChatFeedback:
         """A thumb on the chatbot: (status, comparison row, comparison). Taking a thumb back undoes that vote."""
         turn = turns[turn_of_message(turns, data.index if isinstance(data.index, int) else data.index[0])]
         if data.liked not in (True, False):
-            last = self._store().last(_session(request))
+            last = self._store().last(request_session(request))
             if last is None or last.key != turn["key"] or last.change.vote is None:
                 return "Thumb taken back on the page; use “Undo last feedback” to take back an earlier vote.", \
                     gr.update(), compare
@@ -165,7 +161,7 @@ class ChatFeedback:
 
     def undo(self, request: gr.Request) -> str:
         try:
-            return f"Undone: {self._store().undo(_session(request))}."
+            return f"Undone: {self._store().undo(request_session(request))}."
         except UserError as e:
             raise Refusal(str(e)) from None
 
@@ -186,7 +182,7 @@ class ChatFeedback:
         turn.update(key=uuid.uuid4().hex, reasoning="", answer="", thinking_done=False, done=False, picked=None,
                     stopped=False, citations=[], passages=[], support=[], started_at=time.time(), seconds=None)
         params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature))
-        stop = self.chat.switches.new(_session(request))
+        stop = self.chat.switches.new(request_session(request))
         hidden = (gr.update(visible=False), None, gr.update(), gr.update())
         yield chat_messages(turns), turns, *hidden
         try:
@@ -221,7 +217,7 @@ class ChatFeedback:
         new, earlier = turn_completion(turn), earlier_completion(turn)
         chosen, rejected = (new, earlier) if better == "new" else (earlier, new)
         change = self._save(request, f"your pick of the {better} answer to {_short(turn['question'])}", new[0],
-                            lambda store: store.pick(chosen, rejected, _user(request)))
+                            lambda store: store.pick(chosen, rejected, request_user(request)))
         turn["picked"] = better
         if not change.made:
             return "Already saved: this pick is in the pairs store."
@@ -250,7 +246,7 @@ class ChatFeedback:
     def _edit(self, turn: dict, reasoning: str, answer: str, request: gr.Request | None) -> str:
         original = turn_completion(turn)
         change = self._save(request, f"your written answer to {_short(turn['question'])}", original[0],
-                            lambda store: store.edit(original, reasoning or "", answer or "", _user(request)))
+                            lambda store: store.edit(original, reasoning or "", answer or "", request_user(request)))
         if not change.made:
             return "Already saved: this answer of yours is in the pairs store."
         return "Saved: your answer is a training pair, chosen over the model's." + replaced_note(change)
@@ -341,15 +337,15 @@ class VerdictCorrection:
     def correct(self, verdict: str, request: gr.Request) -> str:
         if self.feedback is None:
             raise Refusal(f"Feedback cannot be saved: {self.unavailable}")
-        finished = self.verify.finished.get(_session(request))
+        finished = self.verify.finished.get(request_session(request))
         if finished is None:
             raise Refusal("Verify a claim first; then correct its verdict.")
         try:
-            change = self.feedback.correct_verdict(*finished, verdict, _user(request))
+            change = self.feedback.correct_verdict(*finished, verdict, request_user(request))
         except UserError as e:
             raise Refusal(str(e)) from None
         if change.made:
-            self.feedback.remember(_session(request), Saved(f"your corrected verdict “{verdict}”", change,
+            self.feedback.remember(request_session(request), Saved(f"your corrected verdict “{verdict}”", change,
                                                             finished[0]))
         return f"Saved: “{verdict}” is a training pair for the judge, chosen over “{finished[1].verdict}”."
 
