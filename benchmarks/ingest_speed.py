@@ -64,7 +64,7 @@ def percentile(values: list[float], q: float) -> float:
 def measure(n_chunks: int, model_path: str, queries: int, encode_sample: int | None) -> dict:
     from knowledge import KnowledgeStore
     from knowledge.embeddings import Embedder
-    from knowledge.store import indexed_text
+    from knowledge.terms import indexed_text
     from settings import Settings
 
     with tempfile.TemporaryDirectory() as tmp:

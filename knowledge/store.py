@@ -34,15 +34,16 @@ from errors import UserError
 from knowledge.chunking import Chunk
 from knowledge.embeddings import Embedder, EmbeddingModelError
 from knowledge.files import discover, not_a_regular_file
+from knowledge.fusion import fuse
 from knowledge.lexical import LexicalIndex
 from knowledge.loaders import LoadError
 from knowledge.phrases import PhraseMatch, join_chunks, match_in
 from knowledge.reader import FileReader
+from knowledge.terms import chunk_terms, indexed_text
 from settings import Settings
 
 _REVISION_ID = "__revision__"
 EMBED_GROUP = 1024  # chunks embedded in one call when adding many files
-VECTOR_WEIGHT = 0.5  # share of the vector leg in the fused score; the lexical leg has the rest
 # A chunk is read for a phrase when it holds at least this share of the phrase's terms (idf-weighted): low
 # enough for a half of words split across two chunks, or for words with a few changed.
 MIN_PHRASE_SHARE = 0.3
@@ -566,20 +567,10 @@ class KnowledgeStore:
         for i in range(0, len(new), batch):
             got = self.chunks.get(ids=new[i:i + batch], include=["documents", "metadatas"])
             for cid, text, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True):
-                added[cid] = indexed_text(meta.get("title", ""), text)
+                added[cid] = chunk_terms(meta.get("title", ""), text)
         self._lexical.update(added, removed)
         self._lexical_meta = dict(zip(stored["ids"], stored["metadatas"], strict=True))
         self._lexical_revision = revision
-
-
-def indexed_text(title: str, text: str) -> str:
-    """What both legs index for a chunk: its document's title, then its text.
-
-    Without the title only a document's first chunk carries the words that name what the document is
-    about, so a question naming the subject ("who invented trellball?") ranks that first chunk above
-    the one that answers it, in BM25 and in the embedding alike. Hits still return the chunk's own text.
-    """
-    return f"{title}\n{text}" if title else text
 
 
 def _runs(chunk_ids: list[str]) -> list[list[str]]:
@@ -594,23 +585,6 @@ def _runs(chunk_ids: list[str]) -> list[list[str]]:
                 continue
         runs.append([cid])
     return runs
-
-
-def fuse(vector: dict[str, float], lexical: dict[str, float]) -> list[tuple[str, float]]:
-    """Relative score fusion: each leg's scores scaled to 0..1 over its candidates, then weighted.
-
-    Unlike reciprocal-rank fusion, this keeps how far ahead a result is: a chunk that alone holds an
-    exact code from the query leads BM25 by a wide margin, and that margin survives the fusion.
-    """
-    fused: dict[str, float] = {}
-    for scores, weight in ((vector, VECTOR_WEIGHT), (lexical, 1.0 - VECTOR_WEIGHT)):
-        if not scores:
-            continue
-        low, high = min(scores.values()), max(scores.values())
-        for cid, score in scores.items():
-            scaled = (score - low) / (high - low) if high > low else 1.0
-            fused[cid] = fused.get(cid, 0.0) + weight * scaled
-    return sorted(fused.items(), key=lambda item: -item[1])
 
 
 def _get_all(collection, page: int = 5000, **kwargs) -> dict:
