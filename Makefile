@@ -49,5 +49,5 @@ screenshots: $(BIN)/.installed chromium
 bench-knowledge: $(BIN)/.installed
 	@test -d /usr/share/debian-reference || ($(SUDO) apt-get update -qq && \
 	  $(SUDO) apt-get install -y -qq debian-reference-en debian-reference-ja debian-faq debian-faq-ja)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.retrieval_quality --haystack
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.retrieval_quality --haystack --out docs/retrieval-quality.md
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.ingest_speed --chunks 10000 100000 --encode-sample 20000
