@@ -14,6 +14,7 @@ from assistant.runtime import GenerationParams, ModelRuntime, load_runtime
 from errors import ModelUnavailable
 from finetune.prompts import prompt_token_ids, split_reasoning
 from knowledge import Hit, KnowledgeStore
+from knowledge.query import Query
 from settings import Settings
 
 
@@ -152,7 +153,7 @@ class Assistant:
     def default_params(self) -> GenerationParams:
         return GenerationParams(max_new_tokens=self.settings.max_new_tokens, temperature=self.settings.temperature)
 
-    def retrieve(self, query: str) -> list[Hit]:
+    def retrieve(self, query: str | Query) -> list[Hit]:
         return self.store.search(query, k=self.settings.retrieval_k)
 
     def generate(self, prompt: str, params: GenerationParams | None = None,

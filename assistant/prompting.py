@@ -17,6 +17,7 @@ import re
 
 from finetune.prompts import THINK_OPEN, alpaca_prompt
 from knowledge import Hit
+from knowledge.query import Query
 
 ANSWER_RULES = (
     "Answer the user's last message in the conversation below. The input holds numbered passages quoted "
@@ -77,10 +78,10 @@ def conversation_text(messages: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def retrieval_query(messages: list[dict], turns: int = 3) -> str:
-    """What to search for: the last user message first, then the ones before it (what "it" refers to)."""
-    asked = [str(m["content"]) for m in messages if m["role"] == "user" and m.get("content")]
-    return "\n".join(reversed(asked[-turns:]))
+def retrieval_query(messages: list[dict], turns: int = 3) -> Query:
+    """What to search for: the last user message, and the ones before it (what "it" refers to), weighted below."""
+    asked = [str(m["content"]) for m in messages if m["role"] == "user" and m.get("content")][-turns:]
+    return Query(asked[-1] if asked else "", tuple(reversed(asked[:-1])))
 
 
 def build_prompt(instruction: str, context: str, prompt_format: str, render_chat=None) -> str:

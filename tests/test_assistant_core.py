@@ -23,6 +23,8 @@ from assistant.verify import parse_judgement, stream_verification, verify
 from finetune.adapters import newest_usable
 from finetune.prompts import prompt_token_ids
 from knowledge import Hit
+from knowledge.query import Query
+from knowledge.terms import tokenize
 from settings import Settings
 from tests.assistant_fixtures import save_adapter
 from tests.loopback import free_port
@@ -75,7 +77,9 @@ def test_retrieval_query_carries_the_earlier_user_turns():
     messages = [{"role": "user", "content": "Tell me about the Borealis pump."},
                 {"role": "assistant", "content": "It is a pump."},
                 {"role": "user", "content": "How much does it cost?"}]
-    assert retrieval_query(messages) == "How much does it cost?\nTell me about the Borealis pump."
+    assert retrieval_query(messages) == Query("How much does it cost?", ("Tell me about the Borealis pump.",))
+    weights = retrieval_query(messages).terms()
+    assert weights[tokenize("Borealis")[0]] < weights[tokenize("cost")[0]]
 
 
 def test_follow_up_question_retrieves_what_the_conversation_is_about(store, tmp_path):
@@ -86,6 +90,21 @@ def test_follow_up_question_retrieves_what_the_conversation_is_about(store, tmp_
                 {"role": "assistant", "content": "It is a pump."},
                 {"role": "user", "content": "How much does it cost?"}]
     assert store.search(retrieval_query(messages), k=1)[0].source.endswith("pump.txt")
+
+
+def test_a_change_of_subject_is_not_outvoted_by_the_earlier_turns(store, tmp_path):
+    (tmp_path / "pump.txt").write_text("The Borealis pump costs 900 crowns and ships from Tromsø.")
+    (tmp_path / "lamp.txt").write_text("The Aurora lamp costs 40 crowns and ships from Bergen.")
+    store.add([tmp_path])
+    messages = [{"role": "user", "content": "Borealis pump: what does the Borealis pump do? Is the pump good?"},
+                {"role": "assistant", "content": "It pumps."},
+                {"role": "user", "content": "Where does the Aurora lamp ship from?"}]
+    query = retrieval_query(messages)
+    for mode in ("lexical", "vector", "hybrid"):
+        assert store.search(query, k=1, mode=mode)[0].source.endswith("lamp.txt"), mode
+    # Weighted alike (the earlier turns joined to the question, as before), the pump outvotes the lamp.
+    joined = "\n".join((query.text, *query.earlier))
+    assert store.search(joined, k=1, mode="lexical")[0].source.endswith("pump.txt")
 
 
 def test_chat_format_uses_the_models_template(tiny_model_dir):

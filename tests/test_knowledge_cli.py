@@ -164,7 +164,8 @@ def test_store_on_a_chroma_server(env, folder, chroma_server):
     assert [h["text"] for h in hits if "ferry" in h["text"]] == ["The ferry to Varna now leaves at dawn."]
     assert run(env, "remove", str(folder / "tea.md")).returncode == 0
     assert [d["source"] for d in json.loads(run(env, "list", "--json").stdout)] == [str(folder / "ferry.txt")]
-    assert not (Path(env["KNOWLEDGE_DIR"])).exists()  # nothing was written to the embedded store
+    # Nothing was written to an embedded store; the replica keeps only its lexical cache there.
+    assert [p.name for p in Path(env["KNOWLEDGE_DIR"]).iterdir()] == ["lexical-cache"]
 
 
 def test_unreachable_server_says_what_to_do(env):

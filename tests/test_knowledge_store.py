@@ -232,7 +232,7 @@ def test_a_search_that_read_the_revision_before_a_write_does_not_undo_the_write(
     (tmp_path / "a.txt").write_text("The lighthouse rules are strict.")
     store.add([tmp_path / "a.txt"])
     client, read, written = store.client, threading.Event(), threading.Event()
-    revision = store._revision
+    revision = store.connection.revision
 
     def revision_read_slowly_by_the_search():
         value = revision()
@@ -241,7 +241,7 @@ def test_a_search_that_read_the_revision_before_a_write_does_not_undo_the_write(
             written.wait(timeout=1)  # the write lands here, unless the search holds the store off
         return value
 
-    monkeypatch.setattr(store, "_revision", revision_read_slowly_by_the_search)
+    monkeypatch.setattr(store.connection, "revision", revision_read_slowly_by_the_search)
     search = threading.Thread(target=store.search, args=("lighthouse",))
     search.start()
     assert read.wait(timeout=30)
@@ -249,7 +249,7 @@ def test_a_search_that_read_the_revision_before_a_write_does_not_undo_the_write(
     store.add([tmp_path / "b.txt"])
     written.set()
     search.join()
-    assert store._seen_revision == revision() and store.client is client  # no reopen for our own write
+    assert store.connection.seen_revision == revision() and store.client is client  # no reopen for our own write
 
 
 def test_store_refuses_a_different_embedding_model(settings, store):
