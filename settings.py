@@ -48,6 +48,17 @@ class Settings:
         "auto", "EMBEDDING_DTYPE",
         "float32, bfloat16 or float16. auto: float16 on CUDA, bfloat16 on CPUs with native bf16 "
         "(AMX/AVX512-BF16; about 2x faster, cosine to float32 above 0.99), else float32.")
+    embedding_backend: str = _setting(
+        "auto", "EMBEDDING_BACKEND",
+        "What runs the embedding model: torch, onnx (ONNX Runtime), onnx-int8 (ONNX Runtime, int8 weights) or "
+        "openvino (in EMBEDDING_DTYPE). The last three are exported once and cached under HF_HOME. auto: torch on "
+        "CUDA, openvino on a CPU (about 2x torch's rate, same hit@5; docs/benchmarks.md).")
+    rerank_model: str | None = _setting(
+        None, "RERANK_MODEL",
+        "Cross-encoder that rescores the fused candidates of each search, a hub name (e.g. "
+        "BAAI/bge-reranker-v2-m3, multilingual) or a local folder. Unset: no reranking.")
+    rerank_candidates: int = _setting(
+        30, "RERANK_CANDIDATES", "Fused candidates the reranker rescores per search (when RERANK_MODEL is set).")
     chroma_host: str | None = _setting(
         None, "CHROMA_HOST", "Host of a Chroma server. Unset: an embedded store on disk in KNOWLEDGE_DIR.")
     chroma_port: int = _setting(8000, "CHROMA_PORT", "Port of the Chroma server named by CHROMA_HOST.")
@@ -169,13 +180,14 @@ class Settings:
 
 CHOICES = {
     "embedding_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "embedding_backend": ("auto", "torch", "onnx", "onnx-int8", "openvino"),
     "model_backend": ("local", "openai"),
     "local_engine": ("auto", "unsloth", "transformers"),
     "fast_decode": ("auto", "on", "off"),
     "prompt_format": ("auto", "alpaca", "chat"),
 }
 POSITIVE = ("embedding_batch_size", "chunk_size", "max_file_mb", "context_length", "retrieval_k", "max_new_tokens",
-            "max_upload_mb", "gpu_concurrency", "queue_size")
+            "max_upload_mb", "gpu_concurrency", "queue_size", "rerank_candidates")
 # Chroma's rule for collection names (3-512 characters), less the "-manifest" the store adds for its second one.
 COLLECTION_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{1,498}[a-zA-Z0-9]")
 

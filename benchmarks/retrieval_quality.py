@@ -156,14 +156,15 @@ def build_baseline(texts: list[tuple[str, str]], model: Path) -> Built:
     })
 
 
-def build_store(paths: list[Path], model: Path, workdir: Path) -> Built:
+def build_store(paths: list[Path], model: Path, workdir: Path, backend: str | None = None) -> Built:
     try:
         from knowledge import KnowledgeStore
         from settings import Settings
     except ImportError as e:
         raise SystemExit(f"our store is not importable yet ({e}); run with --systems baseline-vector,"
                          "baseline-hybrid to measure the baseline alone") from None
-    settings = Settings.from_env(knowledge_dir=workdir / "store", embedding_model=str(model))
+    settings = Settings.from_env(knowledge_dir=workdir / "store", embedding_model=str(model),
+                                 **({"embedding_backend": backend} if backend else {}))
     t0 = time.perf_counter()
     store = KnowledgeStore(settings)
     report = store.add(paths)
@@ -176,7 +177,8 @@ def build_store(paths: list[Path], model: Path, workdir: Path) -> Built:
     def searcher(mode: str) -> Search:
         return lambda q, k: [(h.source, h.text) for h in store.search(q, k=k, mode=mode)]
 
-    note = f"chunk_size={settings.chunk_size}, chunk_overlap={settings.chunk_overlap}"
+    note = (f"chunk_size={settings.chunk_size}, chunk_overlap={settings.chunk_overlap}, "
+            f"embedding backend {store.embedder.backend} ({store.embedder.dtype})")
     return Built(chunks, build_s, {"store-vector": searcher("vector"), "store-hybrid": searcher("hybrid")}, note,
                  store)
 
@@ -339,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", type=int, default=5, help="results per question (default 5)")
     parser.add_argument("--check", action="store_true", help="only validate the questions and corpus, then exit")
     parser.add_argument("--no-steps", action="store_true", help="leave out the table of each ranking step's gain")
+    parser.add_argument("--backend", choices=("auto", "torch", "onnx", "onnx-int8", "openvino"),
+                        help="EMBEDDING_BACKEND of our store (default: as set, else auto)")
     args = parser.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
@@ -387,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             builds.append(build_baseline(texts, model))
         if any(s.startswith("store-") for s in systems):
             print(f"building our store over {len(paths)} files ...", file=sys.stderr)
-            builds.append(build_store(paths, model, workdir))
+            builds.append(build_store(paths, model, workdir, args.backend))
 
         results: dict[str, dict] = {}
         for built in builds:

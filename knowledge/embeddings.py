@@ -1,4 +1,8 @@
-"""Text to vectors with a sentence-transformers model, with the query/passage prefixes it was trained on."""
+"""Text to vectors with a sentence-transformers model, with the query/passage prefixes it was trained on.
+
+The model runs on torch, or (``EMBEDDING_BACKEND``) exported to ONNX Runtime, ONNX Runtime int8 or OpenVINO
+(``knowledge/exported.py``: exported once per model version and cached under ``$HF_HOME/think-rag/exports``).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ def default_prefixes(model_name: str) -> tuple[str, str]:
 
 
 class Embedder:
+    """``model`` is the SentenceTransformer: it computes the vectors on the torch backend, and tokenizes for the
+    others (which also export from it the first time)."""
+
     def __init__(self, settings: Settings):
         from sentence_transformers import SentenceTransformer
 
@@ -32,13 +39,32 @@ class Embedder:
             passage_prefix if settings.embedding_passage_prefix is None else settings.embedding_passage_prefix
         )
         self.batch_size = settings.embedding_batch_size
-        self.dtype = resolve_dtype(settings.embedding_dtype)
+        self.backend = resolve_backend(settings.embedding_backend)
+        if self.backend == "torch":
+            self.dtype = resolve_dtype(settings.embedding_dtype)
+            model_kwargs = {"dtype": self.dtype}
+        else:  # the export wants float32 and plain attention ops, which ONNX Runtime fuses
+            self.dtype = _exported_dtype(self.backend, settings.embedding_dtype)
+            model_kwargs = {"attn_implementation": "eager"}
         try:
-            self.model = SentenceTransformer(self.model_name, device="cuda" if _cuda() else "cpu",
-                                             model_kwargs={"dtype": self.dtype})
+            self.model = SentenceTransformer(self.model_name, device="cuda" if self.backend == "torch" and _cuda()
+                                             else "cpu", model_kwargs=model_kwargs)
         except OSError as e:
             raise EmbeddingModelError(_load_failure(self.model_name, e)) from None
         self.dimension = self.model.get_embedding_dimension()
+        self._run = None
+        if self.backend != "torch":
+            from knowledge.exported import input_names, load_runner
+
+            precision = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(settings.embedding_dtype)
+            self._inputs = input_names(self.model)
+            try:
+                self._run = load_runner(self.model, self.model_name, self.backend, precision)
+            except (ImportError, OSError, RuntimeError, ValueError) as e:  # a package missing, an unexportable model
+                raise EmbeddingModelError(
+                    f"cannot run EMBEDDING_MODEL={self.model_name!r} on EMBEDDING_BACKEND={self.backend!r} "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Set EMBEDDING_BACKEND=torch, "
+                    "or install this project's dependencies again (pip install -e .).") from e
 
     def embed_passages(self, texts: list[str]) -> np.ndarray:
         return self._encode([self.passage_prefix + t for t in texts])
@@ -47,10 +73,19 @@ class Embedder:
         return self._encode([self.query_prefix + text])[0]
 
     def _encode(self, texts: list[str]) -> np.ndarray:
-        return self.model.encode(
-            texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
-            show_progress_bar=False,
-        ).astype(np.float32)
+        if self._run is None:
+            return self.model.encode(
+                texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                show_progress_bar=False,
+            ).astype(np.float32)
+        # as SentenceTransformer.encode does: longest first, so each batch pads to similar lengths
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
+        for start in range(0, len(texts), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            features = self.model.preprocess([texts[i] for i in batch])
+            vectors[batch] = self._run({name: features[name].numpy() for name in self._inputs})
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def _load_failure(name: str, error: OSError) -> str:
@@ -61,6 +96,30 @@ def _load_failure(name: str, error: OSError) -> str:
     return (f"cannot load EMBEDDING_MODEL={name!r} ({str(error).splitlines()[0]}). If it is a hub name, check "
             "its spelling and connect to the internet once so the hub can download it; or set EMBEDDING_MODEL "
             "to a local sentence-transformers folder.")
+
+
+# The fastest CPU backend whose hit@5 on the retrieval benchmark stayed that of torch: OpenVINO, about 2.4x torch
+# bf16's ingest rate on 2 cores; onnx-int8 lost 0.024 hit@5 in vector mode (docs/benchmarks.md, "Embedding backends").
+AUTO_CPU_BACKEND = "openvino"
+
+
+def resolve_backend(name: str) -> str:
+    """The backend for EMBEDDING_BACKEND: "auto" is torch on CUDA, else AUTO_CPU_BACKEND."""
+    if name != "auto":
+        return name
+    return "torch" if _cuda() else AUTO_CPU_BACKEND
+
+
+def _exported_dtype(backend: str, name: str) -> str:
+    """What the exported model computes in, for the record: OpenVINO follows EMBEDDING_DTYPE (auto: bf16 on
+    CPUs with native bf16, as resolve_dtype), ONNX Runtime computes in float32 or int8."""
+    if backend == "onnx-int8":
+        return "int8"
+    if backend == "onnx":
+        return "float32"
+    if name == "auto":
+        return "bfloat16" if _cpu_has_native_bf16() else "float32"
+    return name
 
 
 def resolve_dtype(name: str):

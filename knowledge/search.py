@@ -9,6 +9,7 @@ the same order in every run and every process.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -36,8 +37,9 @@ def chroma_where(where: dict | None) -> dict | None:
 
 class HybridSearch:
     def __init__(self, connection: Connection, versions: Versions, lexical: LexicalCache,
-                 embedder: Callable[[], object]):
+                 embedder: Callable[[], object], reranker: Callable[[], object | None] = lambda: None):
         self.connection, self.versions, self.lexical, self._embedder = connection, versions, lexical, embedder
+        self._reranker = reranker
 
     def search(self, query: str | Query, k: int, where: dict | None, mode: str,
                query_vector: np.ndarray | None = None) -> list[Hit]:
@@ -49,14 +51,20 @@ class HybridSearch:
         if query_vector is None and mode != "lexical":
             embedder = self._embedder()
             query_vector = query.vector(lambda texts: np.stack([embedder.embed_query(t) for t in texts]))
+        reranker = self._reranker() if mode == "hybrid" else None
+        depth = max(k, reranker.candidates) if reranker is not None else k
         hits: list[Hit] = []
         for _ in range(5):  # a write between the two revision reads means: look again
             revision = self.connection.refresh()
-            hits = self._search_once(query, query_vector, k, where, mode, revision)
+            hits = self._search_once(query, query_vector, depth, where, mode, revision)
             if self.connection.revision() == revision:
                 break
-        # A reranker, when there is one, reorders ``hits`` here: after the fusion, on current chunks only.
-        return hits
+        if reranker is None or not hits:
+            return hits
+        # After the fusion, on current chunks only; equal scores keep the fused order.
+        scores = reranker.rerank(query.text, [hit.text for hit in hits])
+        order = sorted(range(len(hits)), key=lambda i: (-scores[i], i))
+        return [replace(hits[i], score=scores[i]) for i in order[:k]]
 
     def _search_once(self, query, query_vector, k, where, mode, revision) -> list[Hit]:
         n = max(4 * k, 40)

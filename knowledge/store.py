@@ -50,6 +50,7 @@ class KnowledgeStore:
         self.settings = settings or Settings.from_env()
         self._embedder = embedder
         self._embedder_lock = threading.Lock()
+        self._reranker = None
         self._lock = None
         if self.settings.chroma_host is None:
             self.settings.knowledge_dir.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,8 @@ class KnowledgeStore:
             self.connection = Connection(self.settings)
         self.versions = Versions(self.connection)
         self.lexical = LexicalCache(cache_folder(self.settings))
-        self._search = HybridSearch(self.connection, self.versions, self.lexical, lambda: self.embedder)
+        self._search = HybridSearch(self.connection, self.versions, self.lexical, lambda: self.embedder,
+                                    lambda: self.reranker)
 
     @property
     def chunks(self):
@@ -80,6 +82,18 @@ class KnowledgeStore:
 
                 self._embedder = Embedder(self.settings)
             return self._embedder
+
+    @property
+    def reranker(self):
+        """The cross-encoder that rescores a hybrid search's fused candidates; None unless RERANK_MODEL is set."""
+        if not self.settings.rerank_model:
+            return None
+        with self._embedder_lock:
+            if self._reranker is None:
+                from knowledge.rerank import Reranker  # torch: only when reranking
+
+                self._reranker = Reranker(self.settings)
+            return self._reranker
 
     def _bump_revision(self) -> None:
         """Tell every process the store changed (for tests that write to Chroma behind the store's back)."""
@@ -129,7 +143,8 @@ class KnowledgeStore:
 
         ``mode``: "hybrid" fuses vector and BM25 scores (``knowledge.fusion``); "vector" and "lexical" use
         one leg. ``where`` filters on chunk metadata by equality (a list value means any of), e.g.
-        ``{"source": "/docs/a.pdf"}``. The score is the fused score (0..1) in hybrid mode, the
+        ``{"source": "/docs/a.pdf"}``. The score is the fused score (0..1) in hybrid mode (the reranker's
+        score when ``RERANK_MODEL`` is set: it reorders the ``RERANK_CANDIDATES`` best fused chunks), the
         cosine similarity in vector mode and the BM25 score in lexical mode. ``query_vector``, when given,
         is used instead of embedding ``query`` (benchmarks time the store apart from the encoder).
         """
