@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 # Rows of a new segment (a little more: the document that crosses the mark goes whole) and of a merged one at
-# most. It bounds the memory of building or merging one: its postings, 8 bytes each (about 130 a chunk of
-# 1,000 characters), are all that is held, so about 70 MB of postings and 300 MB in all at 65,536 rows; a
-# million chunks make 16 segments, searched one after another.
+# most. It bounds the memory of building or merging one, whatever the size of the store: what is held is that
+# segment's postings, 8 bytes each (about 100-130 a chunk of 1,000 characters: 70-90 MB at 65,536 rows), and
+# about 3 times that while it is sorted and written. A million chunks make 16 segments, searched one by one.
 SEGMENT_ROWS = 1 << 16
 MERGE_AT = 4  # this many small segments (under a quarter of SEGMENT_ROWS live rows) are merged into one
 READ_CHUNKS = 1000  # chunks read from Chroma in one call at most, several documents' at a time
