@@ -52,7 +52,7 @@ class Settings:
         "auto", "EMBEDDING_BACKEND",
         "What runs the embedding model: torch, onnx (ONNX Runtime), onnx-int8 (ONNX Runtime, int8 weights) or "
         "openvino (in EMBEDDING_DTYPE). The last three are exported once and cached under HF_HOME. auto: torch on "
-        "CUDA, openvino on a CPU (about 2x torch's rate, same hit@5; docs/benchmarks.md).")
+        "CUDA, openvino on a CPU (about 1.5x torch's rate, same hit@5; docs/benchmarks.md).")
     rerank_model: str | None = _setting(
         None, "RERANK_MODEL",
         "Cross-encoder that rescores the fused candidates of each search, a hub name (e.g. "

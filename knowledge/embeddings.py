@@ -98,8 +98,8 @@ def _load_failure(name: str, error: OSError) -> str:
             "to a local sentence-transformers folder.")
 
 
-# The fastest CPU backend whose hit@5 on the retrieval benchmark stayed that of torch: OpenVINO, about 2.4x torch
-# bf16's ingest rate on 2 cores; onnx-int8 lost 0.024 hit@5 in vector mode (docs/benchmarks.md, "Embedding backends").
+# The fastest CPU backend whose hit@5 on the retrieval benchmark stayed that of torch: OpenVINO, 1.54x torch
+# bf16's ingest rate on 2 idle cores; onnx-int8 lost 0.024 hit@5 in vector mode (docs/benchmarks.md, "Embedding backends").
 AUTO_CPU_BACKEND = "openvino"
 
 
