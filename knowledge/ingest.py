@@ -3,7 +3,8 @@
 Memory stays bounded whatever the size of the add: at most ``EMBED_GROUP`` chunks (plus the one file
 that crossed the mark, itself at most ``MAX_FILE_MB``) are held, embedded and written before the next
 file is read. An interrupted add, run again, redoes nothing already stored: the manifest's versions are
-read once at the start, and a file whose content hash is already current is skipped unread.
+read once at the start, and a file whose content hash is already current is skipped without being parsed
+or embedded.
 """
 
 from __future__ import annotations
