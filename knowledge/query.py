@@ -33,7 +33,7 @@ class Query:
 
     def vector(self, embed) -> np.ndarray:
         """The query's unit vector from ``embed(texts) -> unit rows``: the question's, leaning toward the earlier
-        questions' by ``EARLIER_WEIGHT``; one encoder call."""
+        questions' (embedded as one text) by ``EARLIER_WEIGHT``."""
         if not self.earlier:
             return embed([self.text])[0]
         question, earlier = embed([self.text, "\n".join(self.earlier)])
