@@ -28,19 +28,17 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from knowledge.connection import Connection, get_all
+from knowledge.connection import Connection
 from knowledge.lexical_cache import LexicalCache, cache_folder
 from knowledge.phrases import PhraseMatch
 from knowledge.query import Query
-from knowledge.records import DocumentInfo, Hit, IngestReport, StoreError, source_key
+from knowledge.records import DocumentInfo, Hit, IngestReport, StoreError
 from knowledge.search import HybridSearch
 from knowledge.versions import Versions
 from settings import Settings
 
 __all__ = ["DocumentInfo", "Hit", "IngestReport", "KnowledgeStore", "StoreError"]
 
-_source_key = source_key  # the name the app's tests import
-_get_all = get_all
 
 
 class KnowledgeStore:
@@ -94,10 +92,6 @@ class KnowledgeStore:
 
                 self._reranker = Reranker(self.settings)
             return self._reranker
-
-    def _bump_revision(self) -> None:
-        """Tell every process the store changed (for tests that write to Chroma behind the store's back)."""
-        self.connection.bump_revision()
 
     def _write_lock(self):
         return self._lock if self._lock is not None else nullcontext()

@@ -13,7 +13,7 @@ from assistant.runtime import GenerationParams
 from assistant.ui_verify import quote_markdown
 from assistant.verify import verify
 from knowledge import KnowledgeStore
-from knowledge.store import _source_key
+from knowledge.records import source_key
 from settings import Settings
 from tests.assistant_fixtures import ScriptedRuntime
 from tests.documents import write_pdf
@@ -160,10 +160,10 @@ def test_words_split_across_two_chunks_are_found(tmp_path, minilm_path, embedder
 def test_only_the_current_version_of_a_document_counts(chronicles, tmp_path):
     source = str(tmp_path / "docs" / "chronicle.txt")
     # Chunks of another version of the file, as a crashed or half-done replace leaves them.
-    chronicles.chunks.upsert(ids=[f"{_source_key(source)}:dead:0"], embeddings=np.ones((1, 384), dtype=np.float32),
+    chronicles.chunks.upsert(ids=[f"{source_key(source)}:dead:0"], embeddings=np.ones((1, 384), dtype=np.float32),
                              documents=["Gregor Pike said: the tide forgives no idle oar."],
                              metadatas=[{"source": source, "version": "dead", "position": 0, "start": 0}])
-    chronicles._bump_revision()
+    chronicles.connection.bump_revision()
     assert chronicles.find_phrase("the tide forgives no idle oar") is None
     (tmp_path / "docs" / "chronicle.txt").write_text("The chronicle was lost in the fire of 1911.")
     chronicles.add([tmp_path / "docs"])

@@ -272,12 +272,12 @@ def test_a_failed_write_fails_the_file_and_leaves_the_store_as_it_was(store, tmp
 
 
 def test_reading_the_whole_store_goes_page_by_page(store, tmp_path):
-    from knowledge.store import _get_all
+    from knowledge.connection import get_all
 
     (tmp_path / "a.txt").write_text(" ".join(f"Sentence number {n} is about lamps." for n in range(200)))
     store.add([tmp_path / "a.txt"])
     whole = store.chunks.get(include=["metadatas"])
-    paged = _get_all(store.chunks, page=3, include=["metadatas"])
+    paged = get_all(store.chunks, page=3, include=["metadatas"])
     assert len(whole["ids"]) > 3 and paged["ids"] == whole["ids"] and paged["metadatas"] == whole["metadatas"]
 
 
