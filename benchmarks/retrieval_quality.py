@@ -15,7 +15,7 @@ than the answering document) and overall, the chunks each system indexed, and th
 The store's ranking was tuned on half of the questions (odd-numbered) and is reported on the other half
 (even-numbered) beside all of them; ``benchmarks.retrieval_steps`` measures each step's gain in the same run.
 Cross-language figures are shown for completeness but say little: the offline encoder is English-only, and a
-cross-language figure counts only from a run with a multilingual encoder (``--model``).
+cross-language figure counts only from a run with a multilingual encoder, which cannot be loaded here.
 """
 
 from __future__ import annotations
@@ -285,10 +285,11 @@ def render(results: dict, k: int, meta: dict) -> str:
 
 def _steps_table(steps: list[dict], check: str, k: int) -> list[str]:
     lines = ["## Each step's gain", "",
-             "Each row changes one thing from the row above it (a dropped row's change is undone before the next), "
-             "re-ranking the store's own chunks and vectors (`benchmarks/retrieval_steps.py`). Kept: it helped on "
-             "the tune half (odd-numbered questions). Figures: hit@1 / hit@5 per language, tune half | report "
-             f"half. {check}", "",
+             "From the 2026-11-25 ranking to the product's, each row adds one change; the rows after the product "
+             "change one thing of it. Each re-ranks the store's own chunks and vectors "
+             "(`benchmarks/retrieval_steps.py`). Kept: it helped on the tune half (odd-numbered questions); dropped: "
+             "it did not. Figures: hit@1 / hit@5 per language, tune half | report half. "
+             f"{check}", "",
              f"| step | kept | en tune | ja tune | en report | ja report | all hit@1 | all hit@{k} |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for step in steps:
