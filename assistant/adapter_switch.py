@@ -5,19 +5,17 @@ The choice is kept in ``ADAPTER_DIR/app_adapter_choice.json`` (``{"mode": "follo
 ADAPTER_POLL_S seconds and swaps in a newer complete adapter trained on CHAT_MODEL, including one written by
 ``python -m finetune train`` outside the app.
 
-A swap waits for the requests in flight: each answer holds ``gate.request()`` from the moment it reads which
-adapter answers until its generation ends, and a swap holds ``gate.swap()``, which waits for them and keeps
+A swap waits for the requests in flight: each answer holds ``gate.shared()`` from the moment it reads which
+adapter answers until its generation ends, and a swap holds ``gate.exclusive()``, which waits for them and keeps
 new ones waiting until it is done. So an answer records the adapter it really ran on, and a request in flight
 finishes on the adapter it started with.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from finetune.adapters import (
     rename_adapter,
     write_json,
 )
+from locks import SharedExclusive
 from settings import Settings
 
 CHOICE_NAME = "app_adapter_choice.json"
@@ -93,44 +92,6 @@ def chosen_adapter(settings: Settings, choice: AdapterChoice | None = None) -> A
     return None
 
 
-class RequestGate:
-    """Answers share the model; a swap takes it alone, between them. Waiting swaps go first, so a steady
-    stream of questions cannot hold a swap off for ever."""
-
-    def __init__(self):
-        self._condition = threading.Condition()
-        self._requests = 0
-        self._swapping = False
-        self.swaps_waiting = 0
-
-    @contextlib.contextmanager
-    def request(self) -> Iterator[None]:
-        with self._condition:
-            self._condition.wait_for(lambda: not self._swapping and not self.swaps_waiting)
-            self._requests += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._requests -= 1
-                self._condition.notify_all()
-
-    @contextlib.contextmanager
-    def swap(self) -> Iterator[None]:
-        with self._condition:
-            self.swaps_waiting += 1
-            self._condition.notify_all()
-            self._condition.wait_for(lambda: not self._swapping and not self._requests)
-            self.swaps_waiting -= 1
-            self._swapping = True
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._swapping = False
-                self._condition.notify_all()
-
-
 class AdapterSwitch:
     """The adapter choice of one runtime: list, pin, use the base, follow the newest (in a background thread).
 
@@ -140,7 +101,8 @@ class AdapterSwitch:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.gate = RequestGate()
+        # Answers hold it shared; a swap takes it alone, between them (waiting swaps go first).
+        self.gate = SharedExclusive()
         self.choice = load_choice(settings)
         self.runtime = None
         self._swapping = threading.Lock()  # one swap at a time: choose and follow never interleave
@@ -204,7 +166,7 @@ class AdapterSwitch:
         current = self.active
         if (current.version if current else None) == (adapter.version if adapter else None):
             return
-        with self.gate.swap():
+        with self.gate.exclusive():
             runtime.activate(adapter)
 
     def _changeable(self, name: str) -> Path:

@@ -132,7 +132,7 @@ class Assistant:
 
     def unload(self, reason: str) -> None:
         """Free the model's memory after the answers in flight; until ``reload``, answers fail with ``reason``."""
-        with self.adapters.gate.swap(), self._runtime_lock:
+        with self.adapters.gate.exclusive(), self._runtime_lock:
             runtime, self._runtime, self.unloaded = self._runtime, None, reason
             self.adapters.runtime = None
         if runtime is not None and hasattr(runtime, "close"):
@@ -164,7 +164,7 @@ class Assistant:
         if held:
             yield from self._generate(prompt, params, stop)
             return
-        with self.adapters.gate.request():
+        with self.adapters.gate.shared():
             yield from self._generate(prompt, params, stop)
 
     @contextlib.contextmanager
@@ -172,7 +172,7 @@ class Assistant:
         """The runtime, kept on the adapter it has now until the block ends (a swap waits): the generations of
         one result, such as a verification's three, all run on the adapter that result records."""
         runtime = self.runtime
-        with self.adapters.gate.request():
+        with self.adapters.gate.shared():
             yield runtime
 
     def _generate(self, prompt: str, params: GenerationParams | None, stop: threading.Event | None
@@ -188,7 +188,7 @@ class Assistant:
         hits = self.retrieve(retrieval_query(messages)) if use_retrieval else None
         runtime = self.runtime
         params = params or self.default_params()
-        with self.adapters.gate.request():
+        with self.adapters.gate.shared():
             prompt, instruction, context, kept = fitted_prompt(messages, hits, runtime, params)
             answer = Answer(passages=as_citations(kept or []), adapter=runtime.adapter, model=runtime.model_name,
                             prompt=PromptRecord(prompt, instruction, context, runtime.prompt_format,
@@ -200,7 +200,7 @@ class Assistant:
                      stop: threading.Event | None = None) -> Iterator[Answer]:
         """Another answer to exactly the prompt ``previous`` answered (same passages), to compare the two."""
         runtime = self.runtime
-        with self.adapters.gate.request():
+        with self.adapters.gate.shared():
             answer = Answer(passages=previous.passages, adapter=runtime.adapter, model=runtime.model_name,
                             prompt=previous.prompt, left_out=previous.left_out)
             yield from self._stream(answer, params, stop)

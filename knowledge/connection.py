@@ -17,52 +17,15 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from knowledge.records import StoreError
+from locks import SharedExclusive
 from settings import Settings
 
 REVISION_ID = "__revision__"
-
-
-class _SharedExclusive:
-    """Many holders at once, or one alone; one waiting for ``exclusive`` goes before new ``shared`` ones."""
-
-    def __init__(self):
-        self._condition = threading.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._waiting = 0
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._condition:
-            self._condition.wait_for(lambda: not self._exclusive and not self._waiting)
-            self._shared += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._shared -= 1
-                self._condition.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._condition:
-            self._waiting += 1
-            self._condition.wait_for(lambda: not self._exclusive and not self._shared)
-            self._waiting -= 1
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._exclusive = False
-                self._condition.notify_all()
 
 
 class Chroma:
@@ -75,7 +38,7 @@ class Chroma:
         self.handles: dict[str, object] = {}  # collection name -> chromadb Collection of this client
         self.seen: dict[str, str] = {}  # manifest name -> the revision this process last read or wrote
         self.revision_lock = threading.Lock()  # reading the revision and reopening, or writing and remembering it
-        self.in_use = _SharedExclusive()  # calls hold it shared; a reopen holds it alone
+        self.in_use = SharedExclusive()  # calls hold it shared; a reopen holds it alone
 
     def _connect(self):
         import chromadb

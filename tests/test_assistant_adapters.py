@@ -125,7 +125,7 @@ def test_a_request_in_flight_finishes_on_the_adapter_it_started_with(adapter_dir
     assert started.wait(60)
     swapping = threading.Thread(target=assistant.adapters.use_adapter, args=("first",))
     swapping.start()
-    while not assistant.adapters.gate.swaps_waiting and swapping.is_alive():  # until the swap waits (or is done)
+    while not assistant.adapters.gate.exclusive_waiting and swapping.is_alive():  # until the swap waits (or is done)
         time.sleep(0.01)
     in_use_meanwhile = runtime.adapter
     release.set()
@@ -332,7 +332,7 @@ def test_a_verification_runs_its_three_generations_on_one_adapter(adapter_dir, t
         if result.stage == "against" and swapping is None:  # the case for is done: ask for a swap now
             swapping = threading.Thread(target=assistant.adapters.use_adapter, args=("first",))
             swapping.start()
-            while not assistant.adapters.gate.swaps_waiting and swapping.is_alive():
+            while not assistant.adapters.gate.exclusive_waiting and swapping.is_alive():
                 time.sleep(0.01)
     swapping.join(60)
     assert adapters_used == [None, None, None] and result.adapter is None
