@@ -50,15 +50,21 @@ class Settings:
         "(AMX/AVX512-BF16; about 2x faster, cosine to float32 above 0.99), else float32.")
     embedding_backend: str = _setting(
         "auto", "EMBEDDING_BACKEND",
-        "What runs the embedding model: torch, onnx (ONNX Runtime), onnx-int8 (ONNX Runtime, int8 weights) or "
-        "openvino (in EMBEDDING_DTYPE). The last three are exported once and cached under HF_HOME. auto: torch on "
-        "CUDA, openvino on a CPU (about 1.5x torch's rate, same hit@5; docs/benchmarks.md).")
+        "What runs the embedding model: torch, onnx (ONNX Runtime), onnx-int8 (ONNX Runtime, int8 weights), "
+        "openvino (in EMBEDDING_DTYPE) or openvino-int8 (int8 weights and activations). All but torch are exported "
+        "once and cached under HF_HOME. auto: torch on CUDA, openvino-int8 on a CPU (about 2x torch's encoding "
+        "rate, same hit@5; docs/benchmarks.md).")
     rerank_model: str | None = _setting(
         None, "RERANK_MODEL",
         "Cross-encoder that rescores the fused candidates of each search, a hub name (e.g. "
         "BAAI/bge-reranker-v2-m3, multilingual) or a local folder. Unset: no reranking.")
     rerank_candidates: int = _setting(
         30, "RERANK_CANDIDATES", "Fused candidates the reranker rescores per search (when RERANK_MODEL is set).")
+    query_translation: bool = _setting(
+        False, "QUERY_TRANSLATION",
+        "The chat model translates each question into the other language (English <-> Japanese) before the "
+        "search, which then looks for both: for an English-only encoder, or words the encoder misses. Costs one "
+        "short generation per question.")
     chroma_host: str | None = _setting(
         None, "CHROMA_HOST", "Host of a Chroma server. Unset: an embedded store on disk in KNOWLEDGE_DIR.")
     chroma_port: int = _setting(8000, "CHROMA_PORT", "Port of the Chroma server named by CHROMA_HOST.")
@@ -180,7 +186,7 @@ class Settings:
 
 CHOICES = {
     "embedding_dtype": ("auto", "float32", "bfloat16", "float16"),
-    "embedding_backend": ("auto", "torch", "onnx", "onnx-int8", "openvino"),
+    "embedding_backend": ("auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-int8"),
     "model_backend": ("local", "openai"),
     "local_engine": ("auto", "unsloth", "transformers"),
     "fast_decode": ("auto", "on", "off"),

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from assistant.adapter_switch import AdapterSwitch
 from assistant.citation_support import SentenceSupport, citation_support, cited_numbers
 from assistant.prompting import answer_parts, build_prompt, retrieval_query
+from assistant.query_translation import translated
 from assistant.runtime import GenerationParams, ModelRuntime, load_runtime
 from errors import ModelUnavailable
 from finetune.prompts import prompt_token_ids, split_reasoning
@@ -59,6 +60,7 @@ class Answer:
     model: str = ""
     prompt: PromptRecord = field(default_factory=lambda: PromptRecord(""))
     left_out: int = 0  # retrieved passages left out of the prompt to fit the model's context
+    translations: tuple[str, ...] = ()  # the question as also searched for (QUERY_TRANSLATION)
 
     @property
     def citations(self) -> list[Citation]:
@@ -79,7 +81,8 @@ class Answer:
         return {"answer": self.answer, "reasoning": self.reasoning,
                 "citations": [c.to_dict() for c in self.citations],
                 "passages": [c.to_dict() for c in self.uncited],
-                "support": [s.to_dict() for s in self.support], "adapter": self.adapter}
+                "support": [s.to_dict() for s in self.support], "adapter": self.adapter,
+                "translations": list(self.translations)}
 
 
 def fitted_prompt(messages: list[dict], hits: list[Hit] | None, runtime: ModelRuntime, params: GenerationParams
@@ -156,6 +159,15 @@ class Assistant:
     def retrieve(self, query: str | Query) -> list[Hit]:
         return self.store.search(query, k=self.settings.retrieval_k)
 
+    def search_query(self, messages: list[dict]) -> Query:
+        """What an answer to ``messages`` searches for: the last question, the earlier ones below it, and with
+        QUERY_TRANSLATION the last one in the other language."""
+        query = retrieval_query(messages)
+        if self.settings.query_translation:
+            runtime = self.runtime
+            query = translated(query, self.generate, runtime.prompt_format, runtime.render_chat)
+        return query
+
     def generate(self, prompt: str, params: GenerationParams | None = None,
                  stop: threading.Event | None = None, held: bool = False) -> Iterator[tuple[str, str, bool]]:
         """Stream (reasoning, answer, thinking_done) for a prompt that ends inside a think block.
@@ -185,7 +197,8 @@ class Assistant:
     def stream_answer(self, messages: list[dict], params: GenerationParams | None = None,
                       use_retrieval: bool = True, stop: threading.Event | None = None) -> Iterator[Answer]:
         """Answer the last user message of ``messages`` ({"role", "content"} dicts), streaming."""
-        hits = self.retrieve(retrieval_query(messages)) if use_retrieval else None
+        query = self.search_query(messages) if use_retrieval else None
+        hits = self.retrieve(query) if query is not None else None
         runtime = self.runtime
         params = params or self.default_params()
         with self.adapters.gate.shared():
@@ -193,7 +206,8 @@ class Assistant:
             answer = Answer(passages=as_citations(kept or []), adapter=runtime.adapter, model=runtime.model_name,
                             prompt=PromptRecord(prompt, instruction, context, runtime.prompt_format,
                                                 str(messages[-1]["content"])),
-                            left_out=len(hits or []) - len(kept or []))
+                            left_out=len(hits or []) - len(kept or []),
+                            translations=query.translations if query is not None else ())
             yield from self._stream(answer, params, stop)
 
     def stream_again(self, previous: Answer, params: GenerationParams | None = None,
@@ -202,7 +216,7 @@ class Assistant:
         runtime = self.runtime
         with self.adapters.gate.shared():
             answer = Answer(passages=previous.passages, adapter=runtime.adapter, model=runtime.model_name,
-                            prompt=previous.prompt, left_out=previous.left_out)
+                            prompt=previous.prompt, left_out=previous.left_out, translations=previous.translations)
             yield from self._stream(answer, params, stop)
 
     def _stream(self, answer: Answer, params: GenerationParams | None, stop: threading.Event | None

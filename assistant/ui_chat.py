@@ -108,7 +108,7 @@ def citation_dict(citation: Citation) -> dict:
 def record_answer(turn: dict, answer: Answer, stop: threading.Event) -> None:
     """Copy the answer so far into its turn; once it is done, also its prompt, what it cites and the checks."""
     turn.update(reasoning=answer.reasoning, answer=answer.answer, thinking_done=answer.thinking_done,
-                model=answer.model, adapter=answer.adapter)
+                model=answer.model, adapter=answer.adapter, translations=list(answer.translations))
     if answer.done:
         turn.update(done=True, stopped=stop.is_set(), prompt=asdict(answer.prompt), left_out=answer.left_out,
                     citations=[citation_dict(c) for c in answer.citations],
@@ -164,8 +164,9 @@ def turn_messages(turn: dict, index: int) -> list[gr.ChatMessage]:
             body += (f"\n\n*{count} retrieved passage{'s were' if count != 1 else ' was'} left out to fit the model's "
                      "context; lower “Max new tokens” to give passages more room.*")
         if turn["model"]:
+            also = "".join(f"; also searched as “{passage_markdown(t)}”" for t in turn.get("translations", []))
             body += (f"\n\n<small>answered by {short_model_name(turn['model'])} + adapter "
-                     f"{turn['adapter'] or 'none'}{'' if turn['retrieval'] else ', without retrieval'}</small>")
+                     f"{turn['adapter'] or 'none'}{'' if turn['retrieval'] else ', without retrieval'}{also}</small>")
         messages.append(gr.ChatMessage(content=body))
     if turn["done"]:
         for kind, title in (("citations", "Sources"), ("passages", "Retrieved, not cited")):

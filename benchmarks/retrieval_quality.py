@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", type=int, default=5, help="results per question (default 5)")
     parser.add_argument("--check", action="store_true", help="only validate the questions and corpus, then exit")
     parser.add_argument("--no-steps", action="store_true", help="leave out the table of each ranking step's gain")
-    parser.add_argument("--backend", choices=("auto", "torch", "onnx", "onnx-int8", "openvino"),
+    parser.add_argument("--backend", choices=("auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-int8"),
                         help="EMBEDDING_BACKEND of our store (default: as set, else auto)")
     args = parser.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]

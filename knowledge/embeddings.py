@@ -1,7 +1,8 @@
 """Text to vectors with a sentence-transformers model, with the query/passage prefixes it was trained on.
 
-The model runs on torch, or (``EMBEDDING_BACKEND``) exported to ONNX Runtime, ONNX Runtime int8 or OpenVINO
-(``knowledge/exported.py``: exported once per model version and cached under ``$HF_HOME/think-rag/exports``).
+The model runs on torch, or (``EMBEDDING_BACKEND``) exported to ONNX Runtime, ONNX Runtime int8, OpenVINO or
+OpenVINO int8 (``knowledge/exported.py``: exported once per model version and cached under
+``$HF_HOME/think-rag/exports``).
 """
 
 from __future__ import annotations
@@ -98,9 +99,10 @@ def _load_failure(name: str, error: OSError) -> str:
             "to a local sentence-transformers folder.")
 
 
-# The fastest CPU backend whose hit@5 on the retrieval benchmark stayed that of torch: OpenVINO, 1.54x torch
-# bf16's ingest rate on 2 idle cores; onnx-int8 lost 0.024 hit@5 in vector mode (docs/benchmarks.md, "Embedding backends").
-AUTO_CPU_BACKEND = "openvino"
+# The fastest CPU backend whose hit@5 on the retrieval benchmark stayed that of torch: OpenVINO in int8, 2.06x
+# torch bf16's encoding rate and 1.84x its ingest rate on 2 idle cores, the same hit@5 in vector and hybrid mode
+# (docs/benchmarks.md, "Embedding backends"). onnx-int8 lost 0.024 of vector-mode hit@5.
+AUTO_CPU_BACKEND = "openvino-int8"
 
 
 def resolve_backend(name: str) -> str:
@@ -113,7 +115,7 @@ def resolve_backend(name: str) -> str:
 def _exported_dtype(backend: str, name: str) -> str:
     """What the exported model computes in, for the record: OpenVINO follows EMBEDDING_DTYPE (auto: bf16 on
     CPUs with native bf16, as resolve_dtype), ONNX Runtime computes in float32 or int8."""
-    if backend == "onnx-int8":
+    if backend in ("onnx-int8", "openvino-int8"):
         return "int8"
     if backend == "onnx":
         return "float32"

@@ -15,6 +15,11 @@ folder cannot be written, the files go to a temporary folder for this process al
 - ``model-int8.onnx``: the fused graph with every MatMul's weights quantized to int8 per output channel and its
   activations quantized on the fly (ONNX Runtime's dynamic quantization; backend ``onnx-int8``). The embedding
   table stays float: quantizing it too dropped the cosine to float embeddings to 0.66 on some chunks.
+- ``model-openvino-int8.xml`` (and ``.bin``): ``model.onnx`` quantized to int8, weights and activations, by NNCF's
+  post-training quantization, its activation ranges taken from ``calibration.txt`` (backend ``openvino-int8``).
+  Two kinds of MatMul stay in OpenVINO's float: each layer's feed-forward output projection, whose inputs carry
+  the outliers BERT-like encoders are known for, and attention's two products of activations. Quantizing those
+  too ran 1.14x faster still but lost 0.024 of the benchmark's vector-mode hit@5 (docs/benchmarks.md).
 
 sentence-transformers' own ``backend="onnx"`` needs optimum-onnx, whose only release (0.1.0) wants
 transformers<4.58; and ``backend="openvino"`` needs optimum-intel, which wants transformers<5.6. Our
@@ -37,8 +42,12 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("onnx", "onnx-int8", "openvino")
-FILES = {"onnx": "model-fused.onnx", "onnx-int8": "model-int8.onnx", "openvino": "model.onnx"}
+BACKENDS = ("onnx", "onnx-int8", "openvino", "openvino-int8")
+FILES = {"onnx": "model-fused.onnx", "onnx-int8": "model-int8.onnx", "openvino": "model.onnx",
+         "openvino-int8": "model-openvino-int8.xml"}
+CALIBRATION = Path(__file__).with_name("calibration.txt")
+# MatMuls left in float by the int8 OpenVINO model (names as torch.onnx writes a BERT or XLM-R encoder's modules)
+FLOAT_MATMULS = (r".*/layer\.\d+/output/dense/MatMul", r".*/attention/self/MatMul.*")
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -46,10 +55,10 @@ Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 def export_folder(model_name: str) -> Path:
     """Where the exports of ``model_name`` are kept (see the module's docstring)."""
-    import onnxruntime
     from huggingface_hub import constants
 
-    key = hashlib.sha256(f"{_model_version(model_name)}|onnxruntime {onnxruntime.__version__}".encode())
+    tools = "|".join(f"{name} {_version(name)}" for name in ("onnxruntime", "openvino", "nncf"))
+    key = hashlib.sha256(f"{_model_version(model_name)}|{tools}".encode())
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name.rstrip("/\\").split("/")[-1])[:60]
     return Path(constants.HF_HOME) / "think-rag" / "exports" / f"{slug}-{key.hexdigest()[:16]}"
 
@@ -61,7 +70,7 @@ def load_runner(model, model_name: str, backend: str, precision: str | None = No
     exists yet. ``precision`` is OpenVINO's inference precision hint ("f32", "bf16", "f16"); None: its default.
     """
     path = _exported(model, model_name, backend)
-    if backend == "openvino":
+    if backend in ("openvino", "openvino-int8"):
         import openvino
 
         config = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
@@ -106,6 +115,9 @@ def _exported(model, model_name: str, backend: str) -> Path:
             _write(fused, lambda tmp: _fuse(plain, tmp, model))
         if backend == "onnx-int8" and not int8.exists():
             _write(int8, lambda tmp: _quantize(fused, tmp))
+        quantized = folder / FILES["openvino-int8"]
+        if backend == "openvino-int8" and not quantized.exists():
+            _write(quantized, lambda tmp: _quantize_openvino(plain, tmp, model))
         return folder / FILES[backend]
     finally:
         if lock is not None:
@@ -113,14 +125,19 @@ def _exported(model, model_name: str, backend: str) -> Path:
 
 
 def _write(path: Path, make: Callable[[Path], None]) -> None:
-    """Make the file under a temporary name and rename it, so a reader never sees half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Make the file under a temporary name and rename it, so a reader never sees half of one. An OpenVINO model
+    is two files (``.xml`` and its ``.bin`` weights): the ``.bin`` is renamed first, the ``.xml`` that names it last."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    weights, tmp_weights = path.with_suffix(".bin"), tmp.with_suffix(".bin")
     logger.info("writing %s (once per model version)", path)
     try:
         make(tmp)
+        if tmp_weights.exists():
+            os.replace(tmp_weights, weights)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        tmp_weights.unlink(missing_ok=True)
 
 
 def _export_onnx(model, path: Path) -> None:
@@ -167,6 +184,43 @@ def _quantize(source: Path, path: Path) -> None:
                          per_channel=True, extra_options={"DefaultTensorType": TensorProto.FLOAT})
     finally:
         root.setLevel(level)
+
+
+def _quantize_openvino(source: Path, path: Path, model) -> None:
+    import nncf
+    import openvino
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        AdvancedSmoothQuantParameters,
+    )
+
+    names = input_names(model)
+    texts = calibration_texts()
+    batches = [model.preprocess(texts[i:i + 16]) for i in range(0, len(texts), 16)]
+    dataset = nncf.Dataset([{name: batch[name].numpy() for name in names} for batch in batches])
+    quantized = nncf.quantize(
+        openvino.Core().read_model(str(source)), dataset, model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(batches), ignored_scope=nncf.IgnoredScope(patterns=list(FLOAT_MATMULS), validate=False),
+        # with every MatMul in int8, SmoothQuant left the least cosine to the float embeddings of 256 chunks at
+        # 0.964, and 0.977 without it
+        advanced_parameters=AdvancedQuantizationParameters(
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
+    openvino.save_model(quantized, str(path))
+
+
+def calibration_texts() -> list[str]:
+    """The paragraphs of ``calibration.txt`` (English and Japanese), in the file's order."""
+    blocks = CALIBRATION.read_text(encoding="utf-8").split("\n\n")
+    return [b.strip() for b in blocks if b.strip() and not b.lstrip().startswith("#")]
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "absent"
 
 
 def _model_version(name: str) -> str:

@@ -342,7 +342,7 @@ def test_ask_and_verify_print_json(chat_settings, tmp_path):
     ask = subprocess.run([sys.executable, "-m", "assistant", "ask", "What is the budget?", "--json"], env=env,
                          capture_output=True, text=True, check=True)
     answer = json.loads(ask.stdout)
-    assert set(answer) == {"answer", "reasoning", "citations", "passages", "support", "adapter"}
+    assert set(answer) == {"answer", "reasoning", "citations", "passages", "support", "adapter", "translations"}
     memo = {"number": 1, "source": str(tmp_path / "docs" / "memo.txt"), "page": None,
             "text": "The memo sets the budget at 4 million crowns."}
     # The random model cites nothing: the memo it was shown is a passage, not a citation.
