@@ -8,7 +8,7 @@ import sys
 
 from assistant.chat import Assistant
 from assistant.quotes import QuoteCheck
-from assistant.runtime import import_unsloth_if_used
+from engine.runtime import import_unsloth_if_used
 from errors import UserError
 from logs import quiet_third_party
 from settings import Settings
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         import_unsloth_if_used(settings)  # before the store's encoder brings in transformers
         if args.command == "serve":
-            from assistant.app import serve as serve_app
+            from assistant.ui.app import serve as serve_app
 
             return serve_app(settings, args.host, args.port, args.insecure_no_auth)
         assistant = Assistant(settings)

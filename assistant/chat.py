@@ -7,11 +7,11 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from assistant.adapter_switch import AdapterSwitch
 from assistant.citation_support import SentenceSupport, citation_support, cited_numbers
 from assistant.prompting import answer_parts, build_prompt, retrieval_query
 from assistant.query_translation import translated
-from assistant.runtime import GenerationParams, ModelRuntime, load_runtime
+from engine.adapter_switch import AdapterSwitch
+from engine.runtime import GenerationParams, ModelRuntime, load_runtime
 from errors import ModelUnavailable
 from finetune.prompts import prompt_token_ids, split_reasoning
 from knowledge import Hit, KnowledgeStore

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterator
 
 from assistant.prompting import build_prompt, neutralize
-from assistant.runtime import GenerationParams
+from engine.runtime import GenerationParams
 from knowledge.query import Query
 
 logger = logging.getLogger(__name__)

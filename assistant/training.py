@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from assistant.ui_model import READY, ModelLoader
+from assistant.model_loader import READY, ModelLoader
 from finetune import runs
 from finetune.adapters import EVAL_NAME, read_json
 from finetune.config import load_config

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from assistant.chat import Assistant, Citation, PromptRecord, as_citations
 from assistant.prompting import build_prompt, neutralize, quote_passages
 from assistant.quotes import ATTRIBUTIONS, QuoteCheck, parse_quote
-from assistant.runtime import GenerationParams
+from engine.runtime import GenerationParams
 from knowledge import Hit
 
 VERDICTS = ("supported", "refuted", "not enough evidence")

@@ -61,9 +61,9 @@ def server_done_at(db: Path, question: str, timeout: float = 300) -> float:
 def measure(settings, batched: bool, tokens: int) -> dict:
     from playwright.sync_api import expect, sync_playwright
 
-    from assistant import ui_chat
-    from assistant.app import create_server
     from assistant.chat import Assistant
+    from assistant.ui import chat as ui_chat
+    from assistant.ui.app import create_server
 
     original = ui_chat.throttled
     if not batched:

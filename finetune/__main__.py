@@ -112,7 +112,7 @@ def _pairs_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from assistant.chat import Assistant
-    from assistant.runtime import import_unsloth_if_used
+    from engine.runtime import import_unsloth_if_used
     from finetune.adapters import read_adapter
     from finetune.pair_generation import PairGenerationConfig, generate_pairs, read_questions
     from settings import Settings

@@ -160,7 +160,7 @@ def evaluate_model(model, tokenizer, name: str, prompts: list[EvalPrompt], pairs
 def load_base(model_name: str, engine: str | None = None):
     """The base model and tokenizer, loaded as the app serves it (``LocalRuntime``: LOCAL_ENGINE and
     LOAD_IN_4BIT from the environment, ``engine`` overriding the first), without its adapters."""
-    from assistant.runtime import LocalRuntime
+    from engine.runtime import LocalRuntime
     from settings import Settings
 
     overrides = {"local_engine": engine} if engine else {}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from assistant.chat import Assistant
 from assistant.prompting import answer_parts, build_prompt, quote_passages
-from assistant.runtime import GenerationParams
+from engine.runtime import GenerationParams
 from finetune.data import DataError, read_json_rows
 from finetune.metrics import CompletionScore, score_completion, split_completion
 from finetune.pairs_store import Completion, PairsStore, is_pairs_store

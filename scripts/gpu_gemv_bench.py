@@ -1,5 +1,5 @@
 """The linear layers of one decode token, alone, on the GPU: bf16, bitsandbytes nf4, and our GEMVs on the same nf4
-bytes: the Triton one (``assistant/gemv_4bit.py``) and the tensor-core one (``assistant/gemv_4bit_mma.py``).
+bytes: the Triton one (``engine/kernels/gemv_4bit.py``) and the tensor-core one (``engine/kernels/gemv_4bit_mma.py``).
 
     python scripts/gpu_gemv_bench.py --shape 14b --out results.jsonl
 
@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from assistant import gemv_4bit_mma  # noqa: E402
-from assistant.fast_decode import GROUPS, PROJECTIONS  # noqa: E402
-from assistant.gemv_4bit import CANDIDATES, GemvConfig, Nf4Weight, gemv  # noqa: E402
-from assistant.triton_runtime import graph_ms  # noqa: E402
+from engine.fast_decode import GROUPS, PROJECTIONS  # noqa: E402
+from engine.kernels import gemv_4bit_mma  # noqa: E402
+from engine.kernels.gemv_4bit import CANDIDATES, GemvConfig, Nf4Weight, gemv  # noqa: E402
+from engine.kernels.triton_runtime import graph_ms  # noqa: E402
 from scripts.gpu_generation_bench import SHAPES, copy_bandwidth  # noqa: E402
 
 

@@ -196,7 +196,7 @@ def measure(model: str, engine: str, four_bit: bool, prompt_tokens: int, new_tok
     import torch
     from transformers import AutoTokenizer
 
-    from assistant.runtime import GenerationParams, LocalRuntime, OpenAIRuntime
+    from engine.runtime import GenerationParams, LocalRuntime, OpenAIRuntime
     from settings import Settings
 
     common = dict(chat_model=model, load_in_4bit=four_bit, adapter_dir=Path("/nonexistent"), fast_decode=fast_decode)

@@ -35,7 +35,7 @@ def main() -> None:
     from gpu_generation_bench import retrieval_prompt
     from transformers import TextIteratorStreamer
 
-    from assistant.runtime import GenerationParams, LocalRuntime
+    from engine.runtime import GenerationParams, LocalRuntime
     from finetune.prompts import prompt_token_ids
     from settings import Settings
 

@@ -85,7 +85,7 @@ class MemorySampler:
 
 def chat_loop(assistant, stop: threading.Event, log: list[dict]) -> None:
     """Ask question after question, as users would, recording what each got."""
-    from assistant.runtime import GenerationParams
+    from engine.runtime import GenerationParams
     from errors import UserError
 
     params = GenerationParams(max_new_tokens=48, temperature=0.0)
@@ -112,8 +112,8 @@ def pairs_file(path: Path, n: int = 40) -> Path:
 
 def run_mode(mode: str, work: Path, model: Path, engine: str, cap_gb: float, steps: int) -> dict:
     from assistant.chat import Assistant
+    from assistant.model_loader import READY, ModelLoader
     from assistant.training import TrainingControl
-    from assistant.ui_model import READY, ModelLoader
     from finetune import runs
     from settings import Settings
 
@@ -195,7 +195,7 @@ def main() -> int:
         engine, yaml_values = "transformers", dict(backend="hf", four_bit="false", checkpointing="false",
                                                    optim="adamw_torch", precision="fp32")
     else:
-        from assistant.runtime import import_unsloth_if_used
+        from engine.runtime import import_unsloth_if_used
         from scripts.gpu_generation_bench import build
         from settings import Settings
 

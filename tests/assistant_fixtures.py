@@ -122,8 +122,8 @@ def wait_for_model(url: str, timeout: float = 120) -> dict:
 @contextlib.contextmanager
 def running_app(settings, embedder, runtime=None, auth=None, documents: list[Path] = ()) -> Iterator[str]:
     """The whole app (FastAPI + Gradio, as `serve` runs it) on loopback, with `documents` in its store."""
-    from assistant.app import create_server
     from assistant.chat import Assistant
+    from assistant.ui.app import create_server
     from knowledge import KnowledgeStore
 
     store = KnowledgeStore(settings, embedder=embedder)

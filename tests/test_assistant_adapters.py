@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
-from assistant.adapter_switch import CHOICE_NAME, AdapterError
 from assistant.chat import Assistant
-from assistant.runtime import GenerationParams
+from engine.adapter_switch import CHOICE_NAME, AdapterError
+from engine.runtime import GenerationParams
 from finetune.adapters import EVAL_NAME, list_adapters, newest_usable
 from settings import Settings
 from tests.assistant_fixtures import (

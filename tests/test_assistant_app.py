@@ -13,11 +13,11 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 
-from assistant import app as app_module
-from assistant.app import bind_refusal, parse_auth, serve
 from assistant.chat import Assistant
-from assistant.runtime import TINY_MODEL_HINT, GenerationParams
-from assistant.ui_chat import (
+from assistant.model_loader import ModelLoader
+from assistant.ui import app as app_module
+from assistant.ui.app import bind_refusal, parse_auth, serve
+from assistant.ui.chat import (
     NO_ANSWER,
     THINKING,
     THINKING_OPEN_ENDED,
@@ -27,9 +27,9 @@ from assistant.ui_chat import (
     new_turn,
     turn_messages,
 )
-from assistant.ui_knowledge import NOT_UPLOADED, safe_upload_name, save_uploads
-from assistant.ui_model import ModelLoader
-from assistant.ui_verify import NO_CASE
+from assistant.ui.knowledge import NOT_UPLOADED, safe_upload_name, save_uploads
+from assistant.ui.verify import NO_CASE
+from engine.runtime import TINY_MODEL_HINT, GenerationParams
 from settings import Settings, SettingsError
 from tests.assistant_fixtures import (
     ADAPTER_NAME,
@@ -407,7 +407,7 @@ def test_a_stopped_app_leaves_no_upload_in_gradios_cache(tmp_path, minilm_path, 
 
 
 def test_a_stopped_app_removes_its_conversation_exports(tmp_path, minilm_path, embedder):
-    from assistant.app import create_server
+    from assistant.ui.app import create_server
     from knowledge import KnowledgeStore
     from tests.assistant_fixtures import serving
 
@@ -430,7 +430,7 @@ def test_page_comes_up_while_the_model_is_still_loading(tmp_path, minilm_path, e
             gate.wait(30)
             return super().runtime
 
-    from assistant.app import create_server
+    from assistant.ui.app import create_server
     from knowledge import KnowledgeStore
     from tests.assistant_fixtures import serving
 

@@ -160,8 +160,8 @@ def test_two_turns_of_a_conversation_leave_one_export_file(browser, tmp_path, mi
                                                           app_adapter_dir):
     from playwright.sync_api import expect
 
-    from assistant.app import create_server
     from assistant.chat import Assistant
+    from assistant.ui.app import create_server
     from knowledge import KnowledgeStore
 
     settings = app_settings(tmp_path, minilm_path, tiny_model_dir, app_adapter_dir)

@@ -6,9 +6,9 @@ import pytest
 
 from assistant.chat import Assistant
 from assistant.citation_support import citation_support, cited_numbers, cited_sentences
-from assistant.runtime import GenerationParams
-from assistant.ui_chat import UNCITED, turn_messages
+from assistant.ui.chat import UNCITED, turn_messages
 from assistant.verify import verify
+from engine.runtime import GenerationParams
 from tests.assistant_fixtures import ScriptedRuntime
 
 PUMP = "The Borealis pump moves 40 litres per minute and ships from Tromsø."

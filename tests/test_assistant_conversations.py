@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from assistant.conversations import ConversationError, ConversationStore, default_title
-from assistant.ui_conversations import reopened
+from assistant.ui.conversations import reopened
 
 
 def turn(question: str, done: bool = True) -> dict:

@@ -18,8 +18,8 @@ import pytest
 
 from assistant.chat import Assistant
 from assistant.prompting import answer_prompt, retrieval_query
-from assistant.runtime import GenerationParams, LocalRuntime, ModelUnavailable, OpenAIRuntime
 from assistant.verify import parse_judgement, stream_verification, verify
+from engine.runtime import GenerationParams, LocalRuntime, ModelUnavailable, OpenAIRuntime
 from finetune.adapters import newest_usable
 from finetune.prompts import prompt_token_ids
 from knowledge import Hit
@@ -394,7 +394,7 @@ def test_batched_completions_answer_with_the_model_in_use(chat_settings, tiny_mo
 
 def test_a_fast_stream_reaches_the_page_as_batched_updates_ending_with_the_whole_answer():
     from assistant.chat import Answer
-    from assistant.ui_chat import throttled
+    from assistant.ui.chat import throttled
 
     def tokens():
         answer = Answer()
@@ -426,7 +426,7 @@ def test_an_answer_is_bounded_by_what_the_context_leaves_after_the_prompt(chat_s
 
 
 def test_a_passage_shows_its_markdown_marks_as_written_and_no_html():
-    from assistant.ui_markdown import passage_markdown
+    from assistant.ui.markdown import passage_markdown
 
     assert passage_markdown("# Harbour\n  > quoted\nA <b>bold</b> claim # not a heading") == \
         "\\# Harbour\n  &gt; quoted\nA &lt;b&gt;bold&lt;/b&gt; claim # not a heading"
@@ -435,7 +435,7 @@ def test_a_passage_shows_its_markdown_marks_as_written_and_no_html():
 def test_passages_are_left_out_until_the_prompt_leaves_the_answer_its_room(chat_settings, store, tmp_path):
     from dataclasses import replace
 
-    from assistant.ui_chat import new_turn, turn_messages
+    from assistant.ui.chat import new_turn, turn_messages
 
     for number in range(4):
         (tmp_path / f"pump-{number}.txt").write_text(f"Pump {number} of the Borealis line moves forty litres. " * 6)

@@ -8,8 +8,8 @@ import pytest
 
 from assistant.chat import Assistant
 from assistant.feedback import FeedbackStore, answer_completion
-from assistant.runtime import GenerationParams
 from assistant.verify import verify
+from engine.runtime import GenerationParams
 from finetune.pairs_store import PairsStore, PairsStoreError
 from tests.assistant_fixtures import ScriptedRuntime
 

@@ -120,6 +120,6 @@ def test_a_refused_action_logs_one_line_not_a_traceback(feedback_app, capfd, cap
     capfd.readouterr()
     with pytest.raises(Exception, match="only one answer to this question"):
         client.predict(0, "new", api_name="/pick")
-    [refused] = [r for r in caplog.records if r.name == "assistant.ui_errors"]
+    [refused] = [r for r in caplog.records if r.name == "assistant.ui.errors"]
     assert refused.getMessage().startswith("refused: There is only one answer to this question")
     assert "Traceback" not in capfd.readouterr().err

@@ -14,8 +14,8 @@ import pytest
 
 from assistant.chat import Assistant
 from assistant.query_translation import TRANSLATION_TOKENS, target_language, translated, translation_prompt
-from assistant.runtime import GenerationParams
-from assistant.ui_chat import new_turn, record_answer, turn_messages
+from assistant.ui.chat import new_turn, record_answer, turn_messages
+from engine.runtime import GenerationParams
 from finetune.prompts import split_reasoning
 from knowledge.query import Query
 from tests.assistant_fixtures import ScriptedRuntime

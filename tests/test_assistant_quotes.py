@@ -9,9 +9,9 @@ import pytest
 
 from assistant.chat import Assistant
 from assistant.quotes import AttributedQuote, parse_quote
-from assistant.runtime import GenerationParams
-from assistant.ui_verify import quote_markdown
+from assistant.ui.verify import quote_markdown
 from assistant.verify import verify
+from engine.runtime import GenerationParams
 from knowledge import KnowledgeStore
 from knowledge.records import source_key
 from settings import Settings

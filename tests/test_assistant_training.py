@@ -206,7 +206,7 @@ def test_the_check_before_a_run_counts_previews_and_sizes_it_by_epochs(train_app
 def test_start_with_no_pairs_is_refused_at_once_and_says_where_pairs_come_from(tmp_path, minilm_path, embedder,
                                                                                 tiny_model_dir):
     from assistant.training import TrainingControl
-    from assistant.ui_train import TrainTab
+    from assistant.ui.train import TrainTab
     from finetune.pairs_store import PairsStore
 
     settings = app_settings(tmp_path, minilm_path, tiny_model_dir, tmp_path / "adapters")
@@ -220,7 +220,7 @@ def test_start_with_no_pairs_is_refused_at_once_and_says_where_pairs_come_from(t
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "finetune" / "configs").glob("[!a]*.yaml")))
 def test_every_shipped_config_fills_the_form_within_its_bounds(config):
-    from assistant.ui_train import form_values
+    from assistant.ui.train import form_values
 
     steps, epochs, learning_rate, beta, rank = form_values(f"finetune/configs/{config}")
     assert steps >= 0 and epochs > 0 and learning_rate > 0 and beta > 0 and rank >= 1
@@ -235,7 +235,7 @@ def test_a_few_pairs_are_held_out_where_a_share_would_hold_none():
 def test_the_rewards_chart_leaves_room_above_the_accuracy_line_and_steps_are_whole():
     import pandas as pd
 
-    from assistant.ui_train import REWARD_SERIES, curves, reward_plot
+    from assistant.ui.train import REWARD_SERIES, curves, reward_plot
 
     log = [{"step": s, "rewards/chosen": -0.6, "rewards/rejected": -0.7, "rewards/margins": 0.1,
             "rewards/accuracies": 1.0} for s in (1, 2)]

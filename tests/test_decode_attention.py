@@ -1,5 +1,5 @@
 """Attention over the written positions of the cache, the new token's rotary embedding and cache write included
-(assistant/decode_attention.py), run by Triton's interpreter on the CPU, against the eager rotary and plain
+(engine/kernels/decode_attention.py), run by Triton's interpreter on the CPU, against the eager rotary and plain
 softmax attention; and the whole-cache masked attention the fast decode step falls back to, against the same."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from assistant.decode_attention import TILINGS, AttentionTiling, DecodeAttention
-from assistant.fast_decode import attend, rotate_and_store
+from engine.fast_decode import attend, rotate_and_store
+from engine.kernels.decode_attention import TILINGS, AttentionTiling, DecodeAttention
 
 
 def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: int) -> torch.Tensor:

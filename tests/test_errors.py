@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from assistant.chat import Assistant
-from assistant.runtime import ModelUnavailable
+from engine.runtime import ModelUnavailable
 from errors import UserError
 from finetune.__main__ import main as finetune_main
 from finetune.config import ConfigError
@@ -141,9 +141,9 @@ def test_ask_json_stays_json_when_an_adapter_of_another_model_is_skipped(tmp_pat
 
 
 def test_chat_and_verify_tabs_show_an_embedding_model_that_cannot_load(tmp_path, tiny_model_dir):
-    from assistant.ui_chat import ChatTab
-    from assistant.ui_model import ModelLoader
-    from assistant.ui_verify import VerifyTab
+    from assistant.model_loader import ModelLoader
+    from assistant.ui.chat import ChatTab
+    from assistant.ui.verify import VerifyTab
 
     settings = app_settings(tmp_path, "/nonexistent", tiny_model_dir, tmp_path / "adapters")
     assistant = Assistant(settings)

@@ -1,4 +1,4 @@
-"""The fast decode path (assistant/fast_decode.py) on CPU: the same loop and static cache as on a GPU, without
+"""The fast decode path (engine/fast_decode.py) on CPU: the same loop and static cache as on a GPU, without
 graph capture, checked token for token against transformers' generate on a tiny model trained on real text."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from assistant.runtime import GenerationParams, LocalRuntime
+from engine.runtime import GenerationParams, LocalRuntime
 from settings import Settings
 from tests.assistant_fixtures import save_adapter
 
@@ -52,7 +52,7 @@ def test_a_decode_step_that_differs_from_the_model_is_refused_at_start(trained_t
 
     from transformers import AutoModelForCausalLM
 
-    from assistant.fast_decode import FastDecoder
+    from engine.fast_decode import FastDecoder
 
     model = AutoModelForCausalLM.from_pretrained(trained_tiny_model_dir).eval()
     decoder = FastDecoder(model, 64, {0}, contextlib.nullcontext)
@@ -93,7 +93,7 @@ def test_fast_decode_stops_at_max_new_tokens_and_when_asked(trained_tiny_model_d
 
 
 def test_sampling_draws_from_the_top_p_mass_only():
-    from assistant.fast_decode import choose_sampled
+    from engine.fast_decode import choose_sampled
 
     torch.manual_seed(0)
     logits = torch.tensor([[4.0, 2.0, 1.0, 0.0]])  # about 0.84, 0.11, 0.04, 0.02
@@ -111,7 +111,7 @@ def test_sampled_answers_stream_and_vary(trained_tiny_model_dir):
 def test_an_unsupported_architecture_takes_the_standard_path(capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from assistant.fast_decode import start_fast_decoder
+    from engine.fast_decode import start_fast_decoder
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
     assert start_fast_decoder(model, 64, {0}, lambda: torch.no_grad()) is None

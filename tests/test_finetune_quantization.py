@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from assistant import runtime
+from engine import runtime
 from finetune import hf_backend
 from finetune.config import TrainConfig
 from settings import Settings

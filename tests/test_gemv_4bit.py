@@ -1,4 +1,4 @@
-"""The Triton GEMV on bitsandbytes 4-bit weights (assistant/gemv_4bit.py), run on CPU by Triton's interpreter
+"""The Triton GEMV on bitsandbytes 4-bit weights (engine/kernels/gemv_4bit.py), run on CPU by Triton's interpreter
 (tests/conftest.py sets TRITON_INTERPRET):
 the same kernel the GPU compiles, its indexing checked against bitsandbytes' own product, and the fast decode
 path on a 4-bit model checked token for token against generate."""
@@ -10,8 +10,8 @@ import contextlib
 import pytest
 import torch
 
-from assistant.fast_decode import PROJECTIONS, FastDecoder
-from assistant.gemv_4bit import GemvConfig, Nf4Weight, gemv
+from engine.fast_decode import PROJECTIONS, FastDecoder
+from engine.kernels.gemv_4bit import GemvConfig, Nf4Weight, gemv
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -104,7 +104,7 @@ def greedy_answers(model, tokenizer, decoder: FastDecoder | None) -> list[list[i
 def test_a_4bit_model_decodes_through_the_gemv_as_generate_does(trained_tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from assistant.fast_decode import _Nf4Rows
+    from engine.fast_decode import _Nf4Rows
 
     tokenizer = AutoTokenizer.from_pretrained(trained_tiny_model_dir)
     model = four_bit_model(trained_tiny_model_dir)

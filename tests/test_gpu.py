@@ -15,7 +15,7 @@ import torch
 if torch.cuda.is_available():
     import unsloth  # noqa: F401 - before transformers, as Unsloth requires
 
-from assistant.runtime import GenerationParams, LocalRuntime  # noqa: E402
+from engine.runtime import GenerationParams, LocalRuntime  # noqa: E402
 from finetune.prompts import prompt_token_ids  # noqa: E402
 from finetune.train import train  # noqa: E402
 from settings import Settings  # noqa: E402
@@ -92,8 +92,8 @@ def test_fast_decode_logits_match_the_eager_forward_on_the_1_5b_shape(with_adapt
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from assistant.adapter_merge import MergedAdapter
-    from assistant.fast_decode import FastDecoder
+    from engine.adapter_merge import MergedAdapter
+    from engine.fast_decode import FastDecoder
     from scripts.gpu_generation_bench import SHAPES
 
     torch.manual_seed(0)
@@ -140,8 +140,8 @@ def test_overlapping_launches_decode_exactly_as_launches_one_after_another_on_cu
     before the kernel before it has written it would change them."""
     from transformers import BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from assistant import dependent_launch, gemv_4bit_mma
-    from assistant.fast_decode import FastDecoder
+    from engine.fast_decode import FastDecoder
+    from engine.kernels import dependent_launch, gemv_4bit_mma
     from scripts.gpu_generation_bench import SHAPES
 
     if not dependent_launch.supported(torch.device("cuda")):
@@ -177,8 +177,8 @@ def test_the_tensor_core_gemv_multiplies_as_bitsandbytes_on_cuda(out_features, i
     blocks) the last pair of blocks that a thread of the wide-load kernel reads, too."""
     import bitsandbytes as bnb
 
-    from assistant import gemv_4bit_mma
-    from assistant.gemv_4bit import Nf4Weight
+    from engine.kernels import gemv_4bit_mma
+    from engine.kernels.gemv_4bit import Nf4Weight
 
     torch.manual_seed(out_features)
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=True, compute_dtype=torch.bfloat16,
@@ -213,8 +213,8 @@ def test_every_attention_tiling_attends_as_softmax_attention_does_on_cuda():
     copied, nothing else touched."""
     import math
 
-    from assistant.decode_attention import TILINGS, DecodeAttention
-    from assistant.rotary_store import rotate_and_store
+    from engine.kernels.decode_attention import TILINGS, DecodeAttention
+    from engine.kernels.rotary_store import rotate_and_store
     from tests.test_decode_attention import reference
 
     torch.manual_seed(0)
@@ -243,8 +243,8 @@ def test_the_residual_norm_program_rounds_as_the_formula_does_on_cuda():
     steps of the formula's (the two differ only in the order the squares are summed and in the rsqrt, which can
     flip the rounding of the normalised value, then multiplied by a weight up to 1.5 and rounded again), and no
     further from the float64 norm than the formula is."""
-    from assistant.fast_decode import add_rms_norm as eager
-    from assistant.residual_norm import add_rms_norm as fused
+    from engine.fast_decode import add_rms_norm as eager
+    from engine.kernels.residual_norm import add_rms_norm as fused
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -263,8 +263,8 @@ def test_the_residual_norm_program_rounds_as_the_formula_does_on_cuda():
 def test_the_fused_rotary_kernel_rounds_once_on_cuda():
     """bf16 on the GPU (Triton's interpreter on the CPU computes bf16 wrongly): each value within half a bf16
     rounding step of the exact rotation (the eager formula rounds three times), the value copied exactly."""
-    from assistant.fast_decode import rotate_and_store as eager
-    from assistant.rotary_store import rotate_and_store as fused
+    from engine.fast_decode import rotate_and_store as eager
+    from engine.kernels.rotary_store import rotate_and_store as fused
 
     torch.manual_seed(0)
     heads, kv_heads, head_dim, max_len = 40, 8, 128, 64

@@ -1,4 +1,4 @@
-"""The decode step's residual sum and RMSNorm in one Triton program (assistant/residual_norm.py), run by Triton's
+"""The decode step's residual sum and RMSNorm in one Triton program (engine/kernels/residual_norm.py), run by Triton's
 interpreter on the CPU, against the formula it replaces, in float32 (bf16, which the interpreter computes wrongly,
 is tested on the GPU: tests/test_gpu.py)."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from assistant.fast_decode import add_rms_norm as eager
-from assistant.residual_norm import add_rms_norm as fused
+from engine.fast_decode import add_rms_norm as eager
+from engine.kernels.residual_norm import add_rms_norm as fused
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 64), (1, 1, 80), (3, 2, 96)])  # 80, 96: rows no power of two long

@@ -1,4 +1,4 @@
-"""The decode step's fused rotary embedding and cache write (assistant/rotary_store.py), run by Triton's
+"""The decode step's fused rotary embedding and cache write (engine/kernels/rotary_store.py), run by Triton's
 interpreter on the CPU, against the eager formula it replaces: in float32 the same numbers, written in the same
 places (bf16, which the interpreter computes wrongly, is tested on the GPU: tests/test_gpu.py)."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from assistant.fast_decode import rotate_and_store as eager
-from assistant.rotary_store import rotate_and_store as fused
+from engine.fast_decode import rotate_and_store as eager
+from engine.kernels.rotary_store import rotate_and_store as fused
 
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim, position", [

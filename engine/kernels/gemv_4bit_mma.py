@@ -1,6 +1,6 @@
 """One token's product with bitsandbytes nf4 weights on the tensor cores: a CUDA kernel compiled at load.
 
-The Triton GEMV (assistant/gemv_4bit.py) spends about six instructions on each weight (a code's value read from
+The Triton GEMV (engine/kernels/gemv_4bit.py) spends about six instructions on each weight (a code's value read from
 memory, converted, multiplied, summed) and so reads its weights at a fifth of the memory bandwidth. Here a warp
 turns two codes at once into their two bf16 values with one shared-memory read, from a table of the 256 byte
 values replicated for each of the 32 lanes (no bank conflicts), and lets the tensor cores multiply and sum:
@@ -32,8 +32,8 @@ from functools import cache
 
 import torch
 
-from assistant import dependent_launch
-from assistant.gemv_4bit import Nf4Weight
+from engine.kernels import dependent_launch
+from engine.kernels.gemv_4bit import Nf4Weight
 
 BLOCKSIZE = 64  # elements per absmax block the kernel handles
 ROWS = 16  # rows per thread block: the mma's M

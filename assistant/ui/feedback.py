@@ -15,8 +15,7 @@ import gradio as gr
 
 from assistant.chat import Answer, Citation, PromptRecord
 from assistant.feedback import FeedbackStore, Saved, completion
-from assistant.runtime import GenerationParams
-from assistant.ui_chat import (
+from assistant.ui.chat import (
     EARLIER_NO_ANSWER,
     ChatTab,
     chat_messages,
@@ -26,9 +25,10 @@ from assistant.ui_chat import (
     throttled,
     turn_messages,
 )
-from assistant.ui_errors import Refusal
-from assistant.ui_verify import VerifyTab
+from assistant.ui.errors import Refusal
+from assistant.ui.verify import VerifyTab
 from assistant.verify import VERDICTS
+from engine.runtime import GenerationParams
 from errors import UserError
 from finetune.pairs_store import Change
 

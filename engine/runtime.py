@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from assistant.adapter_switch import AdapterError, chosen_adapter
+from engine.adapter_switch import AdapterError, chosen_adapter
 from errors import ModelUnavailable, PromptTooLong
 from finetune.adapters import AdapterEntry
 from finetune.prompts import prompt_token_ids
@@ -93,8 +93,8 @@ class LocalRuntime:
                 self._activate(adapter)
             except AdapterError as e:
                 raise ModelUnavailable(str(e)) from None
-        self.decoder = None  # assistant.fast_decode.FastDecoder when the fast path runs
-        self._merged = None  # assistant.adapter_merge.MergedAdapter when adapters are merged for it
+        self.decoder = None  # engine.fast_decode.FastDecoder when the fast path runs
+        self._merged = None  # engine.adapter_merge.MergedAdapter when adapters are merged for it
         auto = self.device.type == "cuda"
         if settings.fast_decode == "on" or (settings.fast_decode == "auto" and auto):
             self._generator.submit(self._start_fast_decode).result()  # compiled and captured on its own thread
@@ -103,10 +103,10 @@ class LocalRuntime:
                   f"on {self.device.type} with the {self.engine} engine", file=sys.stderr, flush=True)
 
     def _start_fast_decode(self) -> None:
-        """The fast decode path (assistant/fast_decode.py): bf16 weights take the active adapter merged in,
+        """The fast decode path (engine/fast_decode.py): bf16 weights take the active adapter merged in,
         other weights (4-bit) run its LoRA layers inside the captured step."""
-        from assistant.adapter_merge import MergedAdapter, can_merge
-        from assistant.fast_decode import start_fast_decoder
+        from engine.adapter_merge import MergedAdapter, can_merge
+        from engine.fast_decode import start_fast_decoder
 
         if can_merge(self.model):
             self._merged = MergedAdapter()

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from assistant.triton_runtime import triton
+from engine.kernels.triton_runtime import triton
 
 _overlapping = False  # set while a decode step is captured with the attribute (one capture at a time)
 

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from assistant.chat import Assistant
-from assistant.runtime import TINY_MODEL_HINT, ModelRuntime
+from engine.runtime import TINY_MODEL_HINT, ModelRuntime
 from errors import UserError
 
 LOADING, READY, UNAVAILABLE, UNLOADED = "loading", "ready", "unavailable", "unloaded"

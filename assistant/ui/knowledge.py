@@ -20,8 +20,8 @@ import gradio as gr
 from gradio.data_classes import FileData, ListFiles
 from gradio.utils import get_upload_folder
 
-from assistant.ui_errors import Refusal
-from assistant.ui_markdown import passage_markdown
+from assistant.ui.errors import Refusal
+from assistant.ui.markdown import passage_markdown
 from errors import UserError
 from knowledge import KnowledgeStore
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import gradio as gr
 
 from assistant.conversations import ConversationError, ConversationStore
-from assistant.ui_chat import ChatTab, chat_messages, request_user
-from assistant.ui_errors import Refusal
+from assistant.ui.chat import ChatTab, chat_messages, request_user
+from assistant.ui.errors import Refusal
 
 # The browser keeps only the open conversation's id, encrypted with this key; the id is a random UUID and the
 # store answers only its owner, so a fixed key (the same after an app restart) gives nothing away.

@@ -9,9 +9,9 @@ from collections import OrderedDict
 import gradio as gr
 
 from assistant.chat import Assistant, Citation
+from assistant.model_loader import ModelLoader, with_hint
 from assistant.quotes import QuoteCheck
-from assistant.ui_markdown import passage_markdown
-from assistant.ui_model import ModelLoader, with_hint
+from assistant.ui.markdown import passage_markdown
 from assistant.verify import Verification, stream_verification
 from errors import ModelUnavailable, UserError
 from knowledge import StoreError

@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from assistant.feedback import FeedbackStore
-from assistant.ui_errors import Refusal
+from assistant.ui.errors import Refusal
 from errors import UserError
 from finetune.pairs_store import StoredPair, write_export
 

@@ -30,16 +30,16 @@ from starlette.routing import Mount
 from assistant.chat import Assistant
 from assistant.conversations import ConversationStore
 from assistant.feedback import FeedbackStore
+from assistant.model_loader import LOADING, ModelLoader
 from assistant.training import TrainingControl
-from assistant.ui_adapters import AdaptersTab
-from assistant.ui_chat import ChatTab
-from assistant.ui_conversations import ConversationsPanel
-from assistant.ui_feedback import ChatFeedback, VerdictCorrection
-from assistant.ui_knowledge import KnowledgeTab
-from assistant.ui_model import LOADING, ModelLoader
-from assistant.ui_pairs import PairsTab
-from assistant.ui_train import TrainTab
-from assistant.ui_verify import VerifyTab
+from assistant.ui.adapters import AdaptersTab
+from assistant.ui.chat import ChatTab
+from assistant.ui.conversations import ConversationsPanel
+from assistant.ui.feedback import ChatFeedback, VerdictCorrection
+from assistant.ui.knowledge import KnowledgeTab
+from assistant.ui.pairs import PairsTab
+from assistant.ui.train import TrainTab
+from assistant.ui.verify import VerifyTab
 from errors import UserError
 from finetune.pairs_store import PairsStore
 from knowledge import StoreError

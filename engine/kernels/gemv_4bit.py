@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from assistant.triton_runtime import graph_ms, triton
+from engine.kernels.triton_runtime import graph_ms, triton
 
 if triton is not None:
     import triton.language as tl

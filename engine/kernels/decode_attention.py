@@ -10,7 +10,7 @@ attended by its own program for one key-value head and the query heads that shar
 runs. The runs grow with the position, so every position keeps the same programs in flight (a fixed run length
 leaves most of the GPU idle early in the cache, and merges many runs late in it); how many trades programs in
 flight against runs to merge: the fast decode path times the TILINGS at load. The rotary embedding is computed in
-float32 and rounded once, as assistant/rotary_store.py (the step's kernel where the whole cache is attended) does.
+float32 and rounded once, as engine/kernels/rotary_store.py (the step's kernel where the whole cache is attended) does.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from assistant import dependent_launch
-from assistant.triton_runtime import triton
+from engine.kernels import dependent_launch
+from engine.kernels.triton_runtime import triton
 
 if triton is not None:
     import triton.language as tl
@@ -86,7 +86,7 @@ if triton is not None:
     @triton.jit
     def _rotated(x_ptr, at, dims, cos, sin, HEAD_DIM: tl.constexpr, mask):
         """Rotary embedding of the rows of head_dim values at ``x_ptr + at``: x * cos + rotate_half(x) * sin in
-        float32, rounded once to x's dtype (as assistant/rotary_store.py)."""
+        float32, rounded once to x's dtype (as engine/kernels/rotary_store.py)."""
         half = HEAD_DIM // 2
         x = tl.load(x_ptr + at + dims[None, :], mask=mask, other=0.0)
         partner = tl.load(x_ptr + at + ((dims + half) % HEAD_DIM)[None, :], mask=mask, other=0.0).to(tl.float32)

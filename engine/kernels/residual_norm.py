@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from assistant import dependent_launch
-from assistant.triton_runtime import triton
+from engine.kernels import dependent_launch
+from engine.kernels.triton_runtime import triton
 
 if triton is not None:
     import triton.language as tl

@@ -23,9 +23,9 @@ import gradio as gr
 
 from assistant.chat import Answer, Assistant, Citation
 from assistant.conversations import ConversationStore, new_conversation_id
-from assistant.runtime import GenerationParams
-from assistant.ui_markdown import passage_markdown
-from assistant.ui_model import ModelLoader, public_model_name, short_model_name, with_hint
+from assistant.model_loader import ModelLoader, public_model_name, short_model_name, with_hint
+from assistant.ui.markdown import passage_markdown
+from engine.runtime import GenerationParams
 from errors import ModelUnavailable, UserError
 from knowledge import StoreError
 from knowledge.embeddings import EmbeddingModelError
@@ -360,6 +360,6 @@ class ChatTab:
                            [chatbot, turns, export, conversation, *remembered], queue=False,
                            api_visibility="private")
                    for trigger in (new_chat.click, chatbot.clear)]
-        # What the feedback controls (assistant/ui_feedback.py) act on, and the events they follow.
+        # What the feedback controls (assistant/ui/feedback.py) act on, and the events they follow.
         self.chatbot, self.turns, self.temperature, self.max_new_tokens = chatbot, turns, temperature, max_new_tokens
         self.answered, self.cleared, self.conversation, self.export_button = answered, cleared, conversation, export

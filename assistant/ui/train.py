@@ -12,10 +12,10 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from assistant.model_loader import ModelLoader
 from assistant.training import ROOT, TrainingControl, config_path
-from assistant.ui_errors import Refusal
-from assistant.ui_knowledge import gradio_upload_folder, is_file_inside, upload_box
-from assistant.ui_model import ModelLoader
+from assistant.ui.errors import Refusal
+from assistant.ui.knowledge import gradio_upload_folder, is_file_inside, upload_box
 from errors import UserError
 from finetune import runs
 from finetune.config import load_config

@@ -7,14 +7,14 @@ whole prompt (the products of the step below, attention by PyTorch's fused kerne
 `torch.compile` for any prompt length), its keys and values written straight into a cache of fixed size
 (CONTEXT_LENGTH), and every further token is one replay of a graph captured once: the decoder layers written
 out for batch 1 (bf16 weights read directly, q/k/v and gate/up each as one product; bitsandbytes 4-bit weights
-on their own bytes through a tensor-core GEMV compiled at load (assistant/gemv_4bit_mma.py), a Triton GEMV
-(assistant/gemv_4bit.py) or bitsandbytes' kernel, with the LoRA products beside them; other layers called as
+on their own bytes through a tensor-core GEMV compiled at load (engine/kernels/gemv_4bit_mma.py), a Triton GEMV
+(engine/kernels/gemv_4bit.py) or bitsandbytes' kernel, with the LoRA products beside them; other layers called as
 the model's own modules), rotary embedding, the cache writes and attention over the positions written so far in
-Triton kernels (assistant/decode_attention.py; or rotary and the writes in one kernel, assistant/rotary_store.py,
-and the whole cache masked), the residual sums and norms in one program each (assistant/residual_norm.py), the
+Triton kernels (engine/kernels/decode_attention.py; or rotary and the writes in one kernel, engine/kernels/rotary_store.py,
+and the whole cache masked), the residual sums and norms in one program each (engine/kernels/residual_norm.py), the
 other small operations fused by `torch.compile`, and the choice of the next token (greedy, or
 temperature and top-p) inside the same graph; on Hopper, our kernels launch overlapping the one before them
-(assistant/dependent_launch.py) where the captured step is timed faster so. The host only reads each token
+(engine/kernels/dependent_launch.py) where the captured step is timed faster so. The host only reads each token
 back, one step behind the GPU, so the GPU never waits on Python. Where several ways exist, the GPU times them at
 load and the fastest is kept.
 
@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from assistant import dependent_launch, residual_norm, rotary_store
-from assistant.triton_runtime import graph_ms, replay_ms, runs_on
+from engine.kernels import dependent_launch, residual_norm, rotary_store
+from engine.kernels.triton_runtime import graph_ms, replay_ms, runs_on
 
 SUPPORTED_ARCHITECTURES = ("qwen2", "llama")
 
@@ -195,7 +195,7 @@ class FastDecoder:
             config.num_attention_heads, kv_heads, head_dim)
 
     def _choose_add_rms_norm(self, hidden: int) -> Callable:
-        """The residual sum and RMSNorm as the step calls it: one Triton program a row (assistant/residual_norm.py)
+        """The residual sum and RMSNorm as the step calls it: one Triton program a row (engine/kernels/residual_norm.py)
         in the warps timed fastest, unless torch.compile's kernel is faster (on CUDA; elsewhere the Triton one)."""
         if not self.cuda:
             return residual_norm.add_rms_norm
@@ -213,12 +213,12 @@ class FastDecoder:
 
     def _choose_attention(self, heads: int, kv_heads: int, head_dim: int) -> tuple[Callable, bool]:
         """The new token's rotary embedding, cache write and attention, as the step calls them: the Triton kernels
-        that do all three and read only the positions written so far (assistant/decode_attention.py), in the
+        that do all three and read only the positions written so far (engine/kernels/decode_attention.py), in the
         tiling timed fastest, where they run and, on a GPU, are faster than the whole cache masked after the
         rotary kernel (all timed at the cache's middle position, where a long retrieval prompt's answer is, and
         at its last, their worst case); else the latter. Also whether the chosen one reads the written positions
         only."""
-        from assistant.decode_attention import TILINGS, DecodeAttention
+        from engine.kernels.decode_attention import TILINGS, DecodeAttention
 
         def whole_cache(q, k, v, k_cache, v_cache):
             q = self.ops.rotate_and_store(q, k, v, self.cos, self.sin, k_cache, v_cache, self.position)
@@ -307,7 +307,7 @@ class FastDecoder:
 
     def capture(self, overlap: bool | None = None) -> float:
         """Compile and capture the greedy and the sampling step (CUDA only); returns the seconds it took.
-        ``overlap``: whether the kernels that can launch overlapping (assistant/dependent_launch.py); by default
+        ``overlap``: whether the kernels that can launch overlapping (engine/kernels/dependent_launch.py); by default
         as chosen at the first capture, where the GPU can, by capturing the step both ways and keeping the faster."""
         self.projections = self._bind_projections()
         if not self.cuda:
@@ -526,14 +526,14 @@ GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down"
 
 def _plain_linears(layers) -> bool:
     """Whether every projection is an nn.Linear with float weights (under any LoRA wrapper): then the step reads
-    the weights itself, fused, and an adapter must be merged into them (assistant/adapter_merge.py)."""
+    the weights itself, fused, and an adapter must be merged into them (engine/adapter_merge.py)."""
     modules = [_base(layer.get_submodule(path)) for layer in layers for path in PROJECTIONS.values()]
     return all(type(m) is torch.nn.Linear and m.weight.is_floating_point() for m in modules)
 
 
 def _nf4_linears(layers) -> bool:
     """Whether every projection is a bitsandbytes 4-bit layer that the Triton GEMV takes, where it can run."""
-    from assistant import gemv_4bit
+    from engine.kernels import gemv_4bit
 
     modules = [_base(layer.get_submodule(path)) for layer in layers for path in PROJECTIONS.values()]
     if not runs_on(modules[0].weight.device) or not all(
@@ -596,7 +596,7 @@ def _nf4_choice(layers, device: torch.device, dtype: torch.dtype) -> tuple[list[
     in its fastest tiling, beats bitsandbytes' own product on this GPU (timed on eight layers), and that GEMV:
     the tensor-core kernel (gemv_4bit_mma) where it compiles and takes the weight, else the Triton one; off
     CUDA every product, the Triton GEMV in its default tiling."""
-    from assistant import gemv_4bit, gemv_4bit_mma
+    from engine.kernels import gemv_4bit, gemv_4bit_mma
 
     weights = [{group: gemv_4bit.Nf4Weight.from_bnb(*[_base(layer.get_submodule(PROJECTIONS[n])) for n in names])
                 for group, names in GROUPS.items()} for layer in layers]

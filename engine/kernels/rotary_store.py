@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from assistant.triton_runtime import triton
+from engine.kernels.triton_runtime import triton
 
 if triton is not None:
     import triton.language as tl

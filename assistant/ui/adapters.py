@@ -9,9 +9,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from assistant.adapter_switch import FOLLOW, AdapterSwitch
-from assistant.ui_errors import Refusal
-from assistant.ui_model import READY, ModelLoader
+from assistant.model_loader import READY, ModelLoader
+from assistant.ui.errors import Refusal
+from engine.adapter_switch import FOLLOW, AdapterSwitch
 from errors import UserError
 
 COLUMNS = ["adapter", "base model", "written", "pairs", "steps", "eval", "status"]
