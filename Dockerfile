@@ -25,11 +25,11 @@ COPY pyproject.toml ./
 # hadolint ignore=DL3013
 RUN pip install "$(python -c 'import tomllib; print(next(d for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if d.startswith("torch")))')"
 # hadolint ignore=DL3013
-RUN mkdir knowledge finetune engine assistant && touch README.md settings.py errors.py logs.py locks.py \
+RUN mkdir knowledge finetune engine assistant && touch README.md settings.py errors.py logs.py locks.py compat.py \
     knowledge/__init__.py finetune/__init__.py engine/__init__.py assistant/__init__.py && pip install '.[gpu]' \
     && pip uninstall -y think-rag \
-    && rm -rf README.md settings.py errors.py logs.py locks.py knowledge finetune engine assistant build ./*.egg-info
-COPY README.md settings.py errors.py logs.py locks.py ./
+    && rm -rf README.md settings.py errors.py logs.py locks.py compat.py knowledge finetune engine assistant build ./*.egg-info
+COPY README.md settings.py errors.py logs.py locks.py compat.py ./
 COPY knowledge knowledge
 COPY finetune finetune
 COPY engine engine

@@ -19,3 +19,12 @@ class PromptTooLong(UserError):
 class ModelUnavailable(UserError):
     """A model cannot be loaded or reached (not a folder, not in the cache, hub or server unreachable,
     a package it needs not installed); the message says why and what to do."""
+
+
+class DataError(UserError):
+    """Preference data cannot be used as a whole (unreadable source, no known format, too few pairs); the
+    message names the source and says what to do."""
+
+
+class TrainingError(UserError):
+    """Training cannot start or cannot go on; the message says what to change."""

@@ -47,13 +47,13 @@ class Settings:
     embedding_dtype: str = _setting(
         "auto", "EMBEDDING_DTYPE",
         "float32, bfloat16 or float16. auto: float16 on CUDA, bfloat16 on CPUs with native bf16 "
-        "(AMX/AVX512-BF16; about 2x faster, cosine to float32 above 0.99), else float32.")
+        "(AMX/AVX512-BF16; faster, the same rankings: docs/benchmarks.md), else float32.")
     embedding_backend: str = _setting(
         "auto", "EMBEDDING_BACKEND",
         "What runs the embedding model: torch, onnx (ONNX Runtime), onnx-int8 (ONNX Runtime, int8 weights), "
         "openvino (in EMBEDDING_DTYPE) or openvino-int8 (int8 weights and activations). All but torch are exported "
-        "once and cached under HF_HOME. auto: torch on CUDA, openvino-int8 on a CPU (about 2x torch's encoding "
-        "rate, same hit@5; docs/benchmarks.md).")
+        "once and cached under HF_HOME. auto: torch on CUDA, openvino-int8 on a CPU (the fastest there "
+        "with torch's hit@5; docs/benchmarks.md).")
     rerank_model: str | None = _setting(
         None, "RERANK_MODEL",
         "Cross-encoder that rescores the fused candidates of each search, a hub name (e.g. "

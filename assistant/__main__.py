@@ -1,4 +1,5 @@
-"""python -m assistant serve|ask|verify: the app, and answers without a browser."""
+"""python -m assistant serve|ask|verify|eval|pairs generate|run: the app, answers without a browser, and the
+learning loop's steps that run the model (evaluation, generated pairs, a training run's job)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,17 @@ import argparse
 import json
 import sys
 
+import logs
 from assistant.chat import Assistant
+from assistant.learning.commands import add_commands
 from assistant.quotes import QuoteCheck
 from engine.runtime import import_unsloth_if_used
 from errors import UserError
-from logs import quiet_third_party
 from settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_third_party()
+    logs.configure()
     parser = argparse.ArgumentParser(prog="python -m assistant", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start the web app")
@@ -30,9 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     verify = commands.add_parser("verify", help="debate whether a claim or attributed quote is valid")
     verify.add_argument("claim")
     verify.add_argument("--json", action="store_true")
+    add_commands(commands)
     args = parser.parse_args(argv)
 
     try:
+        if hasattr(args, "handler"):  # eval, pairs generate, run
+            return args.handler(args)
         settings = Settings.from_env()
         import_unsloth_if_used(settings)  # before the store's encoder brings in transformers
         if args.command == "serve":

@@ -2,7 +2,7 @@
 
 One SQLite file (``Settings.conversations_db``, WAL, one transaction per write). A conversation is a row: its
 id, its owner (the login; None with logins off), a title (its first question until renamed), when it was started
-and last changed, and its turns as JSON, exactly as the chat tab holds them. Every read and write names the
+and last changed, and its turns as JSON (``ChatTurn.to_dict()``). Every read and write names the
 owner, so one person never sees or changes another's conversations.
 """
 
@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from assistant.turns import ChatTurn
 from errors import UserError
 
 BUSY_TIMEOUT_S = 30.0
@@ -49,8 +50,8 @@ def new_conversation_id() -> str:
     return uuid.uuid4().hex
 
 
-def default_title(turns: list[dict]) -> str:
-    question = " ".join(turns[0]["question"].split()) if turns else "New chat"
+def default_title(turns: list[ChatTurn]) -> str:
+    question = " ".join(turns[0].question.split()) if turns else "New chat"
     return question if len(question) <= TITLE_CHARS else question[:TITLE_CHARS - 1] + "…"
 
 
@@ -79,15 +80,15 @@ class ConversationStore:
         finally:
             db.close()
 
-    def save(self, conversation_id: str, user: str | None, turns: list[dict]) -> None:
+    def save(self, conversation_id: str, user: str | None, turns: list[ChatTurn]) -> None:
         """Write the conversation's turns (a new conversation is titled by its first question)."""
         now = time.time()
         self._run("INSERT INTO conversations (id, user, title, created_at, updated_at, turns) VALUES (?, ?, ?, ?, ?, ?) "
                   "ON CONFLICT (id) DO UPDATE SET turns = excluded.turns, updated_at = excluded.updated_at "
                   "WHERE conversations.user IS excluded.user",
-                  (conversation_id, user, default_title(turns), now, now, json.dumps(turns, ensure_ascii=False)))
+                  (conversation_id, user, default_title(turns), now, now, json.dumps([turn.to_dict() for turn in turns], ensure_ascii=False)))
 
-    def load(self, conversation_id: str, user: str | None) -> list[dict]:
+    def load(self, conversation_id: str, user: str | None) -> list[ChatTurn]:
         db = self._connect()
         try:
             row = db.execute("SELECT turns FROM conversations WHERE id = ? AND user IS ?",
@@ -96,7 +97,7 @@ class ConversationStore:
             db.close()
         if row is None:
             raise ConversationError("that conversation is not there any more (deleted, perhaps in another tab)")
-        return json.loads(row[0])
+        return [ChatTurn.from_dict(turn) for turn in json.loads(row[0])]
 
     def list(self, user: str | None) -> list[ConversationSummary]:
         """The person's conversations, the last changed first."""

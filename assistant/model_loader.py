@@ -6,13 +6,15 @@ it once to the console, and the page shows it, while the knowledge tab keeps wor
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 from pathlib import Path
 
 from assistant.chat import Assistant
 from engine.runtime import TINY_MODEL_HINT, ModelRuntime
 from errors import UserError
+
+logger = logging.getLogger(__name__)
 
 LOADING, READY, UNAVAILABLE, UNLOADED = "loading", "ready", "unavailable", "unloaded"
 
@@ -52,8 +54,7 @@ class ModelLoader:
         except UserError as e:
             self.error = with_hint(str(e))
             self.state = UNAVAILABLE
-            print(f"error: the chat model is unavailable; the app runs without it.\n{self.error}",
-                  file=sys.stderr, flush=True)
+            logger.error("the chat model is unavailable; the app runs without it.\n%s", self.error)
         else:
             self.state = READY
 
@@ -64,7 +65,7 @@ class ModelLoader:
             return
         self.assistant.unload(reason)
         self.state, self.error = UNLOADED, reason
-        print(f"note: {reason}", file=sys.stderr, flush=True)
+        logger.info("%s", reason)
 
     def reload(self) -> None:
         """Load the model again after ``unload``, in the background as at start."""
@@ -93,8 +94,10 @@ class ModelLoader:
     def describe(self) -> dict:
         """What /health reports about the model."""
         runtime = self.runtime
+        plan = getattr(runtime, "decode_plan", None)  # None for a model served over HTTP
         return {"model": public_model_name(runtime.model_name if runtime else self.assistant.settings.chat_model),
-                "adapter": runtime.adapter if runtime else None, "model_status": self.state}
+                "adapter": runtime.adapter if runtime else None, "model_status": self.state,
+                "decode": plan.to_dict() if plan is not None else None}
 
     def status_markdown(self) -> str:
         if self.state == READY:

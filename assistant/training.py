@@ -9,7 +9,7 @@ whichever way it ends, even after an app restart in between. The reloaded model 
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -17,10 +17,13 @@ from pathlib import Path
 
 from assistant.model_loader import READY, ModelLoader
 from finetune import runs
-from finetune.adapters import EVAL_NAME, read_json
+from finetune.adapters import EVAL_NAME
 from finetune.config import load_config
 from finetune.memory import training_memory_gib
+from finetune.output_dir import read_json
 from finetune.training_log import read_log
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 WATCH_S = 1.0
@@ -112,8 +115,7 @@ class TrainingControl:
         def watch() -> None:
             while (record := runs.read_run(folder)) is not None and record.status not in runs.ENDED:
                 time.sleep(WATCH_S)
-            print(f"note: training run {folder.name} ended; loading the chat model again", file=sys.stderr,
-                  flush=True)
+            log.info("training run %s ended; loading the chat model again", folder.name)
             self.loader.reload()
 
         threading.Thread(target=watch, name=f"watch-{folder.name}", daemon=True).start()

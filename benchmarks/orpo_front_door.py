@@ -17,7 +17,7 @@ person reading the page would:
 
 Then the Train tab's API checks the collected pairs and trains on them (``/check_training_data``,
 ``/start_training`` with ``finetune/configs/orpo-proof.yaml``, followed with ``/training_progress``), and
-``python -m finetune eval`` compares the base model with that adapter on the held-out questions, greedy.
+``python -m assistant eval`` compares the base model with that adapter on the held-out questions, greedy.
 
 What counts, as in the proof: duplication rate down by at least 80%, think rate and accuracy not lower.
 """
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = args.out / "held-out.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": prompt_for(i["question"]), "expected": i["expected"]},
                                           ensure_ascii=False) + "\n" for i in held_out), encoding="utf-8")
-    report = json.loads(run("-m", "finetune", "eval", "--model", str(model_dir), "--adapter", str(adapter),
+    report = json.loads(run("-m", "assistant", "eval", "--model", str(model_dir), "--adapter", str(adapter),
                             "--prompts", str(prompts), "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size",
                             "16", "--plot", str(args.out / "eval.png"), "--json",
                             env={**env, "ADAPTER_DIR": str(args.out / "no-adapters")}))

@@ -11,14 +11,14 @@ Here a small model gets that defect on purpose and ORPO takes it away, with noth
    (``answer_prompt``).
 2. A Qwen2-architecture model trained from scratch on that text, prompts included (``train_base``): greedy,
    it repeats.
-3. ``python -m finetune pairs generate`` on the training questions, rules ``duplication,correct`` (the
+3. ``python -m assistant pairs generate`` on the training questions, rules ``duplication,correct`` (the
    questions carry their expected answers): eight sampled answers per question, the best and the worst kept as
    a pair when they differ clearly, so a chosen answer is short and right and a rejected one repeats.
 4. ``python -m finetune train --config finetune/configs/orpo-proof.yaml``: ORPO with LoRA on those pairs.
 5. Optional next rounds (``--rounds``), as an owner would run the loop: ``pairs generate`` again with the
    adapter just trained (``--adapter``), rules ``--next-rules``, and ``train`` continuing that adapter
    (``init_adapter``) on the new pairs.
-6. ``python -m finetune eval`` on held-out questions: base against each round's adapter; JSON, table, chart.
+6. ``python -m assistant eval`` on held-out questions: base against each round's adapter; JSON, table, chart.
 
 What counts: duplication rate down by at least half, think rate not lower, accuracy not lower.
 """
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs.unlink(missing_ok=True)
         rules = args.rules if number == 1 else args.next_rules
         generated.append(json.loads(run(
-            "-m", "finetune", "pairs", "generate", str(questions), "--out", str(pairs),
+            "-m", "assistant", "pairs", "generate", str(questions), "--out", str(pairs),
             "--samples", str(args.samples), "--temperature", str(args.temperature), "--max-new-tokens", "160",
             "--rules", rules, "--margin", str(args.margin), "--seed", str(args.seed + number),
             "--no-retrieval", "--json", *(["--adapter", str(adapter)] if adapter else []), env=env))["pairs"])
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             f"beta={args.orpo_beta}", env=env)
         adapter = trained_dir
         rounds.append(trained_dir)
-    report = json.loads(run("-m", "finetune", "eval", "--model", str(model_dir),
+    report = json.loads(run("-m", "assistant", "eval", "--model", str(model_dir),
                             *[a for r in rounds for a in ("--adapter", str(r))], "--prompts", str(prompts),
                             "--max-new-tokens", "160", "--batch-size", "16", "--plot", str(args.out / "eval.png"),
                             "--json", env=env))

@@ -13,9 +13,8 @@ finishes on the adapter it started with.
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +26,13 @@ from finetune.adapters import (
     archive_adapter,
     delete_adapter,
     list_adapters,
-    read_json,
     rename_adapter,
-    write_json,
 )
+from finetune.output_dir import read_json, write_json
 from locks import SharedExclusive
 from settings import Settings
+
+log = logging.getLogger(__name__)
 
 CHOICE_NAME = "app_adapter_choice.json"
 FOLLOW, PINNED, BASE = "follow", "pinned", "base"
@@ -83,12 +83,11 @@ def chosen_adapter(settings: Settings, choice: AdapterChoice | None = None) -> A
         if pinned is not None and pinned.usable:
             return pinned
         why = pinned.reason if pinned else "it is no longer in ADAPTER_DIR"
-        print(f"note: the pinned adapter {choice.adapter} cannot be used ({why}); following the newest instead",
-              file=sys.stderr)
+        log.warning("the pinned adapter %s cannot be used (%s); following the newest instead", choice.adapter, why)
     for adapter in adapters:
         if adapter.usable:
             return adapter
-        print(f"note: adapter {adapter.path} not loaded: {adapter.reason}", file=sys.stderr)
+        log.info("adapter %s not loaded: %s", adapter.path, adapter.reason)
     return None
 
 
@@ -122,7 +121,7 @@ class AdapterSwitch:
                 with self._swapping:
                     self._swap(wanted)
             except AdapterError as e:
-                print(f"error: cannot load adapter {wanted.name}; answering without it: {e}", file=sys.stderr)
+                log.error("cannot load adapter %s; answering without it: %s", wanted.name, e)
 
     def adapters(self) -> list[AdapterEntry]:
         return list_adapters(self.settings.adapter_dir, self.settings.chat_model)
@@ -217,10 +216,9 @@ class AdapterSwitch:
                 self._swap(newest)
             except UserError as e:
                 self._failed.add(newest.version)
-                print(f"error: cannot follow to adapter {newest.name}: {e}", file=sys.stderr, flush=True)
+                log.error("cannot follow to adapter %s: %s", newest.name, e)
                 return
-        print(f"note: now answering with adapter {newest.name} (the newest in {self.settings.adapter_dir})",
-              file=sys.stderr, flush=True)
+        log.info("now answering with adapter %s (the newest in %s)", newest.name, self.settings.adapter_dir)
 
     def start_following(self) -> None:
         """Look at ADAPTER_DIR every ADAPTER_POLL_S seconds from now on (never when it is 0)."""
@@ -233,7 +231,7 @@ class AdapterSwitch:
                 try:
                     self.poll()
                 except Exception:  # noqa: BLE001 - a failed look must not end following for the app's life
-                    traceback.print_exc(file=sys.stderr)
+                    log.exception("looking for a newer adapter failed; following goes on")
 
         self._follower = threading.Thread(target=follow, name="adapter-follower", daemon=True)
         self._follower.start()

@@ -9,18 +9,25 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import sys
+import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
-from engine.adapter_switch import AdapterError, chosen_adapter
+from engine.adapter_switch import AdapterChoice, AdapterError, chosen_adapter
+from engine.decode.plan import DecodePlan
 from errors import ModelUnavailable, PromptTooLong
 from finetune.adapters import AdapterEntry
 from finetune.prompts import prompt_token_ids
 from settings import Settings
+
+if TYPE_CHECKING:  # imported where used: they load torch
+    from engine.adapter_merge import MergedAdapter
+    from engine.decode.decoder import FastDecoder
+
+logger = logging.getLogger(__name__)
 
 TINY_MODEL_HINT = (
     "For an offline try-out, build the tiny test model and point CHAT_MODEL at it:\n"
@@ -35,14 +42,28 @@ class GenerationParams:
     top_p: float = 0.95
 
 
+class TokenUsage(TypedDict):
+    """Token counts of one finished generation."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class ModelRuntime(Protocol):
     model_name: str
     adapter: str | None  # the adapter answering (its folder name), None for the base model
+    active_adapter: AdapterEntry | None  # its entry, None for the base model
     prompt_format: str  # "alpaca" or "chat": the format the adapter was trained with
+    last_usage: TokenUsage | None  # of the last finished generation (where known); None before the first
+    decode_plan: DecodePlan | None  # how this process decodes (LocalRuntime); None where a server does
 
     def render_chat(self, messages: list[dict]) -> str: ...
 
     def stream(self, prompt: str, params: GenerationParams, stop: threading.Event | None = None) -> Iterator[str]: ...
+
+    def activate(self, adapter: AdapterEntry | None) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _prompt_format(settings: Settings, adapter: AdapterEntry | None) -> str:
@@ -62,7 +83,7 @@ class LocalRuntime:
 
     KEEP_LOADED = 2
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, choice: AdapterChoice | None = None):
         import torch
 
         from finetune.hf_backend import model_load_failure
@@ -75,7 +96,10 @@ class LocalRuntime:
         self._loaded: dict[str, tuple[tuple, str]] = {}  # folder name -> (its version, its PEFT adapter name)
         self._peft_names = (f"adapter_{n}" for n in itertools.count())  # folder names may hold dots; PEFT's may not
         self._generator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        self.last_usage: dict[str, int] = {}  # token counts of the last finished generation
+        self.last_usage: TokenUsage | None = None
+        self.decoder: FastDecoder | None = None  # when the fast path runs
+        self._merged: MergedAdapter | None = None  # when adapters are merged into the weights for it
+        self.decode_plan: DecodePlan | None = None  # set below, once the path is chosen
         cuda = torch.cuda.is_available()
         try:
             self.model, self.tokenizer, self.engine = _load_model(settings, cuda)
@@ -87,33 +111,33 @@ class LocalRuntime:
         # Prompt and answer together: CONTEXT_LENGTH, or less where the model's own positions end sooner.
         self.context_length = min(settings.context_length,
                                   getattr(self.model.config, "max_position_embeddings", None) or settings.context_length)
-        adapter = chosen_adapter(settings)
+        adapter = chosen_adapter(settings, choice)  # None: the saved choice
         if adapter:
             try:
                 self._activate(adapter)
             except AdapterError as e:
                 raise ModelUnavailable(str(e)) from None
-        self.decoder = None  # engine.fast_decode.FastDecoder when the fast path runs
-        self._merged = None  # engine.adapter_merge.MergedAdapter when adapters are merged for it
         auto = self.device.type == "cuda"
         if settings.fast_decode == "on" or (settings.fast_decode == "auto" and auto):
             self._generator.submit(self._start_fast_decode).result()  # compiled and captured on its own thread
         else:
-            print(f"generation: the standard path (transformers generate); FAST_DECODE={settings.fast_decode} "
-                  f"on {self.device.type} with the {self.engine} engine", file=sys.stderr, flush=True)
+            self.decode_plan = DecodePlan.standard(
+                str(self.device), f"FAST_DECODE={settings.fast_decode} on {self.device.type} with the {self.engine} engine")
+            logger.info(self.decode_plan.summary())
 
     def _start_fast_decode(self) -> None:
-        """The fast decode path (engine/fast_decode.py): bf16 weights take the active adapter merged in,
+        """The fast decode path (engine/decode/): bf16 weights take the active adapter merged in,
         other weights (4-bit) run its LoRA layers inside the captured step."""
         from engine.adapter_merge import MergedAdapter, can_merge
-        from engine.fast_decode import start_fast_decoder
+        from engine.decode.start import start_fast_decoder
 
         if can_merge(self.model):
             self._merged = MergedAdapter()
             self._merge_active_adapter()
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [self.tokenizer.eos_token_id])
-        self.decoder = start_fast_decoder(self.model, self.settings.context_length, eos, self._answering_model)
+        self.decoder, self.decode_plan = start_fast_decoder(self.model, self.settings.context_length, eos,
+                                                            self._answering_model)
         if self.decoder is None and self._merged is not None:
             self._merged.restore(self.model)
             self._merged = None
@@ -134,7 +158,7 @@ class LocalRuntime:
         stale += [self._loaded.pop(folder)[1] for folder in list(self._loaded)[:-self.KEEP_LOADED]]
         for name in stale:
             self.model.delete_adapter(name)
-        if getattr(self, "decoder", None) is not None:
+        if self.decoder is not None:
             self._merge_active_adapter()
             try:
                 self.decoder.capture()  # the step runs the layers as they are now
@@ -146,8 +170,8 @@ class LocalRuntime:
         if self._merged is not None:
             self._merged.restore(self.model)
         self.decoder, self._merged = None, None
-        print(f"generation: the standard path (transformers generate) from now on; {reason}", file=sys.stderr,
-              flush=True)
+        self.decode_plan = self.decode_plan.fell_back(reason)
+        logger.warning("generation: the standard path (transformers generate) from now on; %s", reason)
 
     def _merge_active_adapter(self) -> None:
         if self._merged is not None:
@@ -189,7 +213,7 @@ class LocalRuntime:
         compiled = self.decoder is not None
         self.model, self._loaded, self.decoder, self._merged = None, {}, None, None
         if compiled:
-            torch._dynamo.reset()  # compiled code holds on to the weights it was traced with
+            torch.compiler.reset()  # compiled code holds on to the weights it was traced with
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -201,13 +225,13 @@ class LocalRuntime:
     def _answering_model(self):
         """The context in which ``self.model`` answers as the model in use: with adapters loaded, the base
         model answers with them switched off."""
-        merged = getattr(self, "_merged", None) is not None  # the adapter is in the weights already
+        merged = self._merged is not None  # the adapter is in the weights already
         base_only = (self.active_adapter is None or merged) and hasattr(self.model, "disable_adapter")
         return self.model.disable_adapter() if base_only else contextlib.nullcontext()
 
     def complete(self, prompts: list[str], params: GenerationParams, batch_size: int = 32) -> list[str]:
         """Whole completions of many prompts at once (batched, not streamed), on the generating thread."""
-        from finetune.evaluation import GenerationConfig, generate
+        from engine.batch_generate import GenerationConfig, generate
 
         config = GenerationConfig(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                                   top_p=params.top_p, batch_size=batch_size)
@@ -257,7 +281,7 @@ class LocalRuntime:
             except BaseException:
                 streamer.end()  # let the loop below end; the error is raised by result()
                 raise
-            self.last_usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated}
+            self.last_usage = TokenUsage(prompt_tokens=prompt_tokens, completion_tokens=generated)
 
         generation = self._generator.submit(run)
         eos = self.tokenizer.eos_token or ""
@@ -334,7 +358,8 @@ class OpenAIRuntime:
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=httpx.Timeout(600, connect=10))
         self._chat_model = settings.chat_model
         self._tokenizer = None
-        self.last_usage: dict[str, int] = {}  # token counts of the last generation, where the server reports them
+        self.last_usage: TokenUsage | None = None  # where the server reports them
+        self.decode_plan: DecodePlan | None = None  # the server decodes
 
     def render_chat(self, messages: list[dict]) -> str:
         """The chat template's text without its leading BOS: the server adds one to every prompt it tokenizes
@@ -373,13 +398,18 @@ class OpenAIRuntime:
                         return
                     chunk = json.loads(data)
                     if chunk.get("usage"):
-                        self.last_usage = {k: chunk["usage"][k] for k in ("prompt_tokens", "completion_tokens")}
+                        self.last_usage = TokenUsage(prompt_tokens=chunk["usage"]["prompt_tokens"],
+                                                     completion_tokens=chunk["usage"]["completion_tokens"])
                     text = (chunk.get("choices") or [{}])[0].get("text") or ""
                     if text:
                         yield text
         except httpx.TransportError as e:
             raise ModelUnavailable(f"cannot reach the model server at {self.base_url} ({e}); start it or set "
                                    "MODEL_BACKEND=local") from None
+
+    def close(self) -> None:
+        """Close the connection to the server (the server keeps its model)."""
+        self._client.close()
 
     def activate(self, adapter: AdapterEntry | None) -> None:
         """Ask for ``adapter`` (None: the base model, OPENAI_MODEL or CHAT_MODEL) from the next request on;

@@ -2,30 +2,31 @@
 
 One adapter is one folder in ADAPTER_DIR (or ADAPTER_DIR itself) holding PEFT's ``adapter_config.json`` and
 weights. ``python -m finetune train`` also writes ``train_config.yaml`` when it starts and ``training_info.json``
-(base model, prompt format, steps, data report) as its last file, after the weights: a folder with the first
+(``TrainingInfo``: base model, prompt format, steps, data report) as its last file, after the weights: a folder with the first
 and not yet the second is a run still going, so it is listed as incomplete and never loaded. An optional
-``eval.json`` (``python -m finetune eval ... --json > ADAPTER/eval.json``) gives the list its eval summary. A
+``eval.json`` (``python -m assistant eval ... --json > ADAPTER/eval.json``) gives the list its eval summary. A
 run started from the app also holds ``run.json`` (``finetune/runs.py``), whose status says why a folder
 without ``training_info.json`` is not an adapter yet: running, cancelled, failed.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import time
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from errors import UserError
+from finetune import runs
+from finetune.evaluation import BASE_NAME
+from finetune.output_dir import read_json, write_json
 
 INFO_NAME = "training_info.json"
 CONFIG_NAME = "train_config.yaml"
 EVAL_NAME = "eval.json"
-RUN_NAME = "run.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 ADAPTER_CONFIG = "adapter_config.json"
 # What a downloaded adapter holds: what loading it needs and what says how it was made (no checkpoints, no data).
@@ -36,6 +37,34 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 class AdapterFolderError(UserError):
     """A rename, delete or download of an adapter folder cannot be done; the message says why."""
+
+
+@dataclass(frozen=True)
+class TrainingInfo:
+    """``training_info.json``: how the adapter was made. ``finetune train`` writes it last, after the weights;
+    the app reads it to list the adapter and to prompt it as it was trained."""
+
+    base_model: str | None = None
+    backend: str | None = None  # hf or unsloth
+    prompt_format: str | None = None  # how the chat app must prompt the adapter: alpaca | chat
+    global_step: int | None = None
+    processes: int | None = None  # that trained together
+    data_report: dict = field(default_factory=dict)  # ``PreparedData.report()`` of the training data
+
+
+def write_training_info(folder: Path, info: TrainingInfo) -> None:
+    write_json(Path(folder) / INFO_NAME, asdict(info))
+
+
+def read_training_info(folder: Path) -> TrainingInfo | None:
+    """The folder's training info (keys it does not know are left out); None when it has none."""
+    data = read_json(Path(folder) / INFO_NAME)
+    if not data:
+        return None
+    known = {f.name for f in fields(TrainingInfo)}
+    return TrainingInfo(**{k: v for k, v in data.items() if k in known})
+
+
 EVAL_KEYS = ("think_rate", "duplication_rate", "accuracy", "preference_accuracy")
 
 
@@ -65,26 +94,15 @@ class AdapterEntry:
         """Changes when the folder is trained again, so a loaded copy is known to be stale."""
         return str(self.path.resolve()), self.created
 
+    @property
+    def written(self) -> str:
+        """When its files were written, as local time."""
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.created))
+
     def to_dict(self) -> dict:
         return {"name": self.name, "base_model": self.base_model, "prompt_format": self.prompt_format,
-                "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.created)), "steps": self.steps,
+                "created": self.written, "steps": self.steps,
                 "data_size": self.data_size, "eval": self.eval_summary, "usable": self.usable, "reason": self.reason}
-
-
-def read_json(path: Path) -> dict:
-    """The file's JSON object; {} when it is missing, unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Written whole or not at all: a reader polling the folder never sees half a file."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(partial, path)
 
 
 def same_model(a: str, b: str) -> bool:
@@ -102,23 +120,24 @@ def adapter_folders(adapter_dir: Path) -> list[Path]:
     if (adapter_dir / ADAPTER_CONFIG).exists():
         return [adapter_dir]
     return sorted(p for p in adapter_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and any(
-        (p / name).exists() for name in (ADAPTER_CONFIG, CONFIG_NAME, RUN_NAME)))
+        (p / name).exists() for name in (ADAPTER_CONFIG, CONFIG_NAME, runs.RUN_NAME)))
 
 
 def read_adapter(folder: Path, base_model: str) -> AdapterEntry:
-    info, config = read_json(folder / INFO_NAME), read_json(folder / ADAPTER_CONFIG)
-    base = info.get("base_model") or config.get("base_model_name_or_path")
+    info, config = read_training_info(folder), read_json(folder / ADAPTER_CONFIG)
+    made = info or TrainingInfo()
+    base = made.base_model or config.get("base_model_name_or_path")
     files = [folder / n for n in (INFO_NAME, ADAPTER_CONFIG, *WEIGHT_NAMES) if (folder / n).exists()]
     created = max((f.stat().st_mtime for f in files), default=folder.stat().st_mtime)
-    report = info.get("data_report") or {}
-    entry = AdapterEntry(folder, base, info.get("prompt_format"), created, info.get("global_step"),
-                         report.get("ok"), eval_summary(folder / EVAL_NAME, folder.name))
+    entry = AdapterEntry(folder, base, made.prompt_format, created, made.global_step,
+                         (made.data_report or {}).get("ok"), eval_summary(folder / EVAL_NAME, folder.name))
     return replace(entry, reason=_unusable(folder, info, entry, base_model))
 
 
-def _unusable(folder: Path, info: dict, entry: AdapterEntry, base_model: str) -> str | None:
-    run_status = read_json(folder / RUN_NAME).get("status")
-    if not info and run_status in ("cancelled", "failed"):
+def _unusable(folder: Path, info: TrainingInfo | None, entry: AdapterEntry, base_model: str) -> str | None:
+    # The record as written: a run whose job died unseen still reads as going here, so it is never loaded.
+    run_status = read_json(runs.run_path(folder)).get("status")
+    if not info and run_status in (runs.CANCELLED, runs.FAILED):
         return f"training {run_status}: resume the run in the Train tab, or delete the folder"
     if not info and (run_status or (folder / CONFIG_NAME).exists()):
         return f"incomplete: training is still writing it (no {INFO_NAME} yet)"
@@ -135,10 +154,10 @@ def eval_summary(path: Path, name: str) -> str | None:
     if not isinstance(models, list):
         return None
     rows = {m.get("name"): m for m in models if isinstance(m, dict)}
-    mine = rows.get(name) or next((m for n, m in rows.items() if n != "base"), None)
+    mine = rows.get(name) or next((m for n, m in rows.items() if n != BASE_NAME), None)
     if mine is None:
         return None
-    base = rows.get("base", {})
+    base = rows.get(BASE_NAME, {})
     parts = []
     for key in EVAL_KEYS:
         if isinstance(mine.get(key), int | float):

@@ -19,22 +19,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from errors import UserError
+from errors import DataError
+from finetune import recipe
 from finetune.prompts import THINK_OPEN, alpaca_prompt, format_completion
 
 FORMATS = ("auto", "seed", "trl", "chat")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
-SEED_COLUMNS = ("instruction", "input", "output(CHOSEN)", "reasoning(CHOSEN)", "output(REJECTED)",
-                "reasoning(REJECTED)")
-CHAT_COLUMNS = ("instruction", "input", "chosen", "rejected")
+SEED_COLUMNS = recipe.COLUMNS
+CHAT_COLUMNS = (recipe.INSTRUCTION, recipe.INPUT, "chosen", "rejected")
 TRL_COLUMNS = ("prompt", "chosen", "rejected")
 # Fields that may be empty strings (an Alpaca prompt without context is normal); all others must hold text.
-MAY_BE_EMPTY = ("input",)
-
-
-class DataError(UserError):
-    """The data cannot be used as a whole (unreadable source, no known format)."""
+MAY_BE_EMPTY = (recipe.INPUT,)
 
 
 @dataclass(frozen=True)
@@ -191,9 +187,9 @@ def _load_hub_dataset(name: str, split: str) -> list[dict]:
 
 def detect_format(columns: Iterable[str]) -> str:
     cols = set(columns)
-    if {"output(CHOSEN)", "output(REJECTED)"} <= cols:
+    if {recipe.CHOSEN_OUTPUT, recipe.REJECTED_OUTPUT} <= cols:
         return "seed"
-    if {"instruction", "chosen", "rejected"} <= cols:
+    if {recipe.INSTRUCTION, "chosen", "rejected"} <= cols:
         return "chat"
     if {"chosen", "rejected"} <= cols:
         return "trl"
@@ -245,15 +241,15 @@ def _convert_row(row: dict, fmt: str, tokenizer) -> tuple[PreferencePair | None,
         for name in SEED_COLUMNS:
             if reason := _check_text(row, name):
                 return None, reason, False
-        prompt = alpaca_prompt(row["instruction"], row["input"])
-        chosen = format_completion(row["reasoning(CHOSEN)"], row["output(CHOSEN)"]) + eos
-        rejected = format_completion(row["reasoning(REJECTED)"], row["output(REJECTED)"]) + eos
+        prompt = alpaca_prompt(row[recipe.INSTRUCTION], row[recipe.INPUT])
+        chosen = format_completion(row[recipe.CHOSEN_REASONING], row[recipe.CHOSEN_OUTPUT]) + eos
+        rejected = format_completion(row[recipe.REJECTED_REASONING], row[recipe.REJECTED_OUTPUT]) + eos
         return PreferencePair(prompt, chosen, rejected), None, False
     if fmt == "chat":
         for name in CHAT_COLUMNS:
             if reason := _check_text(row, name):
                 return None, reason, False
-        prompt = alpaca_prompt(row["instruction"], row["input"])
+        prompt = alpaca_prompt(row[recipe.INSTRUCTION], row[recipe.INPUT])
         return PreferencePair(prompt, _with_eos(row["chosen"], eos), _with_eos(row["rejected"], eos)), None, False
     # trl: standard strings, or conversational message lists
     if _is_messages(row.get("chosen")) or _is_messages(row.get("prompt")):

@@ -1,9 +1,10 @@
-"""`finetune eval`: did training help? The base model and each adapter, side by side, on held-out data.
+"""The evaluation's data and scores: did training help? The base model and each adapter, side by side.
 
-    python -m finetune eval --model BASE --adapter data/adapters/orpo-1 --prompts heldout.jsonl --pairs pairs.jsonl
-    python -m finetune eval --completions outputs.jsonl          # score given completions, no model
+    python -m assistant eval --model BASE --adapter data/adapters/orpo-1 --prompts heldout.jsonl --pairs pairs.jsonl
+    python -m assistant eval --completions outputs.jsonl          # score given completions, no model
 
-For each model: answers to the held-out prompts (greedy by default), scored by ``finetune.metrics`` (think
+This module reads the prompts and completions, scores them and writes the report; running the models (the base
+loaded as the app serves it, then each adapter on it) is ``assistant/learning/evaluation.py``. For each model: answers to the held-out prompts (greedy by default), scored by ``finetune.metrics`` (think
 rate, duplication of the reasoning in the answer, answer length, citation rate, accuracy when the prompts carry
 an expected answer); and on held-out pairs, how often the model finds the chosen completion likelier than the
 rejected one (``preference_accuracy``) and by how much (``margin``: the mean difference of the two
@@ -20,7 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.data import DataError, PreferencePair, read_json_rows
+from errors import DataError
+from finetune import recipe
+from finetune.data import PreferencePair, read_json_rows
 from finetune.metrics import CompletionScore, score_completion, summarize
 from finetune.prompts import THINK_OPEN, alpaca_prompt, prompt_token_ids
 
@@ -49,15 +52,6 @@ class ModelReport:
         return out
 
 
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 512
-    temperature: float = 0.0  # 0: greedy, the same answer every run
-    top_p: float = 0.95
-    samples: int = 1  # answers per prompt (with a temperature above 0)
-    batch_size: int = 8
-
-
 # ---------------------------------------------------------------- reading
 
 def load_prompts(path: str | Path) -> list[EvalPrompt]:
@@ -68,8 +62,9 @@ def load_prompts(path: str | Path) -> list[EvalPrompt]:
         expected = None if row.get("expected") is None else str(row["expected"])
         if isinstance(row.get("prompt"), str):
             prompts.append(EvalPrompt(row["prompt"], expected))
-        elif isinstance(row.get("instruction"), str):
-            prompts.append(EvalPrompt(alpaca_prompt(row["instruction"], row.get("input") or "") + THINK_OPEN, expected))
+        elif isinstance(row.get(recipe.INSTRUCTION), str):
+            prompt = alpaca_prompt(row[recipe.INSTRUCTION], row.get(recipe.INPUT) or "") + THINK_OPEN
+            prompts.append(EvalPrompt(prompt, expected))
         else:
             raise DataError(f"{path} row {number} has neither \"prompt\" nor \"instruction\"")
     if not prompts:
@@ -90,37 +85,7 @@ def score_completions_file(path: str | Path) -> list[ModelReport]:
             for name, items in grouped.items()]
 
 
-# ---------------------------------------------------------------- with a model
-
-def generate(model, tokenizer, prompts: list[str], config: GenerationConfig) -> list[str]:
-    """Completions of ``prompts``, in batches, fed the ids training gave each prompt (``prompt_token_ids``)."""
-    import torch
-
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = []
-    for i in range(0, len(prompts), config.batch_size):
-        batch = [prompt_token_ids(tokenizer, p) for p in prompts[i:i + config.batch_size]]
-        width = max(map(len, batch))
-        # Left padding: every row's last prompt token sits at the end, where generation continues.
-        ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device)
-        sampling = config.temperature > 0
-        kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=sampling, pad_token_id=pad)
-        if sampling:
-            kwargs.update(temperature=config.temperature, top_p=config.top_p)
-        with torch.no_grad():
-            generated = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        for row in generated[:, width:]:
-            out.append(_decode_until_eos(tokenizer, row.tolist()))
-    return out
-
-
-def _decode_until_eos(tokenizer, ids: list[int]) -> str:
-    if tokenizer.eos_token_id in ids:
-        ids = ids[:ids.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(ids, skip_special_tokens=False)
-
+# ---------------------------------------------------------------- preference, with a model
 
 def completion_logprob(model, tokenizer, prompt: str, completion: str) -> float:
     """Mean log-probability per completion token given the prompt (ORPO's length-normalised log P(y|x))."""
@@ -144,52 +109,6 @@ def preference(model, tokenizer, pairs: list[PreferencePair]) -> tuple[float, fl
     return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
 
 
-def evaluate_model(model, tokenizer, name: str, prompts: list[EvalPrompt], pairs: list[PreferencePair],
-                   config: GenerationConfig) -> ModelReport:
-    texts = [p.prompt for p in prompts for _ in range(config.samples)]
-    expected = [p.expected for p in prompts for _ in range(config.samples)]
-    completions = generate(model, tokenizer, texts, config)
-    scores = [score_completion(p, c, e) for p, c, e in zip(texts, completions, expected, strict=True)]
-    report = ModelReport(name, summarize(scores), completions=[
-        {"prompt": p, "completion": c, **s.to_dict()} for p, c, s in zip(texts, completions, scores, strict=True)])
-    if pairs:
-        report.preference_accuracy, report.margin = preference(model, tokenizer, pairs)
-    return report
-
-
-def load_base(model_name: str, engine: str | None = None):
-    """The base model and tokenizer, loaded as the app serves it (``LocalRuntime``: LOCAL_ENGINE and
-    LOAD_IN_4BIT from the environment, ``engine`` overriding the first), without its adapters."""
-    from engine.runtime import LocalRuntime
-    from settings import Settings
-
-    overrides = {"local_engine": engine} if engine else {}
-    runtime = LocalRuntime(Settings.from_env(chat_model=model_name, adapter_dir=Path("/nonexistent"), **overrides))
-    return runtime.model, runtime.tokenizer
-
-
-def evaluate(model_name: str, adapters: list[str | Path], prompts: list[EvalPrompt],
-             pairs: list[PreferencePair] | None = None, config: GenerationConfig | None = None,
-             include_base: bool = True, engine: str | None = None, loaded: tuple | None = None
-             ) -> list[ModelReport]:
-    """The base model, then each adapter on it, on the same prompts and pairs (``loaded``: the base model and
-    tokenizer already loaded by ``load_base``)."""
-    from peft import PeftModel
-
-    config = config or GenerationConfig()
-    model, tokenizer = loaded or load_base(model_name, engine)
-    reports = [evaluate_model(model, tokenizer, BASE_NAME, prompts, pairs or [], config)] if include_base else []
-    for adapter in adapters:
-        adapter = Path(adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise DataError(f"{adapter} is not an adapter folder (no adapter_config.json)")
-        with_adapter = PeftModel.from_pretrained(model, str(adapter))
-        with_adapter.eval()
-        reports.append(evaluate_model(with_adapter, tokenizer, adapter.name, prompts, pairs or [], config))
-        model = with_adapter.unload()  # the base again, for the next adapter
-    return reports
-
-
 # ---------------------------------------------------------------- reporting
 
 COLUMNS = ("think_rate", "duplication_rate", "duplicating_share", "answer_chars", "citation_rate", "accuracy",
@@ -197,7 +116,7 @@ COLUMNS = ("think_rate", "duplication_rate", "duplicating_share", "answer_chars"
 
 
 def report_json(reports: list[ModelReport], with_completions: bool = False) -> dict:
-    """The evaluation as `finetune eval --json` prints it and a training run saves it (eval.json):
+    """The evaluation as `assistant eval --json` prints it and a training run saves it (eval.json):
     ``{"models": [{"name", "think_rate", ...}, ...]}``."""
     return {"models": [r.to_dict(with_completions=with_completions) for r in reports]}
 

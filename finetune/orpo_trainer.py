@@ -15,8 +15,8 @@ import torch
 from accelerate.utils import is_peft_model
 from trl.experimental.orpo import ORPOTrainer
 
+from errors import TrainingError
 from finetune.orpo_loss import odds_ratio_terms, sequence_logprobs
-from finetune.train import TrainingError
 
 
 class NonFiniteLossError(TrainingError):

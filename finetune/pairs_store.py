@@ -28,8 +28,9 @@ import time
 from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path, PurePosixPath
 
-from finetune.data import DataError
+from errors import DataError
 from finetune.prompts import THINK_CLOSE
+from finetune.recipe import recipe_row
 
 SCHEMA_VERSION = 1  # PRAGMA user_version: a later layout migrates or refuses by it
 BUSY_TIMEOUT_S = 30.0
@@ -148,14 +149,17 @@ class StoredPair:
 
     def to_recipe(self) -> dict:
         """The recipe's columns (its seed data's schema)."""
-        return {"instruction": self.chosen.instruction, "input": self.chosen.input,
-                "reasoning(CHOSEN)": self.chosen.reasoning, "output(CHOSEN)": self.chosen.answer,
-                "reasoning(REJECTED)": self.rejected.reasoning, "output(REJECTED)": self.rejected.answer}
+        return recipe_row(self.chosen.instruction, self.chosen.input, self.chosen.reasoning, self.chosen.answer,
+                          self.rejected.reasoning, self.rejected.answer)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "chosen": asdict(self.chosen), "rejected": asdict(self.rejected),
                 "origin": self.origin, "user": self.user,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created_at))}
+
+
+# A Completion's fields are the answers table's columns of the same names.
+ANSWER_COLUMNS = tuple(f.name for f in fields(Completion))
 
 
 class PairsStore:
@@ -184,6 +188,7 @@ class PairsStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA synchronous=FULL")  # a pair acknowledged is a pair on disk
+        db.row_factory = sqlite3.Row  # rows are read by column name
         return db
 
     def _write(self, work):
@@ -234,9 +239,9 @@ class PairsStore:
         """
         def work(db):
             prompt = self._prompt_of(db, answer_id)
-            earlier = [VoteRecord(r[0], r[1], bool(r[2]), r[3], r[4]) for r in db.execute(
-                "SELECT rowid, answer_id, good, user, created_at FROM votes WHERE answer_id = ? AND user IS ?",
-                (answer_id, user))]
+            earlier = [VoteRecord(r["vote_id"], r["answer_id"], bool(r["good"]), r["user"], r["created_at"])
+                       for r in db.execute("SELECT rowid AS vote_id, answer_id, good, user, created_at FROM votes "
+                                           "WHERE answer_id = ? AND user IS ?", (answer_id, user))]
             replaced = []
             if earlier:
                 db.execute("DELETE FROM votes WHERE answer_id = ? AND user IS ?", (answer_id, user))
@@ -280,7 +285,7 @@ class PairsStore:
 
     @staticmethod
     def _pair_rows(db, where: str, args: tuple) -> list[PairRecord]:
-        return [PairRecord(*row) for row in db.execute(
+        return [PairRecord(**{name: row[name] for name in row.keys()}) for row in db.execute(
             f"SELECT id, chosen_id, rejected_id, origin, user, created_at FROM pairs WHERE {where}", args)]
 
     def _insert_pair(self, db, chosen_id: int, rejected_id: int, origin: str, user: str | None
@@ -306,7 +311,7 @@ class PairsStore:
 
     # -- reading --------------------------------------------------------------------------------------
 
-    def _read(self, query: str, args: tuple = ()) -> list[tuple]:
+    def _read(self, query: str, args: tuple = ()) -> list[sqlite3.Row]:
         db = self._connect()
         try:
             return db.execute(query, args).fetchall()
@@ -327,14 +332,11 @@ class PairsStore:
         return found[0]
 
     def _pairs(self, tail: str, args: tuple) -> list[StoredPair]:
-        columns = ("prompt, reasoning, answer, instruction, input, prompt_format, model, adapter, question, "
-                   "thinking_closed")
-        query = (f"SELECT p.id, p.origin, p.user, p.created_at, {_prefixed('c', columns)}, {_prefixed('r', columns)} "
+        answers = ", ".join(f"{side}.{name} AS {side}_{name}" for side in "cr" for name in ANSWER_COLUMNS)
+        query = (f"SELECT p.id, p.origin, p.user, p.created_at, {answers} "
                  f"FROM pairs p JOIN answers c ON c.id = p.chosen_id JOIN answers r ON r.id = p.rejected_id {tail}")
-        rows = self._read(query, args)
-        width = len(fields(Completion))
-        return [StoredPair(row[0], _completion(row[4:4 + width]), _completion(row[4 + width:]), row[1], row[2],
-                           row[3]) for row in rows]
+        return [StoredPair(row["id"], _completion(row, "c"), _completion(row, "r"), row["origin"], row["user"],
+                           row["created_at"]) for row in self._read(query, args)]
 
     def questions_with_pairs(self, origin: str, model: str, adapter: str | None) -> set[str]:
         """The questions that already have a pair of ``origin`` answered by ``model`` with ``adapter`` (what a
@@ -349,13 +351,10 @@ class PairsStore:
                           "(SELECT 1 FROM pairs p WHERE p.rejected_id = v.answer_id)")[0][0]
 
 
-def _completion(values: tuple) -> Completion:
-    *rest, closed = values
-    return Completion(*rest, thinking_closed=bool(closed))
-
-
-def _prefixed(alias: str, columns: str) -> str:
-    return ", ".join(f"{alias}.{c.strip()}" for c in columns.split(","))
+def _completion(row: sqlite3.Row, side: str) -> Completion:
+    """The completion whose answers-table columns ``row`` holds as ``{side}_{name}``."""
+    values = {name: row[f"{side}_{name}"] for name in ANSWER_COLUMNS}
+    return Completion(**{**values, "thinking_closed": bool(values["thinking_closed"])})
 
 
 def is_pairs_store(path: str | Path) -> bool:

@@ -1,8 +1,9 @@
 """Training runs: one folder each in ADAPTER_DIR, which becomes the adapter the run trains.
 
 This is the hand-off between whoever starts a run (the app's Train tab) and the job that carries it out
-(``python -m finetune run DIR``, in a process of its own: split the data, train, evaluate). All they share is
-in the folder, so a run outlives the page that started it and the app itself:
+(``python -m assistant run DIR``, in a process of its own: split the data, train, evaluate; the job lives in
+``assistant/learning/run_job.py`` because its evaluation runs the model as the app serves it). All they share
+is in the folder, so a run outlives the page that started it and the app itself:
 
 - ``run.json``: what the run is (its data, held-out share, base config and overrides) and where it stands:
   ``status`` (starting, running, done, failed, cancelled), the job's ``pid``, ``error``, times, and
@@ -19,6 +20,7 @@ finished adapter; resuming continues from the checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -26,16 +28,23 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from errors import UserError
-from finetune.adapters import EVAL_NAME, INFO_NAME, RUN_NAME, read_json, write_json
+from errors import DataError, UserError
+from finetune.output_dir import latest_checkpoint, read_json, write_json
 
+log = logging.getLogger(__name__)
+
+RUN_NAME = "run.json"
 JOB_LOG = "job.log"
+# The job: ``python -m assistant run FOLDER [--resume]``, started with this project as its working folder.
+JOB_COMMAND = ("-m", "assistant", "run")
+# RunRecord.status: where a run stands.
 STARTING, RUNNING, DONE, FAILED, CANCELLED = "starting", "running", "done", "failed", "cancelled"
 ENDED = (DONE, FAILED, CANCELLED)
+# RunRecord.phase: what a running job is doing.
+PREPARING, TRAINING, EVALUATING = "preparing", "training", "evaluating"
 EVAL_PLOT = "eval.png"
 MIN_HELD_OUT = 3  # with a held-out share above 0, at least this many pairs are evaluated where the data allows
 
@@ -172,7 +181,7 @@ def _copy_file(source: Path, target: Path) -> None:
 def launch(folder: Path, resume: bool = False) -> subprocess.Popen:
     """Start the job for ``folder`` in a process (and process group) of its own; it outlives the app."""
     folder = Path(folder)
-    command = [sys.executable, "-m", "finetune", "run", str(folder), *(["--resume"] if resume else [])]
+    command = [sys.executable, *JOB_COMMAND, str(folder), *(["--resume"] if resume else [])]
     with (folder / JOB_LOG).open("ab") as log:
         job = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                start_new_session=True, cwd=Path(__file__).resolve().parents[1])
@@ -199,8 +208,6 @@ def cancel(folder: Path) -> None:
 
 def resume(folder: Path) -> subprocess.Popen:
     """Continue a cancelled or failed run from its newest checkpoint."""
-    from finetune.train import latest_checkpoint
-
     folder = Path(folder)
     record = read_run(folder)
     if record is None:
@@ -217,36 +224,7 @@ def resume(folder: Path) -> subprocess.Popen:
     return launch(folder, resume=True)
 
 
-# ---------------------------------------------------------------- the job
-
-
-class Cancelled(Exception):
-    """SIGTERM outside training: the job stops where it is."""
-
-
-class _CancelOnSignal:
-    """SIGTERM while training asks the Trainer to save a checkpoint and stop after the current step."""
-
-    def __init__(self):
-        self.requested, self.training = False, False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        if not self.training:
-            raise Cancelled
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        outer = self
-
-        class StopWhenAsked(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if outer.requested:
-                    control.should_save = control.should_training_stop = True
-
-        return StopWhenAsked()
+# ---------------------------------------------------------------- the job's data
 
 
 def held_out_count(pairs: int, share: float) -> int:
@@ -266,9 +244,19 @@ def eval_note(pairs: int, held: int, share: float) -> str | None:
     return f"no evaluation: {pairs} pair{'s are' if pairs != 1 else ' is'} too few to hold any out (at least 2 needed)"
 
 
+def train_file(folder: Path) -> Path:
+    """The pairs the job trains on, written when it splits the data."""
+    return Path(folder) / "data" / "train.jsonl"
+
+
+def held_out_file(folder: Path) -> Path:
+    """The pairs the job holds out for the evaluation (an empty file when none)."""
+    return Path(folder) / "data" / "held-out-pairs.jsonl"
+
+
 def split_data(folder: Path, spec: RunSpec, tokenizer, seed: int) -> tuple[Path, list]:
     """Every source prepared, shuffled, and split: (the training file, the held-out pairs)."""
-    from finetune.data import DataError, prepare_data, write_jsonl
+    from finetune.data import prepare_data, write_jsonl
 
     pairs, problems = [], []
     for source in spec.sources:
@@ -276,94 +264,12 @@ def split_data(folder: Path, spec: RunSpec, tokenizer, seed: int) -> tuple[Path,
         pairs += prepared.pairs
         problems += [f"{Path(source).name}: {r.reason}" for r in prepared.rejected]
     if problems:
-        print(f"{len(problems)} rows left out:\n" + "\n".join(problems[:20]), file=sys.stderr, flush=True)
+        log.warning("%d rows left out:\n%s", len(problems), "\n".join(problems[:20]))
     random.Random(seed).shuffle(pairs)
     held = held_out_count(len(pairs), spec.held_out_share)
     if len(pairs) - held < 1:
         raise DataError(f"{len(pairs)} usable pairs: too few to train on with {held} held out; collect more")
-    train_file = folder / "data" / "train.jsonl"
-    write_jsonl(pairs[held:], train_file)
-    write_jsonl(pairs[:held], folder / "data" / "held-out-pairs.jsonl")
-    return train_file, pairs[:held]
-
-
-def execute(folder: Path, resume: bool = False) -> int:
-    """The job: split the data, train (or resume), evaluate on the held-out share; the record says how it went."""
-    from finetune.config import load_config
-    from finetune.data import PreferencePair
-    from finetune.train import train
-
-    folder = Path(folder)
-    record = read_run(folder)
-    if record is None:
-        raise RunError(f"{folder} holds no {RUN_NAME}; start runs from the app's Train tab")
-    record.status, record.pid, record.error = RUNNING, os.getpid(), None
-    write_run(folder, record)
-    spec = record.spec
-    stop = _CancelOnSignal()
-
-    def enter(phase: str) -> None:
-        record.phase = phase
-        write_run(folder, record)
-
-    try:
-        enter("preparing")
-        overrides = [f"{k}={v}" for k, v in spec.overrides.items()]
-        config = load_config(spec.config, [*overrides, f"model_name={spec.model_name}", f"output_dir={folder}"])
-        held_file = folder / "data" / "held-out-pairs.jsonl"
-        if resume:
-            config.data = str(folder / "data" / "train.jsonl")
-        else:
-            from finetune.hf_backend import load_tokenizer
-
-            train_file, held_pairs = split_data(folder, spec, load_tokenizer(spec.model_name), config.seed)
-            config.data = str(train_file)
-            record.held_out = len(held_pairs)
-            with train_file.open(encoding="utf-8") as lines:
-                record.pairs = len(held_pairs) + sum(1 for line in lines if line.strip())
-            record.eval_note = eval_note(record.pairs, record.held_out, spec.held_out_share)
-        stop.training = True
-        enter("training")
-        result = train(config, resume=resume, callbacks=[stop.callback()])
-        stop.training = False
-        if stop.requested:
-            (folder / INFO_NAME).unlink(missing_ok=True)  # a stopped run is not a finished adapter
-            raise Cancelled
-        print(f"run {record.name}: {result.global_step} steps, adapter in {folder}", flush=True)
-        from finetune.data import read_json_rows
-
-        held = [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in read_json_rows(held_file, "pairs")] \
-            if held_file.stat().st_size else []
-        if held:
-            enter("evaluating")
-            try:
-                _evaluate(folder, spec, held)
-            except Cancelled:
-                record.error = "the evaluation was cancelled; the adapter is complete"
-        record.status = DONE
-    except Cancelled:
-        record.status = CANCELLED
-        print(f"run {record.name}: cancelled; resume it from the Train tab or with --resume", flush=True)
-    except UserError as e:
-        record.status, record.error = FAILED, str(e)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-    except Exception as e:  # noqa: BLE001 - the record must say the run failed, whatever failed it
-        traceback.print_exc()
-        record.status, record.error = FAILED, f"{type(e).__name__}: {e} (the traceback is in {JOB_LOG})"
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    record.ended, record.phase = time.time(), None
-    write_run(folder, record)
-    return 0 if record.status == DONE else 1
-
-
-def _evaluate(folder: Path, spec: RunSpec, held: list) -> None:
-    """Base against the new adapter on the held-out pairs: their prompts answered (greedy), and how often each
-    model prefers the chosen answer. ``eval.json`` is what the adapters list summarizes."""
-    from finetune import evaluation
-
-    prompts = list(dict.fromkeys(p.prompt for p in held))
-    reports = evaluation.evaluate(spec.model_name, [folder], [evaluation.EvalPrompt(p) for p in prompts], held,
-                                  evaluation.GenerationConfig(max_new_tokens=spec.eval_max_new_tokens))
-    write_json(folder / EVAL_NAME, evaluation.report_json(reports))
-    evaluation.plot(reports, folder / EVAL_PLOT)
+    training = train_file(folder)
+    write_jsonl(pairs[held:], training)
+    write_jsonl(pairs[:held], held_out_file(folder))
+    return training, pairs[:held]

@@ -14,14 +14,11 @@ from pathlib import Path
 
 import torch
 
-from errors import UserError
-from finetune.adapters import CONFIG_NAME, INFO_NAME, write_json
+from errors import DataError, TrainingError
+from finetune.adapters import CONFIG_NAME, INFO_NAME, TrainingInfo, write_training_info
 from finetune.config import TrainConfig, save_config
-from finetune.data import DataError, PreparedData, prepare_data
-
-
-class TrainingError(UserError):
-    """Training cannot start or cannot go on; the message says what to change."""
+from finetune.data import PreparedData, prepare_data
+from finetune.output_dir import latest_checkpoint
 
 
 @dataclass
@@ -63,11 +60,6 @@ def resolve_precision(precision: str) -> tuple[bool, bool, torch.dtype]:
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     return precision == "bf16", precision == "fp16", dtype
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    checkpoints = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def orpo_arguments(config: TrainConfig, backend: str):
@@ -191,10 +183,10 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list | None = No
             plot_log(output_dir)
 
     trainer.save_model(str(output_dir))  # the adapter and the tokenizer; in several processes, rank 0 only
-    info = {"base_model": config.model_name, "backend": backend, "prompt_format": prepared.prompt_format,
-            "global_step": trainer.state.global_step, "processes": world_size(), "data_report": prepared.report()}
+    info = TrainingInfo(base_model=config.model_name, backend=backend, prompt_format=prepared.prompt_format,
+                        global_step=trainer.state.global_step, processes=world_size(), data_report=prepared.report())
     if main:
-        write_json(output_dir / INFO_NAME, info)
+        write_training_info(output_dir, info)
     if config.merge_16bit and main:
         merged_dir = output_dir / "merged-16bit"
         if backend == "unsloth":
@@ -204,4 +196,4 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list | None = No
         else:
             del trainer, model
             hf_backend.save_merged_16bit(config, output_dir, merged_dir)
-    return TrainResult(output_dir, backend, info["global_step"], info["data_report"])
+    return TrainResult(output_dir, backend, info.global_step, info.data_report)

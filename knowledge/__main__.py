@@ -6,14 +6,14 @@ import argparse
 import json
 import sys
 
+import logs
 from errors import UserError
 from knowledge.store import KnowledgeStore
-from logs import quiet_third_party
 from settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_third_party()
+    logs.configure()
     parser = argparse.ArgumentParser(prog="python -m knowledge", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     add = commands.add_parser("add", help="add files and folders (recursively)")

@@ -99,9 +99,8 @@ def _load_failure(name: str, error: OSError) -> str:
             "to a local sentence-transformers folder.")
 
 
-# The fastest CPU backend whose hit@5 on the retrieval benchmark stayed that of torch: OpenVINO in int8, 2.06x
-# torch bf16's encoding rate and 1.84x its ingest rate on 2 idle cores, the same hit@5 in vector and hybrid mode
-# (docs/benchmarks.md, "Embedding backends"). onnx-int8 lost 0.024 of vector-mode hit@5.
+# The fastest CPU backend that kept torch's hit@5 on the retrieval benchmark, in vector and hybrid mode
+# (docs/benchmarks.md, "OpenVINO int8"); onnx-int8 lost vector-mode hit@5.
 AUTO_CPU_BACKEND = "openvino-int8"
 
 

@@ -14,12 +14,12 @@ folder cannot be written, the files go to a temporary folder for this process al
   (backend ``onnx``).
 - ``model-int8.onnx``: the fused graph with every MatMul's weights quantized to int8 per output channel and its
   activations quantized on the fly (ONNX Runtime's dynamic quantization; backend ``onnx-int8``). The embedding
-  table stays float: quantizing it too dropped the cosine to float embeddings to 0.66 on some chunks.
+  table stays float: quantizing it too took some chunks' embeddings far from the float ones.
 - ``model-openvino-int8.xml`` (and ``.bin``): ``model.onnx`` quantized to int8, weights and activations, by NNCF's
   post-training quantization, its activation ranges taken from ``calibration.txt`` (backend ``openvino-int8``).
   Two kinds of MatMul stay in OpenVINO's float: each layer's feed-forward output projection, whose inputs carry
   the outliers BERT-like encoders are known for, and attention's two products of activations. Quantizing those
-  too ran 1.14x faster still but lost 0.024 of the benchmark's vector-mode hit@5 (docs/benchmarks.md).
+  too ran faster still but lost vector-mode hit@5 on the benchmark (docs/benchmarks.md, "OpenVINO int8").
 
 sentence-transformers' own ``backend="onnx"`` needs optimum-onnx, whose only release (0.1.0) wants
 transformers<4.58; and ``backend="openvino"`` needs optimum-intel, which wants transformers<5.6. Our
@@ -201,8 +201,7 @@ def _quantize_openvino(source: Path, path: Path, model) -> None:
     quantized = nncf.quantize(
         openvino.Core().read_model(str(source)), dataset, model_type=nncf.ModelType.TRANSFORMER,
         subset_size=len(batches), ignored_scope=nncf.IgnoredScope(patterns=list(FLOAT_MATMULS), validate=False),
-        # with every MatMul in int8, SmoothQuant left the least cosine to the float embeddings of 256 chunks at
-        # 0.964, and 0.977 without it
+        # SmoothQuant took the embeddings further from the float ones (docs/benchmarks.md, "OpenVINO int8")
         advanced_parameters=AdvancedQuantizationParameters(
             smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
     openvino.save_model(quantized, str(path))

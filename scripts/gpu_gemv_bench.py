@@ -4,7 +4,7 @@ bytes: the Triton one (``engine/kernels/gemv_4bit.py``) and the tensor-core one 
     python scripts/gpu_gemv_bench.py --shape 14b --out results.jsonl
 
 Random weights of a DeepSeek-R1-Distill-Qwen shape (every layer's own weights, so nothing is read from the L2
-cache). First a sweep of the kernel's tilings on each product of the decode step (fast_decode.GROUPS: q, k and v
+cache). First a sweep of the kernel's tilings on each product of the decode step (engine.decode.projections.GROUPS: q, k and v
 fused; o; gate and up fused; down), eight layers' weights in turn in one CUDA graph; then all the layers of a
 token in one CUDA graph with the best tiling per product, against bitsandbytes' own batch-1 kernel and bf16
 products. Each line: microseconds per launch or milliseconds per token, and the fraction of the copy bandwidth
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.fast_decode import GROUPS, PROJECTIONS  # noqa: E402
+from engine.decode.projections import GROUPS, PROJECTIONS  # noqa: E402
 from engine.kernels import gemv_4bit_mma  # noqa: E402
 from engine.kernels.gemv_4bit import CANDIDATES, GemvConfig, Nf4Weight, gemv  # noqa: E402
 from engine.kernels.triton_runtime import graph_ms  # noqa: E402

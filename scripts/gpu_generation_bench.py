@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -29,6 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+logger = logging.getLogger(__name__)
 
 # DeepSeek-R1-Distill-Qwen configurations (config.json of the released models).
 SHAPES = {
@@ -233,9 +236,10 @@ def measure(model: str, engine: str, four_bit: bool, prompt_tokens: int, new_tok
             peak_gib = gpu_memory_used_gib()
         else:
             peak_gib = torch.cuda.max_memory_allocated() / 2**30
-        fast = getattr(runtime, "decoder", None) is not None
+        plan = runtime.decode_plan
+        fast = plan is not None and plan.path == "fast"
         row = {"model": Path(model).name, "engine": getattr(runtime, "engine", "openai: transformers serve"),
-               "path": "fast decode" if fast else "generate",
+               "path": "fast decode" if fast else "generate", "decode_plan": plan.to_dict() if plan else None,
                "weights": "4-bit" if four_bit else "bf16", "prompt_tokens": runtime.last_usage["prompt_tokens"],
                "new_tokens": generated, "load_s": load_s, "ttft_s": sorted(ttft)[len(ttft) // 2],
                "decode_tok_s": sorted(decode)[len(decode) // 2], "peak_gib": peak_gib,
@@ -267,7 +271,7 @@ def kernel_profile(answer, new_tokens: int, out: Path) -> None:
              "us/token  calls/token  kernel"]
     lines += [f"{us:9.1f}  {calls:11.2f}  {name[:160]}" for us, calls, name in rows[:60]]
     out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:30]), file=sys.stderr, flush=True)
+    logger.info("\n".join(lines[:30]))
 
 
 def reference(model_dir: str, prompt_tokens: int, new_tokens: int, runs: int) -> dict:
@@ -321,6 +325,7 @@ def gpu_memory_used_gib() -> float:
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the decode plan, at load
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     b = commands.add_parser("build")

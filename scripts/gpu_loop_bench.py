@@ -1,8 +1,8 @@
-"""The learning loop's model work on a GPU: `pairs generate` and `finetune eval`, answers per second.
+"""The learning loop's model work on a GPU: `pairs generate` and `assistant eval`, answers per second.
 
 Random weights of the DeepSeek-R1-Distill-Qwen-1.5B shape (speed does not depend on the values), a random LoRA
-adapter on it, and the project's own code paths: ``finetune.pair_generation.generate_pairs`` through the app's
-``Assistant`` (so the engine is the app's, Unsloth on CUDA when installed) and ``finetune.evaluation.evaluate``
+adapter on it, and the project's own code paths: ``assistant.learning.pair_generation.generate_pairs`` through the app's
+``Assistant`` (so the engine is the app's, Unsloth on CUDA when installed) and ``assistant.learning.evaluation.evaluate``
 (the base and the adapter side by side). On the GPU machine:
 
     python scripts/gpu_loop_bench.py --engine unsloth --questions 32 --samples 4 --max-new-tokens 256
@@ -34,7 +34,9 @@ def random_adapter(model_dir: Path, out: Path) -> Path:
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(out)
-    (out / "training_info.json").write_text(json.dumps({"base_model": str(model_dir), "prompt_format": "alpaca"}))
+    from finetune.adapters import INFO_NAME
+
+    (out / INFO_NAME).write_text(json.dumps({"base_model": str(model_dir), "prompt_format": "alpaca"}))
     return out
 
 
@@ -74,7 +76,7 @@ def main() -> int:
            "max_new_tokens": args.max_new_tokens}
 
     from assistant.chat import Assistant
-    from finetune.pair_generation import PairGenerationConfig, generate_pairs
+    from assistant.learning.pair_generation import PairGenerationConfig, generate_pairs
     from settings import Settings
 
     settings = Settings.from_env(chat_model=str(model_dir), adapter_dir=args.work / "no-adapters",
@@ -99,7 +101,9 @@ def main() -> int:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
-    from finetune.evaluation import EvalPrompt, GenerationConfig, evaluate, load_base
+    from assistant.learning.evaluation import evaluate, load_base
+    from engine.batch_generate import GenerationConfig
+    from finetune.evaluation import EvalPrompt
     from finetune.prompts import THINK_OPEN, alpaca_prompt
 
     prompts = [EvalPrompt(alpaca_prompt(q, "") + THINK_OPEN) for q in questions]

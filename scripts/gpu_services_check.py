@@ -38,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from finetune.adapters import INFO_NAME  # noqa: E402 - after the path is set
 from tests.container.end_to_end import (  # noqa: E402 - after the path is set
     DOCUMENTS,
     LOGIN,
@@ -242,7 +243,7 @@ def check(work: Path, shape: str, summary: dict, cpu_dry_run: bool, embedding_st
                     f"model_name={tiny}", f"data={env['PAIRS_DB']}", f"output_dir={env['ADAPTER_DIR']}/{ADAPTER}",
                     *([] if cpu_dry_run else UNSLOTH_TRAINING), "max_steps=3", "save_steps=3", env=env)
                 summary["train_s"] = round(time.monotonic() - start)
-                info = json.loads((Path(env["ADAPTER_DIR"]) / ADAPTER / "training_info.json").read_text())
+                info = json.loads((Path(env["ADAPTER_DIR"]) / ADAPTER / INFO_NAME).read_text())
                 if info.get("backend") != backend:
                     raise RuntimeError(f"trained with the {info.get('backend')} backend, not {backend}")
                 health = wait_for(service, f"{url}/health", lambda h: h.get("adapter") == ADAPTER, 120)

@@ -3,7 +3,7 @@
 The GPU machine has no Gradio or Chroma (and no network to fetch them), so this drives the objects the Train
 tab's API calls, in-process, exactly as the web app holds them: ``Assistant`` + ``ModelLoader`` (the chat model,
 the 1.5B shape in 4 bits with the app's engine, Unsloth on CUDA) and ``TrainingControl.start`` (which decides
-whether the chat model must make room, and starts ``python -m finetune run`` in its own process). A chat thread
+whether the chat model must make room, and starts ``python -m assistant run`` in its own process). A chat thread
 keeps asking questions (without retrieval) all along. Two runs:
 
 - ``forced``: TRAIN_MEMORY_CAP_GB set below what both need, so the chat model is unloaded for the run (questions

@@ -171,12 +171,19 @@ class ScriptedRuntime:
     """Plays the model's part with fixed outputs, so the plumbing around them can be checked exactly."""
 
     model_name, adapter, prompt_format = "scripted", None, "alpaca"
+    active_adapter = last_usage = decode_plan = None  # engine.runtime.ModelRuntime's other attributes
 
     def __init__(self, *outputs: str):
         self.outputs, self.prompts = list(outputs), []
 
     def render_chat(self, messages):
         raise AssertionError("alpaca only")
+
+    def activate(self, adapter) -> None:
+        self.adapter, self.active_adapter = (adapter.name if adapter else None), adapter
+
+    def close(self) -> None:
+        pass
 
     def stream(self, prompt, params, stop=None):
         self.prompts.append(prompt)

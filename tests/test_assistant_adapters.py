@@ -17,7 +17,7 @@ from gradio_client import Client
 from assistant.chat import Assistant
 from engine.adapter_switch import CHOICE_NAME, AdapterError
 from engine.runtime import GenerationParams
-from finetune.adapters import EVAL_NAME, list_adapters, newest_usable
+from finetune.adapters import ADAPTER_CONFIG, EVAL_NAME, INFO_NAME, list_adapters, newest_usable
 from settings import Settings
 from tests.assistant_fixtures import (
     ADAPTER_NAME,
@@ -70,7 +70,7 @@ def test_the_list_gives_base_date_data_steps_and_eval_and_says_why_an_adapter_ca
     save_adapter(tiny_model_dir, adapter_dir / "other-base", "someone/other-model")
     running = adapter_dir / "still-training"
     save_adapter(tiny_model_dir, running, str(tiny_model_dir))
-    (running / "training_info.json").unlink()  # training writes it last
+    (running / INFO_NAME).unlink()  # training writes it last
     entries = {e.name: e for e in list_adapters(adapter_dir, str(tiny_model_dir))}
     first = entries["first"]
     assert (first.base_model, first.steps, first.data_size, first.usable) == (str(tiny_model_dir), 40, 12, True)
@@ -166,12 +166,12 @@ def test_following_swaps_in_a_newer_adapter_and_pinning_stops_it(adapter_dir, ti
 def test_following_waits_for_a_training_run_to_finish_writing(adapter_dir, tiny_model_dir):
     assistant = Assistant(swap_settings(tiny_model_dir, adapter_dir))
     running = save_adapter(tiny_model_dir, adapter_dir / "running", str(tiny_model_dir), seed=2)
-    info = (running / "training_info.json").read_text()
-    (running / "training_info.json").unlink()
+    info = (running / INFO_NAME).read_text()
+    (running / INFO_NAME).unlink()
     assistant.runtime  # noqa: B018 - loads the model
     assistant.adapters.poll()
     assert assistant.runtime.adapter == "first"
-    (running / "training_info.json").write_text(info)
+    (running / INFO_NAME).write_text(info)
     assistant.adapters.poll()
     assert assistant.runtime.adapter == "running"
 
@@ -299,7 +299,7 @@ def test_the_adapters_tab_lists_swaps_and_follows_an_adapter_trained_outside_the
     assert sorted(a["name"] for a in after_delete["adapters"]) == sorted([ADAPTER_NAME, "outside"])
     with zipfile.ZipFile(zipped) as archive:
         names = archive.namelist()
-    assert f"{ADAPTER_NAME}/adapter_config.json" in names and f"{ADAPTER_NAME}/adapter_model.safetensors" in names
+    assert f"{ADAPTER_NAME}/{ADAPTER_CONFIG}" in names and f"{ADAPTER_NAME}/adapter_model.safetensors" in names
     assert all(n.startswith(f"{ADAPTER_NAME}/") for n in names)
     by_name = {a["name"]: a for a in listed["adapters"]}
     assert listed["active"] == ADAPTER_NAME and listed["mode"] == "follow"

@@ -6,6 +6,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ from gradio_client import Client, handle_file
 
 from assistant.chat import Assistant
 from assistant.model_loader import ModelLoader
+from assistant.turns import ChatTurn
 from assistant.ui import app as app_module
 from assistant.ui.app import bind_refusal, parse_auth, serve
 from assistant.ui.chat import (
@@ -24,7 +26,6 @@ from assistant.ui.chat import (
     ChatTab,
     ConversationExports,
     conversation_export,
-    new_turn,
     turn_messages,
 )
 from assistant.ui.knowledge import NOT_UPLOADED, safe_upload_name, save_uploads
@@ -127,13 +128,11 @@ def test_a_file_already_in_the_uploads_folder_is_added_again_in_place(tmp_path):
 # -- rendering ------------------------------------------------------------------------------------------
 
 
-def finished_turn(**changes) -> dict:
-    turn = new_turn("Who keeps the lighthouse?", GenerationParams(64, 0.0), use_retrieval=True)
-    turn.update(done=True, model="/models/tiny-model", adapter="chat-smoke", seconds=1.0, citations=[
+def finished_turn(**changes) -> ChatTurn:
+    turn = ChatTurn.asked("Who keeps the lighthouse?", GenerationParams(64, 0.0), retrieval=True)
+    return replace(turn, done=True, model="/models/tiny-model", adapter="chat-smoke", seconds=1.0, citations=[
         {"number": 1, "source": "/k/uploads/notes.txt", "page": 3, "text": "Ada keeps it.",
-         "label": "[1] notes.txt, page 3"}])
-    turn.update(changes)
-    return turn
+         "label": "[1] notes.txt, page 3"}], **changes)
 
 
 def test_closed_thinking_is_a_collapsed_block_apart_from_the_answer():
@@ -153,8 +152,7 @@ def test_thinking_never_closed_is_shown_as_such_with_no_answer():
 
 
 def test_thinking_is_pending_while_the_model_still_thinks():
-    turn = new_turn("q", GenerationParams(64, 0.0), use_retrieval=True)
-    turn.update(reasoning="so far")
+    turn = replace(ChatTurn.asked("q", GenerationParams(64, 0.0), retrieval=True), reasoning="so far")
     messages = turn_messages(turn, 0)
     assert messages[1].metadata["status"] == "pending" and len(messages) == 2
 
@@ -335,17 +333,17 @@ def test_stop_ends_the_generation_early(tiny_model_dir, app_adapter_dir, minilm_
     assert tokens(full.reasoning, full.answer) > limit / 2  # greedy: this prompt runs on without an end token
     turns, at_stop = None, None
     for _, turns, *_ in tab.respond(question, [], 0.0, limit, False, request=request):
-        if turns[-1]["reasoning"] and at_stop is None:
-            at_stop = tokens(turns[-1]["reasoning"], turns[-1]["answer"])  # what the page showed at the click
+        if turns[-1].reasoning and at_stop is None:
+            at_stop = tokens(turns[-1].reasoning, turns[-1].answer)  # what the page showed at the click
             tab.stop(request)
-    assert turns[-1]["done"] and turns[-1]["stopped"] and "*(stopped)*" in turn_messages(turns[-1], 0)[-1].content
-    assert tokens(turns[-1]["reasoning"], turns[-1]["answer"]) - at_stop < limit / 4
+    assert turns[-1].done and turns[-1].stopped and "*(stopped)*" in turn_messages(turns[-1], 0)[-1].content
+    assert tokens(turns[-1].reasoning, turns[-1].answer) - at_stop < limit / 4
 
 
 # -- an app whose model cannot load; an app with logins ---------------------------------------------------
 
 
-def test_app_without_a_model_starts_says_why_and_keeps_the_knowledge_tab(tmp_path, minilm_path, embedder, capfd):
+def test_app_without_a_model_starts_says_why_and_keeps_the_knowledge_tab(tmp_path, minilm_path, embedder):
     settings = app_settings(tmp_path, minilm_path, "no-such-org/no-such-model", tmp_path / "adapters")
     with running_app(settings, embedder, documents=[write_notes(tmp_path / "docs")]) as url:
         health = wait_for_model(url)
@@ -359,8 +357,7 @@ def test_app_without_a_model_starts_says_why_and_keeps_the_knowledge_tab(tmp_pat
     assert "Cannot answer" in contents(chat[-1]) and TINY_MODEL_HINT.splitlines()[1].strip() in contents(chat[-1])
     assert "Traceback" not in contents(chat[-1])
     assert len(documents) == 1 and "lighthouse-notes.txt" in hits
-    assert "The chat model is unavailable" in page
-    assert "no-such-org/no-such-model" in capfd.readouterr().err
+    assert "The chat model is unavailable" in page and "no-such-org/no-such-model" in contents(chat[-1])
 
 
 def test_app_with_logins_turns_away_clients_without_them(tmp_path, minilm_path, embedder, tiny_model_dir,

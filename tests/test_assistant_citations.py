@@ -6,6 +6,7 @@ import pytest
 
 from assistant.chat import Assistant
 from assistant.citation_support import citation_support, cited_numbers, cited_sentences
+from assistant.turns import ChatTurn
 from assistant.ui.chat import UNCITED, turn_messages
 from assistant.verify import verify
 from engine.runtime import GenerationParams
@@ -48,10 +49,8 @@ def test_an_answer_that_cites_nothing_has_no_citations_and_says_so(settings, two
     answer = ask(settings, two_documents, "</think>I cannot tell from what I know.")
     out = answer.to_dict()
     assert out["citations"] == [] and len(out["passages"]) == 2
-    turn = {"question": "q", "reasoning": "", "answer": answer.answer, "thinking_done": True, "done": True,
-            "stopped": False, "error": None, "citations": [], "support": [], "model": "", "adapter": None,
-            "retrieval": True, "seconds": 1.0,
-            "passages": [{**p.to_dict(), "label": p.label} for p in answer.uncited]}
+    turn = ChatTurn("q")
+    turn.record(answer, stopped=False)
     shown = [m.content for m in turn_messages(turn, 0)]
     assert any(UNCITED in text for text in shown)
     titles = [(m.metadata or {}).get("title", "") for m in turn_messages(turn, 0)]
@@ -93,10 +92,8 @@ def test_the_chat_marks_a_sentence_its_passage_does_not_support(settings, two_do
                  f"</think>It moves 40 litres per minute [{pump}]. It was built in 1990 [{pump}].")
     assert [s.supported for s in answer.support] == [True, False]
     assert answer.to_dict()["support"][1]["missing"] == ["built", "1990"]
-    turn = {"question": "q", "reasoning": "", "answer": answer.answer, "thinking_done": True, "done": True,
-            "stopped": False, "error": None, "model": "", "adapter": None, "retrieval": True, "seconds": 1.0,
-            "citations": [{**c.to_dict(), "label": c.label} for c in answer.citations], "passages": [],
-            "support": [s.to_dict() for s in answer.support]}
+    turn = ChatTurn("q")
+    turn.record(answer, stopped=False)
     body = [m.content for m in turn_messages(turn, 0) if "1990" in str(m.content)][0]
     assert body.count("⚠️") == 1 and body.index("⚠️") > body.index("1990") and "40 litres" in body
 

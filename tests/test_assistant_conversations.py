@@ -8,20 +8,23 @@ import shutil
 import pytest
 
 from assistant.conversations import ConversationError, ConversationStore, default_title
+from assistant.turns import ChatTurn, EarlierAnswer
 from assistant.ui.conversations import reopened
 
 
-def turn(question: str, done: bool = True) -> dict:
-    return {"question": question, "answer": "An answer.", "reasoning": "", "done": done}
+def turn(question: str, done: bool = True) -> ChatTurn:
+    return ChatTurn(question, answer="An answer.", done=done)
 
 
 def test_each_person_sees_and_changes_only_their_own_conversations(tmp_path):
     store = ConversationStore(tmp_path / "conversations.sqlite")
-    store.save("c1", "ann", [turn("Who keeps the lighthouse?")])
+    first = turn("Who keeps the lighthouse?")
+    first.earlier = [EarlierAnswer("k0", answer="An earlier answer.")]
+    store.save("c1", "ann", [first])
     store.save("c2", "bob", [turn("What colour is it?")])
     store.save("c1", "bob", [turn("Overwritten?")])  # another person's id changes nothing
     assert [(s.id, s.title, s.questions) for s in store.list("ann")] == [("c1", "Who keeps the lighthouse?", 1)]
-    assert store.load("c1", "ann")[0]["question"] == "Who keeps the lighthouse?"
+    assert store.load("c1", "ann") == [first]  # the turn comes back whole, its earlier answers too
     with pytest.raises(ConversationError, match="not there"):
         store.load("c1", "bob")
     with pytest.raises(ConversationError):
@@ -34,10 +37,17 @@ def test_each_person_sees_and_changes_only_their_own_conversations(tmp_path):
     assert store.list("ann") == [] and [s.id for s in store.list("bob")] == ["c2"]
 
 
+def test_a_turn_saved_before_a_field_existed_reads_back_with_its_default():
+    old = {"question": "Q?", "answer": "A.", "done": True, "key": "k", "earlier": [{"key": "e", "answer": "B."}],
+           "a_field_from_the_future": 1}
+    turn = ChatTurn.from_dict(old)
+    assert (turn.question, turn.translations, turn.earlier[0].answer, turn.earlier[0].reasoning) == ("Q?", [], "B.", "")
+
+
 def test_a_conversation_is_titled_by_its_first_question_and_a_cut_off_answer_is_marked():
     assert default_title([turn("A question " * 20)]).endswith("…") and len(default_title([turn("x " * 100)])) <= 80
     cut = reopened([turn("Done?"), turn("Cut?", done=False)])
-    assert [t.get("cut_off", False) for t in cut] == [False, True] and all(t["done"] for t in cut)
+    assert [t.cut_off for t in cut] == [False, True] and all(t.done for t in cut)
 
 
 CHROMIUM = "/usr/bin/chromium"
@@ -99,4 +109,4 @@ def test_conversations_last_through_a_reload_and_are_listed_to_reopen_rename_and
         browser.close()
     store = ConversationStore(settings.conversations_db)
     [cut] = [s for s in store.list(None) if s.title == "Go on for a long time"]
-    assert store.load(cut.id, None)[0]["reasoning"]  # what it had written is kept
+    assert store.load(cut.id, None)[0].reasoning  # what it had written is kept

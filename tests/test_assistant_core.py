@@ -435,7 +435,8 @@ def test_a_passage_shows_its_markdown_marks_as_written_and_no_html():
 def test_passages_are_left_out_until_the_prompt_leaves_the_answer_its_room(chat_settings, store, tmp_path):
     from dataclasses import replace
 
-    from assistant.ui.chat import new_turn, turn_messages
+    from assistant.turns import ChatTurn
+    from assistant.ui.chat import turn_messages
 
     for number in range(4):
         (tmp_path / f"pump-{number}.txt").write_text(f"Pump {number} of the Borealis line moves forty litres. " * 6)
@@ -446,7 +447,7 @@ def test_passages_are_left_out_until_the_prompt_leaves_the_answer_its_room(chat_
     prompt_tokens = len(prompt_token_ids(assistant.runtime.tokenizer, final.prompt.text))
     assert 1 <= final.left_out < 4 and len(final.passages) == 4 - final.left_out
     assert prompt_tokens <= 1200 - 300 and assistant.runtime.last_usage["completion_tokens"] <= 300
-    shown = turn_messages({**new_turn("How fast is pump 2?", params, True), "done": True, "answer": "Fast.",
-                           "prompt": {"text": final.prompt.text}, "left_out": final.left_out}, 0)
+    shown = turn_messages(replace(ChatTurn.asked("How fast is pump 2?", params, True), done=True, answer="Fast.",
+                                  prompt={"text": final.prompt.text}, left_out=final.left_out), 0)
     assert f"{final.left_out} retrieved passage" in shown[-1].content and "knowledge store is empty" not in \
         shown[-1].content

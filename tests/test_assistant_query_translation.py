@@ -8,13 +8,13 @@ with a fixed translation, and the tiny model checks the same path runs on a real
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 import pytest
 
 from assistant.chat import Assistant
 from assistant.query_translation import TRANSLATION_TOKENS, target_language, translated, translation_prompt
-from assistant.ui.chat import new_turn, record_answer, turn_messages
+from assistant.turns import ChatTurn
+from assistant.ui.chat import turn_messages
 from engine.runtime import GenerationParams
 from finetune.prompts import split_reasoning
 from knowledge.query import Query
@@ -51,8 +51,8 @@ def test_the_translation_finds_the_passage_in_the_other_language(settings, bilin
     assert answer.translations == (TRANSLATION,)
     assert answer.passages[0].source.endswith("ポンプ.txt")
     assert answer.to_dict()["translations"] == [TRANSLATION]
-    turn = new_turn(QUESTION, SHORT, True)
-    record_answer(turn, answer, threading.Event())
+    turn = ChatTurn.asked(QUESTION, SHORT, True)
+    turn.record(answer, stopped=False)
     assert any(f"also searched as “{TRANSLATION}”" in m.content for m in turn_messages(turn, 0))
 
 

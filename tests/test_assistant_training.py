@@ -106,7 +106,7 @@ def test_a_run_from_the_tab_trains_evaluates_and_the_next_answer_uses_its_adapte
 
     seen = wait_for_run(collecting, lambda s: s["run"]["status"] in runs.ENDED, timeout=600)
     final = seen[-1]
-    assert final["run"]["status"] == "done", final["run"]["error"]
+    assert final["run"]["status"] == runs.DONE, final["run"]["error"]
     assert len({s["step"] for s in seen}) >= 2  # the progress moved while it was watched
     assert final["run"]["spec"]["held_out_share"] == 0.2 and len(final["run"]["spec"]["sources"]) == 2
     name = final["run"]["name"]
@@ -129,11 +129,11 @@ def test_cancel_keeps_a_checkpoint_that_resume_continues(train_app, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", repeat_task_rows(16, seed=2))
     start(client, [data], steps=60, held_out=0.0)
     running = wait_for_run(client, lambda s: s["step"] >= 2 or s["run"]["status"] in runs.ENDED)[-1]
-    assert running["run"]["status"] == "running"
+    assert running["run"]["status"] == runs.RUNNING
     assert "Cancelling" in client.predict(api_name="/cancel_training")[-1]
     cancelled = wait_for_run(client, lambda s: s["run"]["status"] in runs.ENDED)[-1]
     name, folder = cancelled["run"]["name"], adapter_dir / cancelled["run"]["name"]
-    assert cancelled["run"]["status"] == "cancelled" and cancelled["step"] < 60
+    assert cancelled["run"]["status"] == runs.CANCELLED and cancelled["step"] < 60
     assert list(folder.glob("checkpoint-*")), "a cancelled run keeps its last checkpoint"
     adapters = {a["name"]: a for a in client.predict(api_name="/list_adapters")[3]["adapters"]}
     assert not adapters[name]["usable"] and "training cancelled" in adapters[name]["reason"]
@@ -141,7 +141,7 @@ def test_cancel_keeps_a_checkpoint_that_resume_continues(train_app, tmp_path):
 
     client.predict(name, api_name="/resume_training")
     done = wait_for_run(client, lambda s: s["run"]["status"] in runs.ENDED, timeout=600)[-1]
-    assert done["run"]["status"] == "done", done["run"]["error"]
+    assert done["run"]["status"] == runs.DONE, done["run"]["error"]
     steps = [r["step"] for r in read_log(folder)]
     assert steps[-1] == 60 and steps == sorted(set(steps))  # one run's log, continued, not restarted
 

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from engine.fast_decode import attend, rotate_and_store
-from engine.kernels.decode_attention import TILINGS, AttentionTiling, DecodeAttention
+from engine.kernels.decode_attention import TILINGS, AttentionTiling, DecodeAttention, attend_native
+from engine.kernels.rotary_store import rotate_and_store_native
 
 
 def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: int) -> torch.Tensor:
@@ -46,7 +46,7 @@ def test_attention_reads_the_written_positions_as_softmax_attention_does(heads, 
     cos, sin = torch.randn(max_len, head_dim), torch.randn(max_len, head_dim)
     k_cache, v_cache = torch.randn(1, kv_heads, max_len, head_dim), torch.randn(1, kv_heads, max_len, head_dim)
     expected_k_cache, expected_v_cache = k_cache.clone(), v_cache.clone()
-    rotated = rotate_and_store(q, k, v, cos, sin, expected_k_cache, expected_v_cache, torch.tensor([position]))
+    rotated = rotate_and_store_native(q, k, v, cos, sin, expected_k_cache, expected_v_cache, torch.tensor([position]))
     expected = reference(rotated, expected_k_cache, expected_v_cache, position)
     kernels = DecodeAttention(heads, kv_heads, max_len, head_dim, 1 / math.sqrt(head_dim), torch.device("cpu"),
                               tiling)
@@ -58,7 +58,7 @@ def test_attention_reads_the_written_positions_as_softmax_attention_does(heads, 
     assert torch.allclose(kernels(q, k, v, cos, sin, k_cache, v_cache, torch.tensor([position])), got)
     # A shorter answer after it: fewer runs in use, the longer answer's partial sums left in the scratch buffers.
     earlier = position // 3
-    rotated = rotate_and_store(q, k, v, cos, sin, expected_k_cache, expected_v_cache, torch.tensor([earlier]))
+    rotated = rotate_and_store_native(q, k, v, cos, sin, expected_k_cache, expected_v_cache, torch.tensor([earlier]))
     expected = reference(rotated, expected_k_cache, expected_v_cache, earlier)
     got = kernels(q, k, v, cos, sin, k_cache, v_cache, torch.tensor([earlier]))
     assert float((got.double() - expected).norm() / expected.norm()) < 1e-5
@@ -68,5 +68,5 @@ def test_the_whole_cache_masked_attends_as_softmax_attention_does():
     torch.manual_seed(0)
     q, k_cache, v_cache = torch.randn(12, 32), torch.randn(1, 2, 512, 32), torch.randn(1, 2, 512, 32)
     expected = reference(q, k_cache, v_cache, 300)
-    got = attend(q, k_cache, v_cache, torch.tensor([300]), 1 / math.sqrt(32))
+    got = attend_native(q, k_cache, v_cache, torch.tensor([300]), 1 / math.sqrt(32))
     assert float((got.double() - expected).norm() / expected.norm()) < 1e-5

@@ -14,11 +14,10 @@ import pytest
 
 from assistant.chat import Assistant
 from engine.runtime import ModelUnavailable
-from errors import UserError
+from errors import DataError, TrainingError, UserError
 from finetune.__main__ import main as finetune_main
+from finetune.adapters import ADAPTER_CONFIG, INFO_NAME, list_adapters
 from finetune.config import ConfigError
-from finetune.data import DataError
-from finetune.train import TrainingError
 from knowledge.embeddings import EmbeddingModelError
 from knowledge.store import StoreError
 from settings import SettingsError
@@ -130,14 +129,15 @@ def test_ask_with_an_embedding_model_that_cannot_load_names_it(tmp_path, tiny_mo
 def test_ask_json_stays_json_when_an_adapter_of_another_model_is_skipped(tmp_path, tiny_model_dir):
     foreign = tmp_path / "adapters" / "for-another-model"
     foreign.mkdir(parents=True)
-    (foreign / "adapter_config.json").write_text("{}", encoding="utf-8")
-    (foreign / "training_info.json").write_text(json.dumps({"base_model": "someone/other-model"}), encoding="utf-8")
+    (foreign / ADAPTER_CONFIG).write_text("{}", encoding="utf-8")
+    (foreign / INFO_NAME).write_text(json.dumps({"base_model": "someone/other-model"}), encoding="utf-8")
     result = run_cli("assistant", "ask", "hi", "--json", "--no-retrieval", KNOWLEDGE_DIR=str(tmp_path / "store"),
                      CHAT_MODEL=str(tiny_model_dir), ADAPTER_DIR=str(tmp_path / "adapters"), MAX_NEW_TOKENS="4",
                      TEMPERATURE="0")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["adapter"] is None
-    assert "note: adapter" in result.stderr and "someone/other-model" in result.stderr
+    [skipped] = list_adapters(tmp_path / "adapters", str(tiny_model_dir))
+    assert not skipped.usable and "someone/other-model" in skipped.reason
 
 
 def test_chat_and_verify_tabs_show_an_embedding_model_that_cannot_load(tmp_path, tiny_model_dir):
@@ -150,7 +150,7 @@ def test_chat_and_verify_tabs_show_an_embedding_model_that_cannot_load(tmp_path,
     loader = ModelLoader(assistant).start()
     *_, (_, turns, *_) = ChatTab(assistant, loader).respond("Who keeps the lighthouse?", [], 0.0, 4, True,
                                                             request=SimpleNamespace(session_hash="s1"))
-    assert "EMBEDDING_MODEL='/nonexistent'" in turns[-1]["error"] and turns[-1]["done"]
-    assert "Turn off “Search my documents”" in turns[-1]["error"]
+    assert "EMBEDDING_MODEL='/nonexistent'" in turns[-1].error and turns[-1].done
+    assert "Turn off “Search my documents”" in turns[-1].error
     *_, last = VerifyTab(assistant, loader).run("The lighthouse is red.")
     assert "Cannot search the knowledge store" in last[0] and "EMBEDDING_MODEL='/nonexistent'" in last[0]

@@ -1,4 +1,4 @@
-"""The fast decode path (engine/fast_decode.py) on CPU: the same loop and static cache as on a GPU, without
+"""The fast decode path (engine/decode/) on CPU: the same loop and static cache as on a GPU, without
 graph capture, checked token for token against transformers' generate on a tiny model trained on real text."""
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ def answers(rt: LocalRuntime, params: GenerationParams = GREEDY) -> list[tuple[s
     return [("".join(rt.stream(p, params)), rt.last_usage["completion_tokens"]) for p in PROMPTS]
 
 
-def test_fast_decode_writes_what_generate_writes_greedily(trained_tiny_model_dir, capsys):
+def test_fast_decode_writes_what_generate_writes_greedily(trained_tiny_model_dir):
     fast = runtime(trained_tiny_model_dir, "on")
-    assert fast.decoder is not None and "generation: fast decode ready" in capsys.readouterr().err
+    assert fast.decoder is not None and fast.decode_plan.path == "fast" and fast.decode_plan.fallback_reason is None
+    assert fast.decode_plan.kernels["attention"] == "the written positions (Triton)"
     standard = runtime(trained_tiny_model_dir, "off")
-    assert standard.decoder is None and "generation: the standard path" in capsys.readouterr().err
+    assert standard.decoder is None and standard.decode_plan.path == "standard"
+    assert "FAST_DECODE=off" in standard.decode_plan.fallback_reason
     written = answers(fast)
     assert int(fast.decoder.position) > 0  # the answers came from the fast decoder's cache
     assert fast.decoder.reads_written_positions_only  # through the Triton attention, interpreted here
@@ -52,12 +54,13 @@ def test_a_decode_step_that_differs_from_the_model_is_refused_at_start(trained_t
 
     from transformers import AutoModelForCausalLM
 
-    from engine.fast_decode import FastDecoder
+    from engine.decode.start import build_decoder
 
     model = AutoModelForCausalLM.from_pretrained(trained_tiny_model_dir).eval()
-    decoder = FastDecoder(model, 64, {0}, contextlib.nullcontext)
+    decoder = build_decoder(model, 64, {0}, contextlib.nullcontext)
     assert decoder.check() is None
-    decoder.cos, decoder.sin = torch.ones_like(decoder.cos), torch.zeros_like(decoder.sin)  # RoPE left out
+    cache = decoder.cache
+    cache.cos, cache.sin = torch.ones_like(cache.cos), torch.zeros_like(cache.sin)  # RoPE left out
     assert "from the model's forward" in decoder.check()
 
 
@@ -93,7 +96,7 @@ def test_fast_decode_stops_at_max_new_tokens_and_when_asked(trained_tiny_model_d
 
 
 def test_sampling_draws_from_the_top_p_mass_only():
-    from engine.fast_decode import choose_sampled
+    from engine.kernels.sampling import choose_sampled
 
     torch.manual_seed(0)
     logits = torch.tensor([[4.0, 2.0, 1.0, 0.0]])  # about 0.84, 0.11, 0.04, 0.02
@@ -108,29 +111,31 @@ def test_sampled_answers_stream_and_vary(trained_tiny_model_dir):
     assert len({"".join(fast.stream(PROMPTS[0], hot)) for _ in range(4)}) > 1
 
 
-def test_an_unsupported_architecture_takes_the_standard_path(capsys):
+def test_an_unsupported_architecture_takes_the_standard_path():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from engine.fast_decode import start_fast_decoder
+    from engine.decode.start import start_fast_decoder
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
-    assert start_fast_decoder(model, 64, {0}, lambda: torch.no_grad()) is None
-    assert "the gpt2 architecture is not one of qwen2, llama" in capsys.readouterr().err
+    decoder, plan = start_fast_decoder(model, 64, {0}, lambda: torch.no_grad())
+    assert decoder is None and plan.path == "standard"
+    assert "the gpt2 architecture is not one of qwen2, llama" in plan.fallback_reason
+    assert plan.to_dict()["path"] == "standard"
 
 
-def test_a_swap_whose_capture_fails_falls_back_to_generate_with_the_new_adapter(trained_tiny_model_dir, adapter_dir,
-                                                                                capsys):
+def test_a_swap_whose_capture_fails_falls_back_to_generate_with_the_new_adapter(trained_tiny_model_dir, adapter_dir):
     fast = runtime(trained_tiny_model_dir, "on", adapter_dir)
     standard = runtime(trained_tiny_model_dir, "off", adapter_dir)
     entry = fast.active_adapter
 
-    def failing_capture() -> float:  # as a capture on a GPU can fail (an allocator assertion was seen)
+    def failing_capture() -> None:  # as a capture on a GPU can fail (an allocator assertion was seen)
         raise RuntimeError("capture failed")
 
     fast.decoder.capture = failing_capture
     fast.activate(None)
     standard.activate(None)
-    assert fast.decoder is None and "the new adapter failed: capture failed" in capsys.readouterr().err
+    assert fast.decoder is None and fast.decode_plan.path == "standard"
+    assert "the new adapter failed: capture failed" in fast.decode_plan.fallback_reason
     assert answers(fast) == answers(standard)
     fast.activate(entry)
     standard.activate(entry)

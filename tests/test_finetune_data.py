@@ -5,8 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from errors import DataError
 from finetune.__main__ import main
-from finetune.data import DataError, PreferencePair, load_rows, prepare_data, prepare_pairs
+from finetune.data import PreferencePair, load_rows, prepare_data, prepare_pairs
 from tests.finetune_fixtures import seed_row, write_jsonl
 
 

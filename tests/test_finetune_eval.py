@@ -1,4 +1,4 @@
-"""`finetune eval`: the habits ORPO should change, measured on completions and on models side by side."""
+"""`assistant eval`: the habits ORPO should change, measured on completions and on models side by side."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune.evaluation import GenerationConfig, evaluate, load_prompts, markdown_table, plot
+from assistant.learning.evaluation import evaluate
+from engine.batch_generate import GenerationConfig
+from finetune.evaluation import load_prompts, markdown_table, plot
 from finetune.metrics import duplication, score_completion, summarize
 from finetune.prompts import THINK_OPEN, alpaca_prompt
 
@@ -58,7 +60,7 @@ def test_the_cli_scores_given_completions_per_model(tmp_path):
             {"model": "after", "prompt": PROMPT, "completion": f"{JA_REASONING}</think>五つです。"}]
     path = tmp_path / "completions.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    run = subprocess.run([sys.executable, "-m", "finetune", "eval", "--completions", str(path), "--json",
+    run = subprocess.run([sys.executable, "-m", "assistant", "eval", "--completions", str(path), "--json",
                           "--plot", str(tmp_path / "chart.png")], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
@@ -68,6 +70,13 @@ def test_the_cli_scores_given_completions_per_model(tmp_path):
     assert before["think_rate"] == after["think_rate"] == 1.0
     assert [c["duplication"] for c in before["completions"]] == [1.0, 1.0]
     assert (tmp_path / "chart.png").stat().st_size > 1000
+
+
+def test_the_old_finetune_eval_command_names_the_new_one(capsys):
+    from finetune.__main__ import main
+
+    assert main(["eval", "--completions", "completions.jsonl"]) == 2
+    assert "python -m assistant eval" in capsys.readouterr().err
 
 
 def test_eval_runs_the_base_and_each_adapter_side_by_side(tmp_path, tiny_model_dir, app_adapter_dir):
@@ -92,7 +101,8 @@ def test_eval_runs_the_base_and_each_adapter_side_by_side(tmp_path, tiny_model_d
 
 
 def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny_model_dir):
-    from finetune.evaluation import generate, load_base
+    from assistant.learning.evaluation import load_base
+    from engine.batch_generate import generate
 
     model, tokenizer = load_base(str(tiny_model_dir))
     prompts = [alpaca_prompt("Short?", "") + THINK_OPEN, alpaca_prompt("A much longer question " * 5, "ctx") + THINK_OPEN]

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from assistant.chat import Assistant
-from finetune.data import DataError, prepare_data
-from finetune.pair_generation import PairGenerationConfig, Question, generate_pairs, read_questions
+from assistant.learning.pair_generation import PairGenerationConfig, Question, generate_pairs, read_questions
+from errors import DataError
+from finetune.data import prepare_data
 from finetune.pairs_store import PairsStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +127,7 @@ def test_the_correct_rule_rejects_a_short_wrong_answer(settings, pump_store, tmp
 def test_the_cli_runs_on_the_tiny_model(tmp_path, tiny_model_dir, minilm_path):
     (tmp_path / "questions.txt").write_text("How fast is the pump?\nWho keeps the lighthouse?\n", encoding="utf-8")
     env = pairs_cli_env(tmp_path, tiny_model_dir, minilm_path)
-    run = subprocess.run([sys.executable, "-m", "finetune", "pairs", "generate", str(tmp_path / "questions.txt"),
+    run = subprocess.run([sys.executable, "-m", "assistant", "pairs", "generate", str(tmp_path / "questions.txt"),
                           "--out", str(tmp_path / "pairs.sqlite"), "--samples", "3", "--max-new-tokens", "12",
                           "--rules", "length", "--min-chars", "1", "--margin", "1", "--json"],
                          env=env, capture_output=True, text=True, cwd=tmp_path)
@@ -147,7 +148,7 @@ def test_the_cli_answers_with_the_adapter_it_is_given(tmp_path, tiny_model_dir, 
 
     adapter = save_adapter(tiny_model_dir, tmp_path / "round-1", str(tiny_model_dir))
     (tmp_path / "questions.txt").write_text("How fast is the pump?\n", encoding="utf-8")
-    run = subprocess.run([sys.executable, "-m", "finetune", "pairs", "generate", str(tmp_path / "questions.txt"),
+    run = subprocess.run([sys.executable, "-m", "assistant", "pairs", "generate", str(tmp_path / "questions.txt"),
                           "--out", str(tmp_path / "pairs.sqlite"), "--samples", "2", "--max-new-tokens", "4",
                           "--rules", "length", "--margin", "0", "--no-retrieval", "--adapter", str(adapter)],
                          env=pairs_cli_env(tmp_path, tiny_model_dir, minilm_path), capture_output=True, text=True)
@@ -157,7 +158,7 @@ def test_the_cli_answers_with_the_adapter_it_is_given(tmp_path, tiny_model_dir, 
 
 
 def test_the_correct_rule_without_expected_answers_says_what_to_give(tmp_path, capsys):
-    from finetune.__main__ import main
+    from assistant.__main__ import main
 
     (tmp_path / "q.txt").write_text("What is 4 plus 8?\n", encoding="utf-8")
     assert main(["pairs", "generate", str(tmp_path / "q.txt"), "--rules", "correct"]) == 2
@@ -165,7 +166,7 @@ def test_the_correct_rule_without_expected_answers_says_what_to_give(tmp_path, c
 
 
 def test_the_model_drafts_questions_from_passages_of_the_store(settings, pump_store):
-    from finetune.pair_generation import draft_questions
+    from assistant.learning.pair_generation import draft_questions
 
     runtime = CyclingRuntime("I read it.</think>How fast does the Borealis pump move?\nMore text.",
                              "</think>Not a question.")
@@ -190,7 +191,7 @@ def test_passages_are_sampled_from_current_documents_only(store, tmp_path):
 
 
 def test_without_questions_or_passages_the_cli_says_what_to_give(capsys):
-    from finetune.__main__ import main
+    from assistant.__main__ import main
 
     assert main(["pairs", "generate"]) == 2
     assert "--from-store N" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune.adapters import ADAPTER_CONFIG, read_training_info
 from finetune.data import prepare_data
 from finetune.pairs_store import (
     Completion,
@@ -151,7 +152,7 @@ def test_exports_are_trl_preference_rows_and_the_recipes_columns(pairs, tmp_path
 
 
 def test_a_missing_store_is_a_clear_error(tmp_path, tiny_tokenizer):
-    from finetune.data import DataError
+    from errors import DataError
 
     with pytest.raises(DataError, match="does not exist"):
         prepare_data(tmp_path / "nothing.sqlite", tiny_tokenizer)
@@ -242,9 +243,8 @@ def test_training_reads_the_store_directly(pairs, tmp_path, tiny_model_dir):
         good = pairs.add_answer(completion("40 litres [1].", question=f"Question {i}?"))
         pairs.add_pair(good, bad, "pick")
     result = train(tiny_config(tiny_model_dir, pairs.path, tmp_path / "adapter", max_steps=1, save_steps=1000))
-    assert result.global_step == 1 and (tmp_path / "adapter" / "adapter_config.json").exists()
-    info = json.loads((tmp_path / "adapter" / "training_info.json").read_text())
-    assert info["prompt_format"] == "alpaca"
+    assert result.global_step == 1 and (tmp_path / "adapter" / ADAPTER_CONFIG).exists()
+    assert read_training_info(tmp_path / "adapter").prompt_format == "alpaca"
 
 
 def test_pairs_prompted_with_the_chat_template_train_a_chat_format_adapter(pairs, tiny_tokenizer):

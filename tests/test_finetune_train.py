@@ -1,4 +1,3 @@
-import json
 import math
 
 import pytest
@@ -6,10 +5,13 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+from errors import TrainingError
 from finetune.__main__ import main
+from finetune.adapters import read_training_info
 from finetune.evaluation import completion_logprob
+from finetune.output_dir import latest_checkpoint
 from finetune.prompts import prompt_token_ids
-from finetune.train import TrainingError, latest_checkpoint, train
+from finetune.train import train
 from finetune.training_log import LOGGED_KEYS, read_log
 from tests.finetune_fixtures import repeat_task_rows, seed_row, tiny_config, write_jsonl
 
@@ -59,8 +61,8 @@ def test_output_dir_holds_tokenizer_config_and_prompt_format(trained_run):
     out = result.output_dir
     assert AutoTokenizer.from_pretrained(out).eos_token == "<｜end▁of▁sentence｜>"
     assert "max_length: 256" in (out / "train_config.yaml").read_text()
-    info = json.loads((out / "training_info.json").read_text())
-    assert info["prompt_format"] == "alpaca" and info["global_step"] == 4 and info["data_report"]["ok"] == 8
+    info = read_training_info(out)
+    assert info.prompt_format == "alpaca" and info.global_step == 4 and info.data_report["ok"] == 8
 
 
 def test_training_log_has_one_line_per_step_with_every_metric_and_a_plot(trained_run):

@@ -10,7 +10,9 @@ import contextlib
 import pytest
 import torch
 
-from engine.fast_decode import PROJECTIONS, FastDecoder
+from engine.decode.decoder import FastDecoder
+from engine.decode.projections import PROJECTIONS
+from engine.decode.start import build_decoder
 from engine.kernels.gemv_4bit import GemvConfig, Nf4Weight, gemv
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -104,12 +106,12 @@ def greedy_answers(model, tokenizer, decoder: FastDecoder | None) -> list[list[i
 def test_a_4bit_model_decodes_through_the_gemv_as_generate_does(trained_tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from engine.fast_decode import _Nf4Rows
+    from engine.decode.projections import Nf4Rows
 
     tokenizer = AutoTokenizer.from_pretrained(trained_tiny_model_dir)
     model = four_bit_model(trained_tiny_model_dir)
-    decoder = FastDecoder(model, 128, {tokenizer.eos_token_id}, contextlib.nullcontext)
-    assert all(isinstance(p, _Nf4Rows) for layer in decoder.projections for p in layer.values())
+    decoder = build_decoder(model, 128, {tokenizer.eos_token_id}, contextlib.nullcontext)
+    assert all(isinstance(p, Nf4Rows) for layer in decoder.projections for p in layer.values())
     assert decoder.check() is None
     written = greedy_answers(model, tokenizer, decoder)
     assert written == greedy_answers(model, tokenizer, None)
@@ -122,7 +124,7 @@ def test_a_lora_adapter_on_a_4bit_model_is_applied_in_the_step(trained_tiny_mode
 
     tokenizer = AutoTokenizer.from_pretrained(trained_tiny_model_dir)
     model = four_bit_model(trained_tiny_model_dir)
-    decoder = FastDecoder(model, 128, {tokenizer.eos_token_id}, contextlib.nullcontext)
+    decoder = build_decoder(model, 128, {tokenizer.eos_token_id}, contextlib.nullcontext)
     before = greedy_answers(model, tokenizer, decoder)
     torch.manual_seed(0)  # the adapter arrives after the decoder was built, as the runtime loads one
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
+import logging
 
 import pytest
 import torch
@@ -20,6 +20,8 @@ from finetune.prompts import prompt_token_ids  # noqa: E402
 from finetune.train import train  # noqa: E402
 from settings import Settings  # noqa: E402
 from tests.finetune_fixtures import repeat_task_rows, tiny_config, write_jsonl
+
+logger = logging.getLogger(__name__)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -42,6 +44,7 @@ def test_runtime_streams_on_cuda_with_a_trained_adapter(engine, trained_tiny_mod
     text = "".join(runtime.stream(prompt, GenerationParams(max_new_tokens=16, temperature=0.0)))
     assert (runtime.engine, runtime.adapter, runtime.device.type) == (engine, "orpo-gpu", "cuda")
     assert runtime.decoder is not None  # FAST_DECODE=auto takes the fast path on CUDA, either engine
+    assert runtime.decode_plan.path == "fast" and runtime.decode_plan.device.startswith("cuda")
     # Each token the fast path chose is the model's own greedy choice after the same tokens (its forward over them,
     # with Unsloth's or transformers' kernels), or within NEAR_TIE of it: the two round differently, and this tiny
     # model's two likeliest tokens are at times only hundredths apart (0.02-0.1 at the first two tokens of this
@@ -54,8 +57,7 @@ def test_runtime_streams_on_cuda_with_a_trained_adapter(engine, trained_tiny_mod
         logits = runtime.decoder.lm(input_ids=torch.tensor([ids + chosen], device="cuda"),
                                     return_dict=True).logits[0, len(ids) - 1:-1].float()
     gaps = logits.max(-1).values - logits[torch.arange(len(chosen)), torch.tensor(chosen)]
-    print(f"streamed {text!r}; each token's gap to the likeliest {[round(float(g), 3) for g in gaps]}",
-          file=sys.stderr)
+    logger.info("streamed %r; each token's gap to the likeliest %s", text, [round(float(g), 3) for g in gaps])
     assert bool((gaps <= NEAR_TIE).all())
     eos = runtime.tokenizer.eos_token
     assert text == runtime.tokenizer.decode(chosen, skip_special_tokens=False).split(eos)[0] != ""
@@ -93,7 +95,7 @@ def test_fast_decode_logits_match_the_eager_forward_on_the_1_5b_shape(with_adapt
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from engine.adapter_merge import MergedAdapter
-    from engine.fast_decode import FastDecoder
+    from engine.decode.start import build_decoder
     from scripts.gpu_generation_bench import SHAPES
 
     torch.manual_seed(0)
@@ -107,8 +109,7 @@ def test_fast_decode_logits_match_the_eager_forward_on_the_1_5b_shape(with_adapt
         merged = MergedAdapter()
         merged.merge(model, "default")
         answering = model.disable_adapter
-    decoder = FastDecoder(model, 1024, set(), answering)
-    decoder.capture()
+    decoder = build_decoder(model, 1024, set(), answering)  # captured, overlapping launches where faster
     prompt = torch.randint(0, 150000, (1, 300), device="cuda")
     fast_logits, tokens = [], prompt
     with answering():
@@ -140,11 +141,11 @@ def test_overlapping_launches_decode_exactly_as_launches_one_after_another_on_cu
     before the kernel before it has written it would change them."""
     from transformers import BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from engine.fast_decode import FastDecoder
+    from engine.decode.start import build_decoder
     from engine.kernels import dependent_launch, gemv_4bit_mma
     from scripts.gpu_generation_bench import SHAPES
 
-    if not dependent_launch.supported(torch.device("cuda")):
+    if dependent_launch.why_unsupported(torch.device("cuda")) is not None:
         pytest.skip("programmatic dependent launch needs compute capability 9.0 and a Triton that has it")
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -152,9 +153,9 @@ def test_overlapping_launches_decode_exactly_as_launches_one_after_another_on_cu
             tmp_path)
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     model = Qwen2ForCausalLM.from_pretrained(tmp_path, quantization_config=nf4, device_map="cuda").eval()
-    decoder = FastDecoder(model, 1024, set(), contextlib.nullcontext)
+    decoder = build_decoder(model, 1024, set(), contextlib.nullcontext)
     # the step runs our GEMV, attention and norms, the kernels that launch overlapping
-    assert any(chosen.func is gemv_4bit_mma.gemv for chosen in decoder.nf4_choice.values())
+    assert any(chosen.func is gemv_4bit_mma.gemv for chosen in decoder.kernels.products.values())
     assert decoder.reads_written_positions_only
     prompt, forced = (torch.randint(0, 150000, (1, n), device="cuda") for n in (300, 8))
     logits = {}
@@ -189,7 +190,7 @@ def test_the_tensor_core_gemv_multiplies_as_bitsandbytes_on_cuda(out_features, i
     layer.bias.data = torch.randn(out_features, device="cuda").to(torch.bfloat16)
     x = torch.randn(1, 1, in_features, dtype=torch.bfloat16, device="cuda")
     weight = Nf4Weight.from_bnb(layer)
-    assert gemv_4bit_mma.supported(weight, x.device) is None
+    assert gemv_4bit_mma.why_unsupported(weight, x.device) is None
     truth = x.double().view(-1) @ weight.dequantize(torch.float64).T
     with torch.no_grad():
         own = layer(x).double().view(-1)
@@ -243,8 +244,8 @@ def test_the_residual_norm_program_rounds_as_the_formula_does_on_cuda():
     steps of the formula's (the two differ only in the order the squares are summed and in the rsqrt, which can
     flip the rounding of the normalised value, then multiplied by a weight up to 1.5 and rounded again), and no
     further from the float64 norm than the formula is."""
-    from engine.fast_decode import add_rms_norm as eager
     from engine.kernels.residual_norm import add_rms_norm as fused
+    from engine.kernels.residual_norm import add_rms_norm_native as eager
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -263,8 +264,8 @@ def test_the_residual_norm_program_rounds_as_the_formula_does_on_cuda():
 def test_the_fused_rotary_kernel_rounds_once_on_cuda():
     """bf16 on the GPU (Triton's interpreter on the CPU computes bf16 wrongly): each value within half a bf16
     rounding step of the exact rotation (the eager formula rounds three times), the value copied exactly."""
-    from engine.fast_decode import rotate_and_store as eager
     from engine.kernels.rotary_store import rotate_and_store as fused
+    from engine.kernels.rotary_store import rotate_and_store_native as eager
 
     torch.manual_seed(0)
     heads, kv_heads, head_dim, max_len = 40, 8, 128, 64

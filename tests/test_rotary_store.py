@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.fast_decode import rotate_and_store as eager
 from engine.kernels.rotary_store import rotate_and_store as fused
+from engine.kernels.rotary_store import rotate_and_store_native as eager
 
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim, position", [

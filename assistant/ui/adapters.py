@@ -13,6 +13,7 @@ from assistant.model_loader import READY, ModelLoader
 from assistant.ui.errors import Refusal
 from engine.adapter_switch import FOLLOW, AdapterSwitch
 from errors import UserError
+from finetune.adapters import AdapterEntry
 
 COLUMNS = ["adapter", "base model", "written", "pairs", "steps", "eval", "status"]
 
@@ -23,28 +24,31 @@ class AdaptersTab:
         self.downloads = Path(tempfile.mkdtemp(prefix="think-rag-adapters-"))  # zips to download, gone at exit
         atexit.register(shutil.rmtree, self.downloads, True)
 
-    def state(self) -> dict:
+    def state(self, adapters: list[AdapterEntry] | None = None) -> dict:
         """What the API returns: the choice, the adapter in use, and every adapter with why it cannot be used."""
         active = self.switch.active
+        adapters = self.switch.adapters() if adapters is None else adapters
         return {"mode": self.switch.choice.mode, "pinned": self.switch.choice.adapter,
                 "active": active.name if active else None, "model_status": self.loader.state,
-                "adapters": [a.to_dict() for a in self.switch.adapters()]}
+                "adapters": [a.to_dict() for a in adapters]}
 
     def listing(self):
         """(summary, table rows, the adapter picker, state as JSON)."""
-        state = self.state()
-        in_use = state["active"] if self.loader.state == READY else None
-        rows = [[a["name"], a["base_model"] or "unknown", a["created"], a["data_size"], a["steps"], a["eval"] or "",
-                 "in use" if a["name"] == in_use else ("usable" if a["usable"] else f"not usable: {a['reason']}")]
-                for a in state["adapters"]]
+        adapters = self.switch.adapters()
+        state = self.state(adapters)
+        active = self.switch.active
+        in_use = active.name if active and self.loader.state == READY else None
+        rows = [[a.name, a.base_model or "unknown", a.written, a.data_size, a.steps, a.eval_summary or "",
+                 "in use" if a.name == in_use else ("usable" if a.usable else f"not usable: {a.reason}")]
+                for a in adapters]
         if self.loader.state != READY:
             summary = f"**Model {self.loader.state}**: adapters can be chosen once it is ready."
         else:
             summary = (f"**In use:** {in_use or 'the base model'} ({self.switch.choice.describe()}). "
                        + ("A newer adapter written to the folder is swapped in between answers."
-                          if state["mode"] == FOLLOW else "Follow the newest to pick up new adapters again."))
+                          if self.switch.choice.mode == FOLLOW else "Follow the newest to pick up new adapters again."))
         summary += f" Folder: `{self.switch.settings.adapter_dir}`."
-        names = [a["name"] for a in state["adapters"]]
+        names = [a.name for a in adapters]
         picker = gr.Dropdown(choices=names, value=in_use if in_use in names else None)
         return summary, rows, picker, state
 

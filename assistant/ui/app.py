@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import sys
 
 import gradio as gr
@@ -23,8 +24,6 @@ import httpx
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse
-from gradio.route_utils import API_PREFIX
-from gradio.routes import App as GradioApp
 from starlette.routing import Mount
 
 from assistant.chat import Assistant
@@ -40,10 +39,13 @@ from assistant.ui.knowledge import KnowledgeTab
 from assistant.ui.pairs import PairsTab
 from assistant.ui.train import TrainTab
 from assistant.ui.verify import VerifyTab
+from compat import gradio_api_prefix, is_gradio_app
 from errors import UserError
 from finetune.pairs_store import PairsStore
 from knowledge import StoreError
 from settings import Settings
+
+logger = logging.getLogger(__name__)
 
 TITLE = "Assistant"
 # Gradio's cache: every hour, delete the uploads and served files that are more than a day old.
@@ -66,7 +68,7 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab, 
         store = assistant.store  # opened once here, so a broken store is reported at start, not per request
     except UserError as e:
         store_error = str(e)
-        print(f"error: the knowledge store is unavailable: {e}", file=sys.stderr, flush=True)
+        logger.error("the knowledge store is unavailable: %s", e)
     loader = ModelLoader(assistant).start()
     assistant.adapters.start_following()  # looks only once the model has loaded
     conversations, conversations_error = None, None
@@ -74,7 +76,7 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab, 
         conversations = ConversationStore(settings.conversations_db)
     except UserError as e:
         conversations_error = str(e)
-        print(f"error: conversations are not saved: {e}", file=sys.stderr, flush=True)
+        logger.error("conversations are not saved: %s", e)
     chat, verify, knowledge = ChatTab(assistant, loader, conversations), VerifyTab(assistant, loader), \
         KnowledgeTab(store, settings, store_error)
     sidebar = ConversationsPanel(chat, conversations, conversations_error)
@@ -83,7 +85,7 @@ def _build(assistant: Assistant) -> tuple[gr.Blocks, ModelLoader, KnowledgeTab, 
         feedback = FeedbackStore(PairsStore(settings.pairs_db))
     except UserError as e:
         feedback_error = str(e)
-        print(f"error: the pairs store is unavailable, so feedback is not saved: {e}", file=sys.stderr, flush=True)
+        logger.error("the pairs store is unavailable, so feedback is not saved: %s", e)
     pairs = PairsTab(feedback, chat.exports.folder, feedback_error, settings.export_source_paths)
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
@@ -169,10 +171,9 @@ def _login_check(app: FastAPI):
     GET /gradio_api/login_check with the request's cookies, so both agree on who is logged in."""
 
     async def check(request: Request) -> None:
-        gradio_app = next(route.app for route in app.routes
-                          if isinstance(route, Mount) and isinstance(route.app, GradioApp))
+        gradio_app = next(route.app for route in app.routes if isinstance(route, Mount) and is_gradio_app(route.app))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gradio_app), base_url="http://app") as ask:
-            answer = await ask.get(f"{API_PREFIX}/login_check", headers={"cookie": request.headers.get("cookie", "")})
+            answer = await ask.get(f"{gradio_api_prefix()}/login_check", headers={"cookie": request.headers.get("cookie", "")})
         if answer.status_code != 200:
             raise HTTPException(status_code=401, detail="Not authenticated: log in on the app's page first.")
 
@@ -211,12 +212,12 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 7860, insecur
         print(f"error: {refusal}", file=sys.stderr)
         return 2
     if not is_loopback(host) and not logins:
-        print(f"warning: serving on {host} without logins (--insecure-no-auth)", file=sys.stderr)
+        logger.warning("serving on %s without logins (--insecure-no-auth)", host)
     import uvicorn
 
     app = create_server(Assistant(settings), auth=logins or None)
-    print(f"Serving on http://{host}:{port} (logins {'required' if logins else 'off'}); "
-          f"health check at /health", flush=True)
+    logger.info("serving on http://%s:%s (logins %s); health check at /health", host, port,
+                "required" if logins else "off")
     # Browsers hold event streams open: without a bound, a stop (SIGTERM, `docker compose down`) waits for them
     # until the container engine kills the app.
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)

@@ -1,6 +1,6 @@
 """The chat tab: streamed answers with a thinking block, numbered citations, settings, stop and export.
 
-The conversation lives in a per-session list of turns (plain dicts, in a gr.State); the chatbot's messages
+The conversation lives in a per-session list of turns (``assistant.turns.ChatTurn``, in a gr.State); the chatbot's messages
 are drawn from it on every update. The turns, not the chatbot, feed the model's history and the export, so
 the thinking blocks and citation blocks the page shows never leak into the prompt.
 """
@@ -14,16 +14,15 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 
 import gradio as gr
 
-from assistant.chat import Answer, Assistant, Citation
+from assistant.chat import Answer, Assistant
 from assistant.conversations import ConversationStore, new_conversation_id
 from assistant.model_loader import ModelLoader, public_model_name, short_model_name, with_hint
+from assistant.turns import ChatTurn
 from assistant.ui.markdown import passage_markdown
 from engine.runtime import GenerationParams
 from errors import ModelUnavailable, UserError
@@ -90,88 +89,62 @@ def request_session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or ""
 
 
-def new_turn(question: str, params: GenerationParams, use_retrieval: bool) -> dict:
-    return {"question": question, "reasoning": "", "answer": "", "thinking_done": False, "done": False,
-            "stopped": False, "error": None, "citations": [], "passages": [], "support": [], "model": "",
-            "adapter": None,
-            "retrieval": use_retrieval,
-            "params": {"temperature": params.temperature, "max_new_tokens": params.max_new_tokens},
-            "started_at": time.time(), "seconds": None,
-            # for feedback: the answer's own id, the prompt it came from, answers replaced by "try again"
-            "key": uuid.uuid4().hex, "prompt": None, "earlier": [], "picked": None}
-
-
-def citation_dict(citation: Citation) -> dict:
-    return {**citation.to_dict(), "label": citation.label}
-
-
-def record_answer(turn: dict, answer: Answer, stop: threading.Event) -> None:
-    """Copy the answer so far into its turn; once it is done, also its prompt, what it cites and the checks."""
-    turn.update(reasoning=answer.reasoning, answer=answer.answer, thinking_done=answer.thinking_done,
-                model=answer.model, adapter=answer.adapter, translations=list(answer.translations))
-    if answer.done:
-        turn.update(done=True, stopped=stop.is_set(), prompt=asdict(answer.prompt), left_out=answer.left_out,
-                    citations=[citation_dict(c) for c in answer.citations],
-                    passages=[citation_dict(c) for c in answer.uncited],
-                    support=[check.to_dict() for check in answer.support])
-    turn["seconds"] = time.time() - turn["started_at"] if answer.done else None
-
-
-def model_history(turns: list[dict]) -> list[dict]:
+def model_history(turns: list[ChatTurn]) -> list[dict]:
     """The finished turns as {"role", "content"} messages: what the model is shown of the past."""
     messages = []
     for turn in turns:
-        messages.append({"role": "user", "content": turn["question"]})
-        if turn["answer"]:
-            messages.append({"role": "assistant", "content": turn["answer"]})
+        messages.append({"role": "user", "content": turn.question})
+        if turn.answer:
+            messages.append({"role": "assistant", "content": turn.answer})
     return messages
 
 
-def turn_messages(turn: dict, index: int) -> list[gr.ChatMessage]:
+def turn_messages(turn: ChatTurn, index: int) -> list[gr.ChatMessage]:
     """A turn as chatbot messages: question, thinking block, answer with its model line, citations."""
-    messages = [gr.ChatMessage(role="user", content=turn["question"])]
-    if turn["error"]:
-        messages.append(gr.ChatMessage(content=f"**Cannot answer:**\n\n```\n{turn['error']}\n```"))
+    messages = [gr.ChatMessage(role="user", content=turn.question)]
+    if turn.error:
+        messages.append(gr.ChatMessage(content=f"**Cannot answer:**\n\n```\n{turn.error}\n```"))
         return messages
-    for number, earlier in enumerate(turn.get("earlier", []), start=1):
+    for number, earlier in enumerate(turn.earlier, start=1):
         block = f"earlier-{index}-{number}"
-        messages.append(gr.ChatMessage(content=earlier["answer"] or EARLIER_NO_ANSWER, metadata={
+        messages.append(gr.ChatMessage(content=earlier.answer or EARLIER_NO_ANSWER, metadata={
             "title": f"Earlier answer {number} (before “Try again”)", "id": block, "status": "done"}))
-        if earlier["reasoning"]:
-            messages.append(gr.ChatMessage(content=earlier["reasoning"], metadata={
+        if earlier.reasoning:
+            messages.append(gr.ChatMessage(content=earlier.reasoning, metadata={
                 "title": "Its reasoning", "parent_id": block, "status": "done"}))
-    finished_thinking = turn["thinking_done"] or turn["done"]
-    if turn["reasoning"] or not finished_thinking:
-        title = THINKING if turn["thinking_done"] or not turn["done"] else THINKING_OPEN_ENDED
+    finished_thinking = turn.thinking_done or turn.done
+    if turn.reasoning or not finished_thinking:
+        title = THINKING if turn.thinking_done or not turn.done else THINKING_OPEN_ENDED
         metadata = {"title": title, "id": f"think-{index}", "status": "done" if finished_thinking else "pending"}
-        if turn["seconds"] is not None:
-            metadata["duration"] = round(turn["seconds"], 1)
-        messages.append(gr.ChatMessage(content=turn["reasoning"] or "…", metadata=metadata))
-    if turn["answer"] or turn["done"]:
-        if turn.get("cut_off"):
-            body = f"{turn['answer']}\n\n{CUT_OFF}" if turn["answer"] else CUT_OFF
-        elif turn["stopped"]:
-            body = f"{marked_answer(turn['answer'], turn['support'])}\n\n{STOPPED}" if turn["answer"] else STOPPED
+        if turn.seconds is not None:
+            metadata["duration"] = round(turn.seconds, 1)
+        messages.append(gr.ChatMessage(content=turn.reasoning or "…", metadata=metadata))
+    if turn.answer or turn.done:
+        if turn.cut_off:
+            body = f"{turn.answer}\n\n{CUT_OFF}" if turn.answer else CUT_OFF
+        elif turn.stopped:
+            body = f"{marked_answer(turn.answer, turn.support)}\n\n{STOPPED}" if turn.answer else STOPPED
         else:
-            body = marked_answer(turn["answer"], turn["support"]) if turn["answer"] else NO_ANSWER
-        if turn["done"] and turn["answer"] and turn["passages"] and not turn["citations"]:
+            body = marked_answer(turn.answer, turn.support) if turn.answer else NO_ANSWER
+        if turn.done and turn.answer and turn.passages and not turn.citations:
             body += f"\n\n*{UNCITED}*"
-        shown_none = not (turn["passages"] or turn["citations"] or turn.get("left_out"))
-        if turn["done"] and turn["retrieval"] and turn.get("prompt") and shown_none:
+        shown_none = not (turn.passages or turn.citations or turn.left_out)
+        if turn.done and turn.retrieval and turn.prompt and shown_none:
             body += f"\n\n*{EMPTY_STORE}*"
-        if turn.get("left_out"):
-            count = turn["left_out"]
+        if turn.left_out:
+            count = turn.left_out
             body += (f"\n\n*{count} retrieved passage{'s were' if count != 1 else ' was'} left out to fit the model's "
                      "context; lower “Max new tokens” to give passages more room.*")
-        if turn["model"]:
-            also = "".join(f"; also searched as “{passage_markdown(t)}”" for t in turn.get("translations", []))
-            body += (f"\n\n<small>answered by {short_model_name(turn['model'])} + adapter "
-                     f"{turn['adapter'] or 'none'}{'' if turn['retrieval'] else ', without retrieval'}{also}</small>")
+        if turn.model:
+            also = "".join(f"; also searched as “{passage_markdown(t)}”" for t in turn.translations)
+            body += (f"\n\n<small>answered by {short_model_name(turn.model)} + adapter "
+                     f"{turn.adapter or 'none'}{'' if turn.retrieval else ', without retrieval'}{also}</small>")
         messages.append(gr.ChatMessage(content=body))
-    if turn["done"]:
-        for kind, title in (("citations", "Sources"), ("passages", "Retrieved, not cited")):
-            if turn[kind]:
-                messages += passage_messages(turn[kind], title, f"{kind}-{index}")
+    if turn.done:
+        for passages, kind, title in ((turn.citations, "citations", "Sources"),
+                                      (turn.passages, "passages", "Retrieved, not cited")):
+            if passages:
+                messages += passage_messages(passages, title, f"{kind}-{index}")
     return messages
 
 
@@ -194,11 +167,11 @@ def passage_messages(citations: list[dict], title: str, parent: str) -> list[gr.
     return messages
 
 
-def chat_messages(turns: list[dict]) -> list[gr.ChatMessage]:
+def chat_messages(turns: list[ChatTurn]) -> list[gr.ChatMessage]:
     return [m for index, turn in enumerate(turns) for m in turn_messages(turn, index)]
 
 
-def conversation_export(turns: list[dict], source_paths: bool = False) -> dict:
+def conversation_export(turns: list[ChatTurn], source_paths: bool = False) -> dict:
     """The conversation as JSON: every turn with its reasoning, citations, model and adapter. Sources are file
     names unless ``source_paths`` (EXPORT_SOURCE_PATHS)."""
 
@@ -208,16 +181,16 @@ def conversation_export(turns: list[dict], source_paths: bool = False) -> dict:
 
     messages = []
     for turn in turns:
-        messages.append({"role": "user", "content": turn["question"]})
-        if turn["done"] and not turn["error"]:
-            messages.append({"role": "assistant", "content": turn["answer"], "reasoning": turn["reasoning"],
-                             "citations": [passage(c) for c in turn["citations"]],
-                             "passages": [passage(c) for c in turn["passages"]],
-                             "support": turn["support"],
-                             "model": public_model_name(turn["model"]), "adapter": turn["adapter"],
-                             "retrieval": turn["retrieval"],
-                             "params": turn["params"], "stopped": turn["stopped"],
-                             "thinking_closed": turn["thinking_done"]})
+        messages.append({"role": "user", "content": turn.question})
+        if turn.done and not turn.error:
+            messages.append({"role": "assistant", "content": turn.answer, "reasoning": turn.reasoning,
+                             "citations": [passage(c) for c in turn.citations],
+                             "passages": [passage(c) for c in turn.passages],
+                             "support": turn.support,
+                             "model": public_model_name(turn.model), "adapter": turn.adapter,
+                             "retrieval": turn.retrieval,
+                             "params": turn.params, "stopped": turn.stopped,
+                             "thinking_closed": turn.thinking_done})
     return {"format": "think-rag conversation", "version": 1,
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "messages": messages}
 
@@ -232,14 +205,14 @@ class ConversationExports:
         self.folder = Path(tempfile.mkdtemp(prefix="think-rag-exports-"))
         atexit.register(self.close)
 
-    def write(self, turns: list[dict], session: str) -> str | None:
+    def write(self, turns: list[ChatTurn], session: str) -> str | None:
         """The session's conversation as a file to download; None before its first question."""
         if not turns:
             return None
         # The session hash comes from the browser: hashed, it cannot name a path outside the folder.
         folder = self.folder / hashlib.sha256(session.encode()).hexdigest()[:32]
         folder.mkdir(exist_ok=True)
-        started = time.strftime("%Y%m%d-%H%M%S", time.gmtime(turns[0]["started_at"]))
+        started = time.strftime("%Y%m%d-%H%M%S", time.gmtime(turns[0].started_at))
         path = folder / f"conversation-{started}.json"
         for earlier in folder.glob("*.json"):  # the session's previous conversation, before "New chat"
             if earlier != path:
@@ -261,7 +234,7 @@ class ChatTab:
         self.switches = StopSwitches()
         self.exports = ConversationExports(assistant.settings.export_source_paths)
 
-    def keep(self, turns: list[dict], conversation: str | None, request: gr.Request) -> None:
+    def keep(self, turns: list[ChatTurn], conversation: str | None, request: gr.Request) -> None:
         """Save the conversation as it stands (nothing before its first question)."""
         if self.conversations is not None and conversation and turns:
             self.conversations.save(conversation, request_user(request), turns)
@@ -272,7 +245,7 @@ class ChatTab:
         conversation = conversation or (new_conversation_id() if (message or "").strip() else None)
         return conversation, conversation
 
-    def respond(self, message: str, turns: list[dict], temperature: float, max_new_tokens: float,
+    def respond(self, message: str, turns: list[ChatTurn], temperature: float, max_new_tokens: float,
                 use_retrieval: bool, conversation: str | None = None, request: gr.Request = None):
         """Stream the answer to `message`, given the session's earlier turns: (chatbot, turns, question box,
         conversation id). The conversation is saved when the question is asked and when the answer ends, or is
@@ -284,30 +257,29 @@ class ChatTab:
         conversation = conversation or new_conversation_id()
         params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature))
         history = model_history(turns)
-        turn = new_turn(question, params, bool(use_retrieval))
+        turn = ChatTurn.asked(question, params, bool(use_retrieval))
         turns = [*turns, turn]
         stop = self.switches.new(request_session(request))
         self.keep(turns, conversation, request)
         try:
             yield chat_messages(turns), turns, "", conversation
             if self.loader.wait() is None:
-                turn["error"] = self.loader.error
-                turn["done"] = True
+                turn.error, turn.done = self.loader.error, True
                 yield chat_messages(turns), turns, "", conversation
                 return
             try:
                 for answer in throttled(self.assistant.stream_answer(
                         [*history, {"role": "user", "content": question}], params, use_retrieval=bool(use_retrieval),
                         stop=stop)):
-                    record_answer(turn, answer, stop)
+                    turn.record(answer, stop.is_set())
                     yield chat_messages(turns), turns, "", conversation
             except ModelUnavailable as e:
-                turn["error"] = with_hint(str(e))
+                turn.error = with_hint(str(e))
             except (StoreError, EmbeddingModelError) as e:
-                turn["error"] = f"{e}\nTurn off “Search my documents” to answer without the knowledge store."
+                turn.error = f"{e}\nTurn off “Search my documents” to answer without the knowledge store."
             except UserError as e:
-                turn["error"] = str(e)
-            turn["done"] = True
+                turn.error = str(e)
+            turn.done = True
             yield chat_messages(turns), turns, "", conversation
         finally:
             self.keep(turns, conversation, request)
@@ -315,7 +287,7 @@ class ChatTab:
     def stop(self, request: gr.Request) -> None:
         self.switches.stop(request_session(request))
 
-    def export(self, turns: list[dict], request: gr.Request):
+    def export(self, turns: list[ChatTurn], request: gr.Request):
         path = self.exports.write(turns, request_session(request))
         return gr.DownloadButton(value=path, interactive=path is not None)
 

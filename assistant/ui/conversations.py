@@ -11,6 +11,7 @@ from __future__ import annotations
 import gradio as gr
 
 from assistant.conversations import ConversationError, ConversationStore
+from assistant.turns import ChatTurn
 from assistant.ui.chat import ChatTab, chat_messages, request_user
 from assistant.ui.errors import Refusal
 
@@ -20,11 +21,11 @@ BROWSER_KEY = "think-rag-conversation"
 
 
 
-def reopened(turns: list[dict]) -> list[dict]:
+def reopened(turns: list[ChatTurn]) -> list[ChatTurn]:
     """Turns as reopened: an answer still being written when the conversation was last saved is cut off."""
     for turn in turns:
-        if not turn["done"]:
-            turn.update(done=True, cut_off=True, prompt=None)
+        if not turn.done:
+            turn.done, turn.cut_off, turn.prompt = True, True, None
     return turns
 
 

@@ -8,18 +8,15 @@ buttons (like, retry) and the controls below it, and as named API endpoints (``/
 
 from __future__ import annotations
 
-import time
-import uuid
-
 import gradio as gr
 
 from assistant.chat import Answer, Citation, PromptRecord
 from assistant.feedback import FeedbackStore, Saved, completion
+from assistant.turns import ChatTurn, EarlierAnswer
 from assistant.ui.chat import (
     EARLIER_NO_ANSWER,
     ChatTab,
     chat_messages,
-    record_answer,
     request_session,
     request_user,
     throttled,
@@ -37,7 +34,7 @@ COMPARE_PROMPT = ("**You asked for another answer.** Which one is better? Read b
 NO_EDIT_TARGET = "*Ask a question first: the editor is for the last answer.*"
 
 
-def turn_of_message(turns: list[dict], message_index: int) -> int:
+def turn_of_message(turns: list[ChatTurn], message_index: int) -> int:
     """The number of the turn that the chatbot's message ``message_index`` belongs to."""
     first = 0
     for number, turn in enumerate(turns):
@@ -54,26 +51,26 @@ def _short(text: str, limit: int = 60) -> str:
     return f"“{text if len(text) <= limit else text[:limit - 1] + '…'}”"
 
 
-def turn_completion(turn: dict) -> tuple[str, object]:
+def turn_completion(turn: ChatTurn) -> tuple[str, object]:
     """(the answer's key, the answer as the pairs store keeps it) of a finished turn."""
-    if not turn.get("done") or turn.get("error") or not turn.get("prompt"):
+    if not turn.done or turn.error or not turn.prompt:
         raise Refusal("Only a finished answer can be judged.")
-    return _keyed_completion(turn["prompt"], turn)
+    return _keyed_completion(turn.prompt, turn)
 
 
-def earlier_completion(turn: dict) -> tuple[str, object]:
+def earlier_completion(turn: ChatTurn) -> tuple[str, object]:
     """The same for the answer "try again" replaced last."""
-    return _keyed_completion(turn["prompt"], turn["earlier"][-1])
+    return _keyed_completion(turn.prompt, turn.earlier[-1])
 
 
-def _keyed_completion(prompt: dict, answer: dict) -> tuple[str, object]:
-    return answer["key"], completion(PromptRecord(**prompt), answer["reasoning"], answer["answer"],
-                                     answer["thinking_done"], answer["model"], answer["adapter"])
+def _keyed_completion(prompt: dict, answer: ChatTurn | EarlierAnswer) -> tuple[str, object]:
+    return answer.key, completion(PromptRecord(**prompt), answer.reasoning, answer.answer, answer.thinking_done,
+                                  answer.model, answer.adapter)
 
 
-def answer_turn(turns: list[dict], key: str | None) -> dict | None:
+def answer_turn(turns: list[ChatTurn], key: str | None) -> ChatTurn | None:
     """The turn whose answer (the one shown, not an earlier one) is ``key``."""
-    return next((turn for turn in turns if key and turn["key"] == key), None)
+    return next((turn for turn in turns if key and turn.key == key), None)
 
 
 def replaced_note(change: Change) -> str:
@@ -84,11 +81,11 @@ def replaced_note(change: Change) -> str:
             f"({count} removed).")
 
 
-def answer_markdown(title: str, answer: dict) -> str:
+def answer_markdown(title: str, answer: ChatTurn | EarlierAnswer) -> str:
     """One side of the comparison: its reasoning (quoted) and its answer."""
-    reasoning = answer["reasoning"].strip() or "(no reasoning)"
+    reasoning = answer.reasoning.strip() or "(no reasoning)"
     quoted = "\n".join(f"> {line}" for line in reasoning.splitlines())
-    body = answer["answer"].strip() or EARLIER_NO_ANSWER
+    body = answer.answer.strip() or EARLIER_NO_ANSWER
     return f"### {title}\n**Reasoning**\n\n{quoted}\n\n**Answer**\n\n{body}"
 
 
@@ -105,7 +102,7 @@ class ChatFeedback:
             raise Refusal(f"Feedback cannot be saved: {self.unavailable}")
         return self.feedback
 
-    def _turn(self, turns: list[dict], number: float | None) -> dict:
+    def _turn(self, turns: list[ChatTurn], number: float | None) -> ChatTurn:
         if not turns:
             raise Refusal("Ask something first.")
         number = len(turns) - 1 if number is None or number < 0 else int(number)
@@ -125,14 +122,14 @@ class ChatFeedback:
 
     # -- votes ----------------------------------------------------------------------------------------
 
-    def vote(self, turns: list[dict], number: float | None, good: bool, request: gr.Request) -> str:
+    def vote(self, turns: list[ChatTurn], number: float | None, good: bool, request: gr.Request) -> str:
         """A thumbs up (``good``) or down on turn ``number`` (-1: the last)."""
         return self._vote(self._turn(turns, number), bool(good), request)[0]
 
-    def _vote(self, turn: dict, good: bool, request: gr.Request | None) -> tuple[str, Change]:
+    def _vote(self, turn: ChatTurn, good: bool, request: gr.Request | None) -> tuple[str, Change]:
         key, answer = turn_completion(turn)
         thumb = "👍" if good else "👎"
-        change = self._save(request, f"your {thumb} on the answer to {_short(turn['question'])}", key,
+        change = self._save(request, f"your {thumb} on the answer to {_short(turn.question)}", key,
                             lambda store: store.vote(key, answer, good, request_user(request)))
         changed = [v for v in change.replaced_votes if v.good != good]
         note = f" Your earlier {'👎' if good else '👍'} on this answer is replaced." if changed else ""
@@ -145,17 +142,17 @@ class ChatFeedback:
         return (f"Saved {thumb}.{note}{replaced_note(change)} It becomes a training pair when a better answer to "
                 "this question arrives (try again, or write one)."), change
 
-    def on_like(self, turns: list[dict], compare: dict | None, data: gr.LikeData, request: gr.Request):
+    def on_like(self, turns: list[ChatTurn], compare: dict | None, data: gr.LikeData, request: gr.Request):
         """A thumb on the chatbot: (status, comparison row, comparison). Taking a thumb back undoes that vote."""
         turn = turns[turn_of_message(turns, data.index if isinstance(data.index, int) else data.index[0])]
         if data.liked not in (True, False):
             last = self._store().last(request_session(request))
-            if last is None or last.key != turn["key"] or last.change.vote is None:
+            if last is None or last.key != turn.key or last.change.vote is None:
                 return "Thumb taken back on the page; use “Undo last feedback” to take back an earlier vote.", \
                     gr.update(), compare
             return self.undo(request), gr.update(), compare
         status, change = self._vote(turn, data.liked, request)
-        if compare and change.made and compare.get("new") == turn["key"]:
+        if compare and change.made and compare.get("new") == turn.key:
             return status, gr.update(visible=False), None  # the vote paired the two answers compared: done
         return status, gr.update(), compare
 
@@ -167,7 +164,7 @@ class ChatFeedback:
 
     # -- try again and the comparison -----------------------------------------------------------------
 
-    def try_again(self, turns: list[dict], number: float | None, temperature: float, max_new_tokens: float,
+    def try_again(self, turns: list[ChatTurn], number: float | None, temperature: float, max_new_tokens: float,
                   request: gr.Request):
         """Another answer to turn ``number``'s exact prompt; the earlier one is kept for the comparison.
 
@@ -175,83 +172,81 @@ class ChatFeedback:
         turn = self._turn(turns, number)
         turn_completion(turn)  # a finished answer only
         previous = Answer(passages=[Citation(c["number"], c["source"], c["page"], c["text"])
-                                    for c in sorted(turn["citations"] + turn["passages"], key=lambda c: c["number"])],
-                          prompt=PromptRecord(**turn["prompt"]), left_out=turn.get("left_out", 0))
-        keep = ("key", "reasoning", "answer", "thinking_done", "model", "adapter", "citations", "passages", "support")
-        turn["earlier"] = [*turn.get("earlier", []), {k: turn[k] for k in keep}]
-        turn.update(key=uuid.uuid4().hex, reasoning="", answer="", thinking_done=False, done=False, picked=None,
-                    stopped=False, citations=[], passages=[], support=[], started_at=time.time(), seconds=None)
+                                    for c in sorted(turn.citations + turn.passages, key=lambda c: c["number"])],
+                          prompt=PromptRecord(**turn.prompt), left_out=turn.left_out,
+                          translations=tuple(turn.translations))
+        turn.replace_answer()
         params = GenerationParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature))
         stop = self.chat.switches.new(request_session(request))
         hidden = (gr.update(visible=False), None, gr.update(), gr.update())
         yield chat_messages(turns), turns, *hidden
         try:
             for answer in throttled(self.chat.assistant.stream_again(previous, params, stop)):
-                record_answer(turn, answer, stop)
+                turn.record(answer, stop.is_set())
                 yield chat_messages(turns), turns, *hidden
         except UserError as e:
-            turn["error"] = str(e)
-        turn["done"] = True
-        if turn["error"]:
+            turn.error = str(e)
+        turn.done = True
+        if turn.error:
             yield chat_messages(turns), turns, *hidden
             return
-        compare = {"new": turn["key"], "earlier": turn["earlier"][-1]["key"]}
+        compare = {"new": turn.key, "earlier": turn.earlier[-1].key}
         yield (chat_messages(turns), turns, gr.update(visible=True), compare,
-               answer_markdown(f"Earlier answer {len(turn['earlier'])}", turn["earlier"][-1]),
+               answer_markdown(f"Earlier answer {len(turn.earlier)}", turn.earlier[-1]),
                answer_markdown("New answer", turn))
 
-    def on_retry(self, turns: list[dict], temperature: float, max_new_tokens: float, data: gr.RetryData,
+    def on_retry(self, turns: list[ChatTurn], temperature: float, max_new_tokens: float, data: gr.RetryData,
                  request: gr.Request):
         index = data.index if isinstance(data.index, int) else data.index[0]
         yield from self.try_again(turns, turn_of_message(turns, index), temperature, max_new_tokens, request)
 
-    def pick(self, turns: list[dict], number: float | None, better: str, request: gr.Request) -> str:
+    def pick(self, turns: list[ChatTurn], number: float | None, better: str, request: gr.Request) -> str:
         """After "try again": ``better`` is "new" (the answer shown) or "earlier"."""
         return self._pick(self._turn(turns, number), better, request)
 
-    def _pick(self, turn: dict, better: str, request: gr.Request | None) -> str:
-        if not turn.get("earlier"):
+    def _pick(self, turn: ChatTurn, better: str, request: gr.Request | None) -> str:
+        if not turn.earlier:
             raise Refusal("There is only one answer to this question: use “Try again” first.")
         if better not in ("new", "earlier"):
             raise Refusal('Pick "new" or "earlier".')
         new, earlier = turn_completion(turn), earlier_completion(turn)
         chosen, rejected = (new, earlier) if better == "new" else (earlier, new)
-        change = self._save(request, f"your pick of the {better} answer to {_short(turn['question'])}", new[0],
+        change = self._save(request, f"your pick of the {better} answer to {_short(turn.question)}", new[0],
                             lambda store: store.pick(chosen, rejected, request_user(request)))
-        turn["picked"] = better
+        turn.picked = better
         if not change.made:
             return "Already saved: this pick is in the pairs store."
         return "Saved: your pick is a training pair." + replaced_note(change)
 
-    def pick_compared(self, turns: list[dict], compare: dict | None, better: str, request: gr.Request):
+    def pick_compared(self, turns: list[ChatTurn], compare: dict | None, better: str, request: gr.Request):
         """A pick from the comparison row: on the two answers it shows, or refused when they have changed."""
         turn = answer_turn(turns, (compare or {}).get("new"))
-        if turn is None or not turn.get("earlier") or turn["earlier"][-1]["key"] != compare["earlier"]:
+        if turn is None or not turn.earlier or turn.earlier[-1].key != compare["earlier"]:
             raise Refusal("These two answers are no longer the last comparison in the conversation; nothing "
                            "was saved. Use “Try again” on the answer you want to compare.")
         return turns, self._pick(turn, better, request), gr.update(visible=False), None
 
-    def pick_new_compared(self, turns: list[dict], compare: dict | None, request: gr.Request):
+    def pick_new_compared(self, turns: list[ChatTurn], compare: dict | None, request: gr.Request):
         return self.pick_compared(turns, compare, "new", request)
 
-    def pick_earlier_compared(self, turns: list[dict], compare: dict | None, request: gr.Request):
+    def pick_earlier_compared(self, turns: list[ChatTurn], compare: dict | None, request: gr.Request):
         return self.pick_compared(turns, compare, "earlier", request)
 
     # -- the editor -----------------------------------------------------------------------------------
 
-    def edit(self, turns: list[dict], number: float | None, reasoning: str, answer: str, request: gr.Request) -> str:
+    def edit(self, turns: list[ChatTurn], number: float | None, reasoning: str, answer: str, request: gr.Request) -> str:
         """The person's better reasoning and answer for turn ``number``, chosen over the model's."""
         return self._edit(self._turn(turns, number), reasoning, answer, request)
 
-    def _edit(self, turn: dict, reasoning: str, answer: str, request: gr.Request | None) -> str:
+    def _edit(self, turn: ChatTurn, reasoning: str, answer: str, request: gr.Request | None) -> str:
         original = turn_completion(turn)
-        change = self._save(request, f"your written answer to {_short(turn['question'])}", original[0],
+        change = self._save(request, f"your written answer to {_short(turn.question)}", original[0],
                             lambda store: store.edit(original, reasoning or "", answer or "", request_user(request)))
         if not change.made:
             return "Already saved: this answer of yours is in the pairs store."
         return "Saved: your answer is a training pair, chosen over the model's." + replaced_note(change)
 
-    def save_edit(self, turns: list[dict], edit_for: str | None, reasoning: str, answer: str, request: gr.Request
+    def save_edit(self, turns: list[ChatTurn], edit_for: str | None, reasoning: str, answer: str, request: gr.Request
                   ) -> str:
         """The editor's text, for the answer it was opened for: never for another one."""
         turn = answer_turn(turns, edit_for)
@@ -260,20 +255,20 @@ class ChatFeedback:
                            "Ask again, then write your answer.")
         return self._edit(turn, reasoning, answer, request)
 
-    def editor_for_last(self, turns: list[dict]):
+    def editor_for_last(self, turns: list[ChatTurn]):
         """The editor emptied and bound to the last finished answer: (reasoning, answer, bound key, heading)."""
         turn = turns[-1] if turns else None
-        if turn is None or not turn.get("done") or turn.get("error"):
+        if turn is None or not turn.done or turn.error:
             return "", "", None, NO_EDIT_TARGET
-        return "", "", turn["key"], f"Your reasoning and answer to {_short(turn['question'], 120)}, saved as " \
+        return "", "", turn.key, f"Your reasoning and answer to {_short(turn.question, 120)}, saved as " \
                                     "chosen over the model's."
 
-    def fill_editor(self, turns: list[dict], edit_for: str | None):
+    def fill_editor(self, turns: list[ChatTurn], edit_for: str | None):
         """The bound answer's reasoning and answer, to edit."""
         turn = answer_turn(turns, edit_for)
         if turn is None:
             raise Refusal("Ask a question first: the editor starts from the last answer.")
-        return turn["reasoning"], turn["answer"]
+        return turn.reasoning, turn.answer
 
     def build(self, chatbot: gr.Chatbot, turns: gr.State, temperature: gr.Slider, max_new_tokens: gr.Slider
               ) -> None:

@@ -17,9 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import gradio as gr
-from gradio.data_classes import FileData, ListFiles
-from gradio.utils import get_upload_folder
 
+import compat
 from assistant.ui.errors import Refusal
 from assistant.ui.markdown import passage_markdown
 from errors import UserError
@@ -33,7 +32,7 @@ NOT_UPLOADED = ("not a file uploaded to this app: add files with the upload box 
 
 def gradio_upload_folder() -> Path:
     """Where Gradio keeps uploaded files: GRADIO_TEMP_DIR, by default <the system's temp folder>/gradio."""
-    return Path(get_upload_folder()).resolve()
+    return Path(compat.gradio_upload_folder()).resolve()
 
 
 def is_file_inside(path: str | Path, folders: Sequence[Path]) -> bool:
@@ -109,12 +108,10 @@ def _not_uploaded(path: str | Path | None) -> bool:
     return path is not None and not is_file_inside(path, [gradio_upload_folder()])
 
 
-def uploaded_paths(payload: ListFiles | FileData | None) -> list[str] | None:
+def uploaded_paths(payload) -> list[str] | None:
     """The upload box's files as paths. (gr.File's own preprocess also leaves an empty temporary file in
     Gradio's cache for each file, which nothing ever deletes.)"""
-    if payload is None:
-        return None
-    return [f.path for f in (payload if isinstance(payload, ListFiles) else [payload])]
+    return compat.uploaded_file_paths(payload)
 
 
 def upload_box(**kwargs) -> gr.File:
@@ -127,16 +124,7 @@ def upload_box(**kwargs) -> gr.File:
     makes Gradio write a .pyi stub file beside the subclass's module whenever it is imported.
     """
     box = gr.File(file_count="multiple", type="filepath", **kwargs)
-    move, async_move = box.move_resource_to_block_cache, box.async_move_resource_to_block_cache
-
-    def move_if_uploaded(path: str | Path | None) -> str | None:
-        return str(path) if _not_uploaded(path) else move(path)
-
-    async def async_move_if_uploaded(path: str | Path | None) -> str | None:
-        return str(path) if _not_uploaded(path) else await async_move(path)
-
-    box.move_resource_to_block_cache = move_if_uploaded
-    box.async_move_resource_to_block_cache = async_move_if_uploaded
+    compat.move_to_block_cache_only_if(box, _not_uploaded)
     box.preprocess = uploaded_paths
     return box
 

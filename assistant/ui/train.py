@@ -1,8 +1,9 @@
 """The Train tab: train an adapter on the collected pairs and uploaded files of pairs, follow the run live,
 cancel or resume it, and compare the base model with the new adapter when it ends.
 
-The run is a job of its own (``assistant/training.py``, ``finetune/runs.py``): this tab only starts it and
-reads its folder, every two seconds while the tab is open, so a reload or an app restart loses nothing.
+The run is a job of its own (``assistant/training.py`` starts it, ``finetune/runs.py`` records it,
+``assistant/learning/run_job.py`` carries it out): this tab only starts it and reads its folder, every two
+seconds while the tab is open, so a reload or an app restart loses nothing.
 """
 
 from __future__ import annotations
@@ -120,11 +121,11 @@ def progress_markdown(state: dict) -> str:
     log = state["log"]
     if state["max_steps"]:
         text += f" Step {state['step']} of {state['max_steps']} ({100 * state['step'] // state['max_steps']}%)."
-    if run["status"] == runs.RUNNING and run["phase"] == "training" and state["eta_s"] is not None:
+    if run["status"] == runs.RUNNING and run["phase"] == runs.TRAINING and state["eta_s"] is not None:
         text += f" About {_duration(state['eta_s'])} left."
     elif run["status"] == runs.RUNNING:
-        text += {"preparing": " Preparing the data…", "training": "" if log else " Loading the model…",
-                 "evaluating": " Evaluating the base model and the new adapter on the held-out pairs…"
+        text += {runs.PREPARING: " Preparing the data…", runs.TRAINING: "" if log else " Loading the model…",
+                 runs.EVALUATING: " Evaluating the base model and the new adapter on the held-out pairs…"
                  }.get(run["phase"], "")
     if log:
         last = log[-1]

@@ -25,6 +25,22 @@ from engine.kernels.triton_runtime import triton
 if triton is not None:
     import triton.language as tl
 
+
+def attend_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
+                  scaling: float) -> torch.Tensor:
+    """The formula (and the step's path where the kernels do not run): attention of one query ([heads,
+    head_dim], rotated) over the whole cache, positions past ``position`` masked out (they hold stale keys of
+    earlier answers); [1, 1, heads * head_dim].
+
+    The query heads that share a key head are one matrix against that head's keys, so the cache is read once
+    (transformers repeats it for every query head when a mask is given)."""
+    kv_heads, length, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    scores = torch.matmul(q.view(kv_heads, -1, head_dim), k_cache[0].transpose(1, 2)) * scaling
+    future = torch.arange(length, device=q.device) > position
+    probs = torch.softmax(scores.float().masked_fill(future, float("-inf")), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v_cache[0]).reshape(1, 1, -1)
+
+
 @dataclass(frozen=True)
 class AttentionTiling:
     """Runs (programs) per key-value head, positions per loop step inside a run (``block``; a run is a whole

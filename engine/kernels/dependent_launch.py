@@ -16,22 +16,25 @@ where the captured step is timed faster with it.
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
+import compat
 from engine.kernels.triton_runtime import triton
 
 _overlapping = False  # set while a decode step is captured with the attribute (one capture at a time)
 
 
-def supported(device: torch.device) -> bool:
-    """Whether ``device`` and this Triton can launch kernels this way: CUDA compute capability 9.0 (Hopper)."""
-    if device.type != "cuda" or triton is None or torch.cuda.get_device_capability(device) < (9, 0):
-        return False
-    return hasattr(triton_cuda, "gdc_wait") and hasattr(triton_cuda, "gdc_launch_dependents")
+def why_unsupported(device: torch.device) -> str | None:
+    """Why kernels cannot launch this way on ``device`` with this Triton; None if they can (CUDA compute
+    capability 9.0, Hopper, and Triton's PDL intrinsics, compat.triton_pdl)."""
+    if device.type != "cuda":
+        return f"{device.type} is no CUDA device"
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return "it needs compute capability 9.0 (Hopper)"
+    return compat.why_no_triton_pdl()
 
 
 @contextmanager
@@ -57,14 +60,23 @@ def triton_options() -> dict:
 
 if triton is not None:
     import triton.language as tl
-    import triton.language.extra.cuda as triton_cuda
 
-    @triton.jit
-    def wait_and_signal(PDL: tl.constexpr):
-        """A Triton kernel's first statement: wait for the kernel before it, then let the next one start."""
-        if PDL:
-            triton_cuda.gdc_wait()
-            triton_cuda.gdc_launch_dependents()
+    triton_cuda = compat.triton_pdl()
+
+    if triton_cuda is not None:
+
+        @triton.jit
+        def wait_and_signal(PDL: tl.constexpr):
+            """A Triton kernel's first statement: wait for the kernel before it, then let the next one start."""
+            if PDL:
+                triton_cuda.gdc_wait()
+                triton_cuda.gdc_launch_dependents()
+
+    else:  # a Triton without the intrinsics: never launched overlapping (why_unsupported says so)
+
+        @triton.jit
+        def wait_and_signal(PDL: tl.constexpr):
+            pass
 
 
 # The CUDA source's wait and signal, where it is compiled with PDL defined (sm_90 and later).
@@ -75,32 +87,12 @@ CUDA_WAIT_AND_SIGNAL = """
 #endif
 """
 
-_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
-
-
-class _LaunchAttribute(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]  # a 64-byte union
-
-
-class _LaunchConfig(ctypes.Structure):
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
-
 
 def launch_compiled(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args: list) -> None:
-    """Launch a kernel of ``torch.cuda._compile_kernel`` (tensors and ints as arguments) on the current stream,
+    """Launch a kernel of ``compat.compile_cuda_kernel`` (tensors and ints as arguments) on the current stream,
     with the attribute while ``overlapping``; else as its own call does."""
     if not _overlapping:
         kernel(grid=grid, block=block, args=args)
         return
-    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
-    pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
-    attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
-    attribute.value[0] = 1
-    config = _LaunchConfig(grid=(ctypes.c_uint * 3)(*grid), block=(ctypes.c_uint * 3)(*block), shared_mem=0,
-                           stream=torch.cuda.current_stream().cuda_stream, attrs=ctypes.pointer(attribute),
-                           num_attrs=1)
-    libcuda = torch.cuda._utils._get_gpu_runtime_library()
-    result = libcuda.cuLaunchKernelEx(ctypes.byref(config), kernel.func, pointers, None)
-    if result != 0:
-        raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {result}")
+    compat.launch_with_attributes(kernel, grid, block, args,
+                                  {compat.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: 1})

@@ -81,7 +81,7 @@ class Nf4Weight:
         return values.view(self.out_features, self.in_features).to(dtype)
 
 
-def supported(module) -> str | None:
+def why_unsupported(module) -> str | None:
     """Why the kernel cannot take the weight of ``module`` (a bitsandbytes ``Linear4bit``); None if it can."""
     if triton is None:
         return "Triton is not installed"

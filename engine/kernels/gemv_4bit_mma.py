@@ -32,6 +32,7 @@ from functools import cache
 
 import torch
 
+import compat
 from engine.kernels import dependent_launch
 from engine.kernels.gemv_4bit import Nf4Weight
 
@@ -233,10 +234,12 @@ class MmaConfig:
 CANDIDATES = (MmaConfig(8, 1), MmaConfig(16, 1), MmaConfig(8, 1, 2), MmaConfig(8, 1, 3), MmaConfig(8, 1, 4))
 
 
-def supported(weight: Nf4Weight, device: torch.device) -> str | None:
+def why_unsupported(weight: Nf4Weight, device: torch.device) -> str | None:
     """Why the kernel cannot take ``weight`` on ``device``; None if it can."""
     if device.type != "cuda":
         return "it runs on CUDA only"
+    if reason := compat.why_no_cuda_compiler():
+        return reason
     if torch.cuda.get_device_capability(device) < (8, 0):
         return "bf16 tensor cores need compute capability 8.0"
     if weight.quant_type != "nf4" or weight.blocksize != BLOCKSIZE:
@@ -253,7 +256,7 @@ def _kernel(config: MmaConfig, pdl: bool):
     """The kernel in ``config``'s tiling; with ``pdl``, waiting for the kernel before it (dependent_launch)."""
     source = (f"#define WARPS {config.warps}\n#define UNROLL {config.unroll}\n#define SPLIT {config.split}\n"
               f"#define PDL {int(pdl)}\n{SOURCE}").replace("WAIT_AND_SIGNAL", dependent_launch.CUDA_WAIT_AND_SIGNAL)
-    return torch.cuda._compile_kernel(source, "nf4_mma_gemv")
+    return compat.compile_cuda_kernel(source, "nf4_mma_gemv")
 
 
 def _pairs(weight: Nf4Weight) -> torch.Tensor:

@@ -19,9 +19,22 @@ if triton is not None:
     import triton.language as tl
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Qwen2/Llama RMSNorm, in the same order of roundings."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm_native(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The formula: the residual sum and its RMSNorm (one kernel on CUDA when torch.compile fuses it)."""
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                  num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """As ``fast_decode.add_rms_norm``: ``x + delta`` and its RMSNorm with ``weight``, over the last dimension
+    """As ``add_rms_norm_native``: ``x + delta`` and its RMSNorm with ``weight``, over the last dimension
     (``x`` and ``delta`` of one shape)."""
     x, delta, hidden = x.contiguous(), delta.contiguous(), x.shape[-1]
     total = torch.empty_like(x)

@@ -18,9 +18,33 @@ if triton is not None:
     import triton.language as tl
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotary embedding of queries and keys ([..., heads, head_dim]; cos and sin broadcast against them: a
+    prompt's [n, 1, head_dim], one position's [1, head_dim])."""
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def rotate_and_store_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            position: torch.Tensor) -> torch.Tensor:
+    """The formula: rotary embedding, and the new key and value written at ``position``; returns the rotated
+    query as [heads, head_dim]."""
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+    c, s = cos[position], sin[position]  # (1, head_dim)
+    q, k = rotate(q.view(-1, head_dim), k.view(kv_heads, head_dim), c, s)
+    k_cache.index_copy_(2, position, k.view(1, kv_heads, 1, head_dim))
+    v_cache.index_copy_(2, position, v.view(1, kv_heads, 1, head_dim))
+    return q
+
+
 def rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """As ``fast_decode.rotate_and_store``: ``q``, ``k``, ``v`` one token's projections (any shape, contiguous),
+    """As ``rotate_and_store_native``: ``q``, ``k``, ``v`` one token's projections (any shape, contiguous),
     ``cos``/``sin`` [max_len, head_dim], caches [1, kv_heads, max_len, head_dim]; returns the rotated query as
     [heads, head_dim]."""
     kv_heads, max_len, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]

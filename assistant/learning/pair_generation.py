@@ -1,4 +1,4 @@
-"""`finetune pairs generate`: preference pairs without a person, from questions alone.
+"""`assistant pairs generate`: preference pairs without a person, from questions alone.
 
 The questions come from a file, or the model drafts them from passages drawn at random from the knowledge store
 (``draft_questions``).
@@ -30,7 +30,8 @@ from pathlib import Path
 from assistant.chat import Assistant
 from assistant.prompting import answer_parts, build_prompt, quote_passages
 from engine.runtime import GenerationParams
-from finetune.data import DataError, read_json_rows
+from errors import DataError
+from finetune.data import read_json_rows
 from finetune.metrics import CompletionScore, score_completion, split_completion
 from finetune.pairs_store import Completion, PairsStore, is_pairs_store
 from finetune.prompts import THINK_CLOSE
