@@ -6,7 +6,6 @@ Unsloth must be imported before transformers, so this module imports it first wh
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 
 import pytest
@@ -16,6 +15,7 @@ if torch.cuda.is_available():
     import unsloth  # noqa: F401 - before transformers, as Unsloth requires
 
 from engine.runtime import GenerationParams, LocalRuntime  # noqa: E402
+from finetune.adapters import read_training_info  # noqa: E402
 from finetune.prompts import prompt_token_ids  # noqa: E402
 from finetune.train import train  # noqa: E402
 from settings import Settings  # noqa: E402
@@ -304,6 +304,6 @@ def test_backend_trains_the_tiny_model_in_4_bits_with_the_recipes_optimizer(back
     config = tiny_config(tiny_model_dir, data, tmp_path / backend, backend=backend, load_in_4bit=True,
                          optim="adamw_8bit", precision="auto", gradient_checkpointing="unsloth", max_steps=3)
     result = train(config)
-    info = json.loads((result.output_dir / "training_info.json").read_text())
-    assert (result.backend, info["backend"], result.global_step) == (backend, backend, 3)
+    info = read_training_info(result.output_dir)
+    assert (result.backend, info.backend, result.global_step) == (backend, backend, 3)
     assert (result.output_dir / "adapter_model.safetensors").exists()
