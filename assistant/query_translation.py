@@ -11,25 +11,24 @@ generation per question, thinking included, so it is off by default; a multiling
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterator
 
 from assistant.prompting import build_prompt, neutralize
 from engine.runtime import GenerationParams
 from knowledge.query import Query
+from knowledge.terms import has_japanese
 
 logger = logging.getLogger(__name__)
 
 # Enough for an R1 model's short thought and a one-line translation; a translation cut off is not used.
 TRANSLATION_TOKENS = 512
-_JAPANESE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff]")
 
 Generate = Callable[[str, GenerationParams], Iterator[tuple[str, str, bool]]]
 
 
 def target_language(text: str) -> str:
     """The language to translate ``text`` into: English for a question with Japanese script, else Japanese."""
-    return "English" if _JAPANESE.search(text) else "Japanese"
+    return "English" if has_japanese(text) else "Japanese"
 
 
 def translation_prompt(question: str, prompt_format: str, render_chat=None) -> str:

@@ -47,6 +47,11 @@ _SKIPPED_POS = frozenset({"助詞", "助動詞", "補助記号", "記号", "空�
 _local = threading.local()  # a Sudachi tokenizer holds state while it works: one per thread
 
 
+def has_japanese(text: str) -> bool:
+    """Whether ``text`` holds any Japanese script (kana, kanji, the iteration and prolonged-sound marks)."""
+    return _JAPANESE.search(text) is not None
+
+
 def tokenize(text: str) -> list[str]:
     tokens: list[str] = []
     for match in _TOKEN.finditer(unicodedata.normalize("NFKC", text).lower()):
